@@ -1,0 +1,530 @@
+//! Layered settings: built-in defaults < `config/default.toml` (when present in the working
+//! directory) < the file named by `--config` / `FORWARDER_CONFIG` < `FORWARDER__SECTION__KEY`
+//! environment variables. Secrets are wrapped in [`Secret`] so they never print.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A value that must never reach a log line: Debug and Serialize print a mask.
+#[derive(Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to read the value: name the reason at the call site.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("********")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub ordercloud: OrderCloudSettings,
+    pub cdp: CdpSettings,
+    pub store: StoreSettings,
+    pub delivery: DeliverySettings,
+    pub log: LogSettings,
+    pub admin: AdminSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct OrderCloudSettings {
+    pub hash_keys: Vec<Secret>,
+    pub api_urls: Vec<String>,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for OrderCloudSettings {
+    fn default() -> Self {
+        Self {
+            hash_keys: Vec::new(),
+            api_urls: vec![
+                "https://api.ordercloud.io".into(),
+                "https://sandboxapi.ordercloud.io".into(),
+            ],
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Region {
+    Eu,
+    Us,
+    Ap,
+    Jp,
+}
+
+impl Region {
+    pub fn host(self) -> &'static str {
+        match self {
+            Region::Eu => "https://api-engage-eu.sitecorecloud.io",
+            Region::Us => "https://api-engage-us.sitecorecloud.io",
+            Region::Ap => "https://api-engage-ap.sitecorecloud.io",
+            Region::Jp => "https://api-engage-jpe.sitecorecloud.io",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Post,
+    Get,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemIdSource {
+    VariantOrProduct,
+    Product,
+    LineItem,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderEvents {
+    ConfirmCheckout,
+    OrderCheckout,
+}
+
+/// Channel and point of sale for one OrderCloud API client (the token's `cid`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ClientChannel {
+    pub client_id: String,
+    pub channel: String,
+    pub pos: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct CdpSettings {
+    pub region: Region,
+    pub base_url: Option<String>,
+    pub client_key: Secret,
+    pub pos: String,
+    pub channel: String,
+    pub language: String,
+    pub currency: String,
+    pub page: String,
+    pub session_timeout_secs: u64,
+    /// Seconds before the session timeout at which a session is already treated as closed.
+    pub session_safety_margin_secs: u64,
+    pub dry_run: bool,
+    pub transport: Transport,
+    pub clients: Vec<ClientChannel>,
+    pub identity_provider: String,
+    pub product_type: String,
+    /// A field of `Product.xp` whose value is the product type, e.g. `category`.
+    pub product_type_field: Option<String>,
+    pub item_id: ItemIdSource,
+    /// JSON pointers, tried in order on the request then the response body, to a storefront's CDP browser id.
+    pub browser_id_pointers: Vec<String>,
+    pub order_events: OrderEvents,
+    pub payment_type: String,
+    pub card_type: Option<String>,
+}
+
+impl Default for CdpSettings {
+    fn default() -> Self {
+        Self {
+            region: Region::Eu,
+            base_url: None,
+            client_key: Secret::default(),
+            pos: String::new(),
+            channel: "WEB".into(),
+            language: "EN".into(),
+            currency: "USD".into(),
+            page: "ordercloud".into(),
+            session_timeout_secs: 1200,
+            session_safety_margin_secs: 120,
+            dry_run: false,
+            transport: Transport::Post,
+            clients: Vec::new(),
+            identity_provider: "ordercloud".into(),
+            product_type: "PRODUCT".into(),
+            product_type_field: None,
+            item_id: ItemIdSource::VariantOrProduct,
+            browser_id_pointers: vec!["/xp/cdpBrowserId".into(), "/Order/xp/cdpBrowserId".into()],
+            order_events: OrderEvents::ConfirmCheckout,
+            payment_type: "other".into(),
+            card_type: None,
+        }
+    }
+}
+
+impl CdpSettings {
+    /// The Stream API host: `base_url` when set, else the region's host.
+    pub fn host(&self) -> String {
+        match &self.base_url {
+            Some(url) if !url.is_empty() => url.trim_end_matches('/').to_string(),
+            _ => self.region.host().to_string(),
+        }
+    }
+
+    /// Channel and point of sale for the OrderCloud API client `client_id`.
+    pub fn channel_for(&self, client_id: Option<&str>) -> (&str, &str) {
+        client_id
+            .and_then(|cid| self.clients.iter().find(|c| c.client_id == cid))
+            .map(|c| (c.channel.as_str(), c.pos.as_str()))
+            .unwrap_or((self.channel.as_str(), self.pos.as_str()))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StoreSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub statement_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// How long a LogID is remembered for deduplication.
+    pub dedupe_retention_secs: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/forwarder.db".into(),
+            max_connections: 8,
+            statement_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            dedupe_retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DeliverySettings {
+    pub concurrency: usize,
+    pub request_timeout_ms: u64,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_age_secs: u64,
+    /// Lease on a claimed intent; must exceed the CDP request timeout. Renewed while an intent runs.
+    pub lease_secs: u64,
+    /// How often idle workers look for new work.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            request_timeout_ms: 10_000,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            max_age_secs: 24 * 3600,
+            lease_secs: 60,
+            poll_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct AdminSettings {
+    /// Bearer token for `/admin`; the admin API is off while this is unset.
+    pub token: Option<Secret>,
+}
+
+/// A configuration that cannot be used, with every problem found, each naming its key and fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Where the service's settings come from.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSources {
+    /// The file named by `--config` or `FORWARDER_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// Directory searched for `config/default.toml` (the working directory by default).
+    pub base_dir: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Reads and validates every layer, reading environment variables from the process.
+    pub fn load(sources: &ConfigSources) -> Result<Settings, ConfigError> {
+        Self::load_with_env(sources, None)
+    }
+
+    /// As [`Settings::load`], with an explicit environment (tests) instead of the process's.
+    pub fn load_with_env(
+        sources: &ConfigSources,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let base = sources.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        let default_file = base.join("config").join("default.toml");
+        let mut builder = config::Config::builder().add_source(
+            config::File::from(default_file.as_path())
+                .format(config::FileFormat::Toml)
+                .required(false),
+        );
+        if let Some(file) = &sources.file {
+            if !file.exists() {
+                return Err(ConfigError::Load(format!(
+                    "configuration file {} does not exist: fix --config or FORWARDER_CONFIG",
+                    file.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(file.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let mut environment = config::Environment::with_prefix("FORWARDER")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("ordercloud.hash_keys")
+            .with_list_parse_key("ordercloud.api_urls")
+            .with_list_parse_key("cdp.browser_id_pointers")
+            .try_parsing(true);
+        if let Some(env) = env {
+            environment = environment.source(Some(env));
+        }
+        let settings: Settings = builder
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every problem at once, each naming the key and how to fix it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            errors.push(format!(
+                "server.listen = {:?} is not an address: use host:port, e.g. 0.0.0.0:8080",
+                self.server.listen
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            errors.push("server.max_body_bytes must be above 0, e.g. 1048576".into());
+        }
+        if self.ordercloud.hash_keys.iter().all(|k| k.is_empty()) {
+            errors.push(
+                "ordercloud.hash_keys is empty: set at least one key, e.g. FORWARDER__ORDERCLOUD__HASH_KEYS=key1,key2"
+                    .into(),
+            );
+        }
+        if self.ordercloud.hash_keys.iter().any(|k| k.expose().len() > 256) {
+            errors.push("ordercloud.hash_keys: a key is longer than 256 characters (OrderCloud allows 50)".into());
+        }
+        for url in &self.ordercloud.api_urls {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                errors.push(format!(
+                    "ordercloud.api_urls: {url:?} is not an http(s) URL: use e.g. https://api.ordercloud.io"
+                ));
+            }
+        }
+        let cdp = &self.cdp;
+        if !cdp.dry_run {
+            if cdp.client_key.is_empty() {
+                errors.push(
+                    "cdp.client_key is empty: set it (FORWARDER__CDP__CLIENT_KEY) or set cdp.dry_run = true".into(),
+                );
+            }
+            if cdp.pos.is_empty() {
+                errors.push(
+                    "cdp.pos is empty: set the exact name of a CDP point of sale (FORWARDER__CDP__POS) or set cdp.dry_run = true"
+                        .into(),
+                );
+            }
+        }
+        if let Some(url) = &cdp.base_url {
+            if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+                errors.push(format!(
+                    "cdp.base_url = {url:?} is not an http(s) URL: remove it to use cdp.region, or give e.g. https://api-engage-eu.sitecorecloud.io"
+                ));
+            }
+        }
+        if !is_upper_code(&cdp.channel, 1, 32) {
+            errors.push(format!(
+                "cdp.channel = {:?} must be upper case, e.g. WEB, MOBILE_WEB or MOBILE_APP",
+                cdp.channel
+            ));
+        }
+        for c in &cdp.clients {
+            if !is_upper_code(&c.channel, 1, 32) {
+                errors.push(format!(
+                    "cdp.clients[client_id={}].channel = {:?} must be upper case, e.g. MOBILE_APP",
+                    c.client_id, c.channel
+                ));
+            }
+            if c.pos.is_empty() {
+                errors.push(format!("cdp.clients[client_id={}].pos is empty: name a CDP point of sale", c.client_id));
+            }
+        }
+        if !is_upper_code(&cdp.language, 2, 2) {
+            errors.push(format!(
+                "cdp.language = {:?} must be two upper-case letters (ISO 639-1), e.g. EN",
+                cdp.language
+            ));
+        }
+        if !is_upper_code(&cdp.currency, 3, 3) {
+            errors.push(format!(
+                "cdp.currency = {:?} must be three upper-case letters (ISO 4217), e.g. USD",
+                cdp.currency
+            ));
+        }
+        if cdp.session_timeout_secs == 0 {
+            errors.push("cdp.session_timeout_secs must match the point of sale's timeout, e.g. 1200".into());
+        }
+        if cdp.session_safety_margin_secs >= cdp.session_timeout_secs {
+            errors.push(format!(
+                "cdp.session_safety_margin_secs ({}) must be below cdp.session_timeout_secs ({})",
+                cdp.session_safety_margin_secs, cdp.session_timeout_secs
+            ));
+        }
+        if cdp.identity_provider.is_empty() {
+            errors.push("cdp.identity_provider is empty: use the provider of your CDP identity rule, e.g. ordercloud".into());
+        }
+        for p in &cdp.browser_id_pointers {
+            if !p.starts_with('/') {
+                errors.push(format!("cdp.browser_id_pointers: {p:?} is not a JSON pointer: start it with /, e.g. /xp/cdpBrowserId"));
+            }
+        }
+        if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres://") || self.store.url.starts_with("postgresql://")) {
+            errors.push(format!(
+                "store.url = {:?} is not supported: use sqlite://path/to/file.db or postgres://user@host/db",
+                self.store.url
+            ));
+        }
+        if self.store.max_connections == 0 {
+            errors.push("store.max_connections must be above 0, e.g. 8".into());
+        }
+        let d = &self.delivery;
+        if d.concurrency == 0 {
+            errors.push("delivery.concurrency must be above 0, e.g. 16".into());
+        }
+        if d.request_timeout_ms == 0 {
+            errors.push("delivery.request_timeout_ms must be above 0, e.g. 10000".into());
+        }
+        if d.initial_backoff_ms == 0 || d.initial_backoff_ms > d.max_backoff_ms {
+            errors.push(format!(
+                "delivery.initial_backoff_ms ({}) must be above 0 and at most delivery.max_backoff_ms ({})",
+                d.initial_backoff_ms, d.max_backoff_ms
+            ));
+        }
+        if d.max_age_secs == 0 {
+            errors.push("delivery.max_age_secs must be above 0, e.g. 86400".into());
+        }
+        if d.lease_secs * 1000 <= d.request_timeout_ms {
+            errors.push(format!(
+                "delivery.lease_secs ({}) must be longer than delivery.request_timeout_ms ({} ms)",
+                d.lease_secs, d.request_timeout_ms
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(format!(
+                "log.level = {:?} is not a level or filter: use e.g. info, debug or ordercloud_cdp_forwarder=debug",
+                self.log.level
+            ));
+        }
+        if let Some(token) = &self.admin.token {
+            if !token.is_empty() && token.expose().len() < 16 {
+                errors.push("admin.token is shorter than 16 characters: use a long random value".into());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The effective configuration as TOML-like JSON with every secret masked.
+    pub fn masked_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The SQLite file path when the store is SQLite.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        self.store
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.store.url.strip_prefix("sqlite:"))
+            .map(|p| Path::new(p.split('?').next().unwrap_or(p)))
+    }
+}
+
+fn is_upper_code(value: &str, min: usize, max: usize) -> bool {
+    (min..=max).contains(&value.len())
+        && value.chars().all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+        && value.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+}

@@ -1,0 +1,183 @@
+//! `POST /webhooks/ordercloud`: verify, parse, classify, commit, answer.
+//! The answer is 200 `{"proceed": true}` only after the intent (or the dedupe hit) is committed.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tracing::{field, info, warn, Span};
+
+use super::{error, AppState};
+use crate::intent::{Intent, IntentSecrets};
+use crate::ordercloud::envelope::Webhook;
+use crate::ordercloud::routes::{classify, RouteMatch};
+use crate::ordercloud::{signature, token};
+use crate::store::{now_ms, EnqueueOutcome, NewIntent, UNIDENTIFIED_SHOPPER};
+
+pub(super) async fn receive(State(app): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "webhook",
+        log_id = field::Empty,
+        verb = field::Empty,
+        route = field::Empty,
+        shopper = field::Empty,
+        outcome = field::Empty,
+        status = field::Empty,
+        latency_ms = field::Empty,
+    );
+    let (kind, outcome, response) = handle(&app, &headers, body, &span).await;
+    let status = response.status().as_u16();
+    let latency = started.elapsed();
+    span.record("outcome", outcome);
+    span.record("status", status);
+    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+    span.in_scope(|| {
+        if status >= 500 {
+            warn!("webhook not committed");
+        } else {
+            info!("webhook handled");
+        }
+    });
+    metrics::counter!("forwarder_webhooks_total", "route" => kind, "outcome" => outcome).increment(1);
+    metrics::histogram!("forwarder_intake_duration_seconds", "outcome" => outcome).record(latency.as_secs_f64());
+    response
+}
+
+fn proceed() -> Response {
+    Json(json!({"proceed": true})).into_response()
+}
+
+/// Returns (route kind, outcome label, answer).
+async fn handle(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    span: &Span,
+) -> (&'static str, &'static str, Response) {
+    let max = app.settings.server.max_body_bytes;
+    let declared_too_large = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| len > max);
+    let body = match body {
+        _ if declared_too_large => return too_large(max),
+        Ok(body) if body.len() > max => return too_large(max),
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(max),
+        Err(_) => return ("unknown", "400", error(StatusCode::BAD_REQUEST, "cannot read the request body")),
+    };
+
+    // Header names are case-insensitive in HeaderMap, so x-oc-hash and X-OC-HASH both match.
+    let signature_header = headers.get("x-oc-hash").map(|v| v.as_bytes());
+    if let Err(e) = signature::verify(signature_header, &body, &app.settings.ordercloud.hash_keys) {
+        return ("unknown", "401", error(StatusCode::UNAUTHORIZED, e.to_string()));
+    }
+
+    let webhook = match Webhook::parse(&body) {
+        Ok(w) => w,
+        Err(e) => return ("unknown", "400", error(StatusCode::BAD_REQUEST, format!("not an OrderCloud webhook: {e}"))),
+    };
+    span.record("verb", webhook.verb.as_str());
+    span.record("route", webhook.route.as_str());
+    if let Some(log_id) = &webhook.log_id {
+        span.record("log_id", log_id.as_str());
+    }
+
+    let Some(route) = classify(&webhook.verb, &webhook.route) else {
+        return ("other", "ignored", proceed());
+    };
+    let kind = route.kind.label();
+    let item = new_intent(&webhook, route, &body);
+    span.record("shopper", item.shopper_key.as_str());
+    if let Some(reason) = &item.dead_reason {
+        warn!(parent: span, reason = reason.as_str(), "webhook stored as a dead letter");
+    }
+    match app.store.enqueue(item).await {
+        Ok(EnqueueOutcome::Queued(_)) => {
+            app.wake.notify_waiters();
+            (kind, "accepted", proceed())
+        }
+        Ok(EnqueueOutcome::DeadLettered(_)) => (kind, "dead_letter", proceed()),
+        Ok(EnqueueOutcome::Duplicate) => (kind, "duplicate", proceed()),
+        Err(e) => {
+            warn!(parent: span, error = %e, "store cannot commit");
+            (kind, "503", error(StatusCode::SERVICE_UNAVAILABLE, "the forwarder cannot store the webhook right now; retry"))
+        }
+    }
+}
+
+fn too_large(max: usize) -> (&'static str, &'static str, Response) {
+    (
+        "unknown",
+        "413",
+        error(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds server.max_body_bytes ({max} bytes)")),
+    )
+}
+
+/// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
+fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
+    let dedupe_key = webhook
+        .log_id
+        .clone()
+        .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
+    let mut query_params = webhook.query_params.clone();
+    let anon_key = query_params.keys().find(|k| k.eq_ignore_ascii_case("anonUserToken")).cloned();
+    let anon_user_token = anon_key
+        .and_then(|k| query_params.remove(&k))
+        .and_then(|v| match v {
+            Value::String(s) if !s.is_empty() => Some(s),
+            _ => None,
+        });
+
+    let claims = match webhook.user_token.as_deref() {
+        None => Err(token::TokenError::Missing),
+        Some(t) => token::decode_claims(t),
+    };
+    let (shopper_key, dead_reason) = match claims.as_ref().map_err(Clone::clone).and_then(token::shopper_key) {
+        Ok(key) => (key, None),
+        Err(e) => (UNIDENTIFIED_SHOPPER.to_string(), Some(format!("{e}: cannot tell which shopper acted"))),
+    };
+    let claims = claims.unwrap_or_default();
+    let line_item_id = if route.bundle {
+        webhook.route_param("bundleItemID")
+    } else {
+        webhook.route_param("lineItemID")
+    };
+    let intent = Intent {
+        kind: route.kind,
+        family: route.family,
+        verb: webhook.verb.clone(),
+        route: webhook.route.clone(),
+        direction: webhook.route_param("direction"),
+        order_id: webhook.route_param("orderID"),
+        line_item_id,
+        occurred_at_ms: webhook.date.map(|d| d.timestamp_millis()).unwrap_or_else(now_ms),
+        request_body: webhook.request_body.clone(),
+        response_body: webhook.response_body.clone(),
+        query_params,
+        client_id: claims.cid.clone(),
+        api_url: claims.aud.clone(),
+        anonymous: claims.is_anonymous(),
+        anon_order_id: claims.orderid.clone(),
+        token_expires_at: claims.exp,
+    };
+    NewIntent {
+        dedupe_key,
+        shopper_key,
+        intent,
+        secrets: IntentSecrets {
+            user_token: webhook.user_token.clone(),
+            anon_user_token,
+        },
+        dead_reason,
+        needs_enrichment: true,
+    }
+}

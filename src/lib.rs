@@ -1,0 +1,150 @@
+//! ordercloud-cdp-forwarder: receives signed Sitecore OrderCloud webhooks and forwards them to
+//! the Sitecore CDP Stream API, durably, in per-shopper order. See README.md and DESIGN notes.
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod intent;
+pub mod ordercloud;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::http::AppState;
+use crate::store::DynStore;
+
+/// The service, built and bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the store and binds `server.listen` (port 0 picks a free port; see [`Self::local_addr`]).
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let store = store::open(&settings.store).await?;
+        let listener = TcpListener::bind(&settings.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;
+        telemetry::metrics_handle();
+        let state = AppState {
+            settings: Arc::new(settings),
+            store,
+            health: health::Health::default(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        Ok(Application { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn store(&self) -> DynStore {
+        self.state.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets requests in flight finish
+    /// within `server.shutdown_timeout_secs`, and closes the store.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application { listener, state } = self;
+        let settings = state.settings.clone();
+        let store = state.store.clone();
+        let addr = listener.local_addr()?;
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+
+        let housekeeping = tokio::spawn(housekeeping(store.clone(), settings.clone(), stop_tx.subscribe()));
+
+        let router = http::router(state);
+        let mut graceful_rx = stop_tx.subscribe();
+        let mut server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = graceful_rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        info!(%addr, store = %redact_url(&settings.store.url), "serving");
+
+        tokio::select! {
+            result = &mut server => {
+                let _ = stop_tx.send(true);
+                store.close().await;
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e).context("HTTP server failed"),
+                    Err(e) => Err(e).context("HTTP server panicked"),
+                };
+            }
+            _ = shutdown => {}
+        }
+        info!("shutting down: no new webhooks accepted");
+        let _ = stop_tx.send(true);
+        let deadline = Duration::from_secs(settings.server.shutdown_timeout_secs);
+        if tokio::time::timeout(deadline, &mut server).await.is_err() {
+            warn!(deadline_secs = deadline.as_secs(), "requests still in flight at the shutdown deadline");
+            server.abort();
+        }
+        let _ = stop_rx.changed().await;
+        let _ = housekeeping.await;
+        store.close().await;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Periodic upkeep: forgets dedupe records past their retention.
+async fn housekeeping(store: DynStore, settings: Arc<Settings>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let retention_ms = (settings.store.dedupe_retention_secs as i64).saturating_mul(1000);
+    loop {
+        if let Err(e) = store.prune_dedupe(store::now_ms() - retention_ms).await {
+            warn!(error = %e, "cannot prune dedupe records");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+/// A database URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("********"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

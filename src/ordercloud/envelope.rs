@@ -1,0 +1,147 @@
+//! The webhook envelope OrderCloud posts (WebhookPayload in the .NET SDK), parsed tolerantly:
+//! unknown fields are ignored and any field may be null.
+
+use chrono::{DateTime, FixedOffset};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+/// One webhook as OrderCloud sends it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Envelope {
+    #[serde(rename = "Route")]
+    pub route: Option<String>,
+    #[serde(rename = "RouteParams", default, deserialize_with = "object_or_empty")]
+    pub route_params: Map<String, Value>,
+    #[serde(rename = "QueryParams", default, deserialize_with = "object_or_empty")]
+    pub query_params: Map<String, Value>,
+    #[serde(rename = "Verb")]
+    pub verb: Option<String>,
+    #[serde(rename = "Date", default)]
+    pub date: Option<String>,
+    #[serde(rename = "LogID", default)]
+    pub log_id: Option<String>,
+    #[serde(rename = "UserToken", default)]
+    pub user_token: Option<String>,
+    #[serde(rename = "Request", default)]
+    pub request: Option<Message>,
+    #[serde(rename = "Response", default)]
+    pub response: Option<Message>,
+    #[serde(rename = "ConfigData", default)]
+    pub config_data: Value,
+}
+
+/// `Request` or `Response`: the body, and headers that OrderCloud sends as null since v1.0.169.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Message {
+    #[serde(rename = "Body", default)]
+    pub body: Value,
+    #[serde(rename = "Headers", default)]
+    pub headers: Value,
+}
+
+/// Why a signed body is not a webhook; the reason is short and carries no body content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("body is not a JSON object")]
+    NotJson,
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("Date is not an RFC 3339 timestamp")]
+    BadDate,
+}
+
+/// A checked envelope: route and verb present, date parsed.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub route: String,
+    /// Upper case.
+    pub verb: String,
+    pub route_params: Map<String, Value>,
+    pub query_params: Map<String, Value>,
+    pub date: Option<DateTime<FixedOffset>>,
+    pub log_id: Option<String>,
+    pub user_token: Option<String>,
+    pub request_body: Value,
+    pub response_body: Value,
+}
+
+impl Webhook {
+    pub fn parse(body: &[u8]) -> Result<Webhook, EnvelopeError> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| EnvelopeError::NotJson)?;
+        if !value.is_object() {
+            return Err(EnvelopeError::NotJson);
+        }
+        let env: Envelope = serde_json::from_value(value).map_err(|_| EnvelopeError::NotJson)?;
+        let route = env.route.filter(|r| !r.is_empty()).ok_or(EnvelopeError::Missing("Route"))?;
+        let verb = env.verb.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Missing("Verb"))?;
+        let date = match env.date.as_deref().filter(|d| !d.is_empty()) {
+            None => None,
+            Some(d) => Some(DateTime::parse_from_rfc3339(d).map_err(|_| EnvelopeError::BadDate)?),
+        };
+        Ok(Webhook {
+            route: route.trim_start_matches('/').to_string(),
+            verb: verb.to_ascii_uppercase(),
+            route_params: env.route_params,
+            query_params: env.query_params,
+            date,
+            log_id: env.log_id.filter(|l| !l.is_empty()),
+            user_token: env.user_token.filter(|t| !t.is_empty()),
+            request_body: env.request.map(|m| m.body).unwrap_or(Value::Null),
+            response_body: env.response.map(|m| m.body).unwrap_or(Value::Null),
+        })
+    }
+
+    /// A route parameter looked up case-insensitively (`orderID`, `OrderID`, …).
+    pub fn route_param(&self, name: &str) -> Option<String> {
+        lookup_ci(&self.route_params, name)
+    }
+
+    /// A query parameter looked up case-insensitively.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        lookup_ci(&self.query_params, name)
+    }
+}
+
+fn lookup_ci(map: &Map<String, Value>, name: &str) -> Option<String> {
+    map.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+}
+
+fn object_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Object(map)) => map,
+        _ => Map::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example_with_seven_fraction_digits() {
+        let body = br#"{"Route":"v1/buyers/{buyerID}","RouteParams":{"buyerID":"buyer_10"},"QueryParams":{},"Verb":"PUT","Date":"2021-04-04T19:41:39.6504645+00:00","LogID":"71ce120a-17d5-4833-89f6-4f9a33ddd42f","UserToken":"...","Request":{"Body":{"Active":true},"Headers":null},"Response":{"Body":{},"Headers":null},"ConfigData":{"config_key":"config_value"},"Unknown":1}"#;
+        let w = Webhook::parse(body).unwrap();
+        assert_eq!(w.route, "v1/buyers/{buyerID}");
+        assert_eq!(w.verb, "PUT");
+        assert_eq!(w.route_param("BUYERID").as_deref(), Some("buyer_10"));
+        assert_eq!(w.date.unwrap().timestamp_subsec_nanos(), 650_464_500);
+        assert_eq!(w.log_id.as_deref(), Some("71ce120a-17d5-4833-89f6-4f9a33ddd42f"));
+    }
+
+    #[test]
+    fn tolerates_nulls_and_rejects_non_webhooks() {
+        let w = Webhook::parse(br#"{"Route":"v1/cart","Verb":"delete","RouteParams":null,"QueryParams":null,"Request":null,"Response":null,"Date":null}"#).unwrap();
+        assert_eq!(w.verb, "DELETE");
+        assert!(w.route_params.is_empty());
+        assert_eq!(Webhook::parse(b"not json").unwrap_err(), EnvelopeError::NotJson);
+        assert_eq!(Webhook::parse(b"[1,2]").unwrap_err(), EnvelopeError::NotJson);
+        assert_eq!(Webhook::parse(br#"{"Verb":"PUT"}"#).unwrap_err(), EnvelopeError::Missing("Route"));
+        assert_eq!(Webhook::parse(br#"{"Route":"v1/cart","Verb":"PUT","Date":"yesterday"}"#).unwrap_err(), EnvelopeError::BadDate);
+    }
+}

@@ -1,0 +1,7 @@
+//! Everything about OrderCloud: webhook signatures, the envelope, routes, token claims, and the
+//! read client used with a shopper's token.
+
+pub mod envelope;
+pub mod routes;
+pub mod signature;
+pub mod token;
