@@ -407,7 +407,7 @@ impl Settings {
             }
         }
         if let Some(url) = &cdp.base_url {
-            if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+            if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
                 errors.push(format!(
                     "cdp.base_url = {url:?} is not an http(s) URL: remove it to use cdp.region, or give e.g. https://api-engage-eu.sitecorecloud.io"
                 ));
@@ -427,7 +427,10 @@ impl Settings {
                 ));
             }
             if c.pos.is_empty() {
-                errors.push(format!("cdp.clients[client_id={}].pos is empty: name a CDP point of sale", c.client_id));
+                errors.push(format!(
+                    "cdp.clients[client_id={}].pos is empty: name a CDP point of sale",
+                    c.client_id
+                ));
             }
         }
         if !is_upper_code(&cdp.language, 2, 2) {
@@ -452,14 +455,21 @@ impl Settings {
             ));
         }
         if cdp.identity_provider.is_empty() {
-            errors.push("cdp.identity_provider is empty: use the provider of your CDP identity rule, e.g. ordercloud".into());
+            errors.push(
+                "cdp.identity_provider is empty: use the provider of your CDP identity rule, e.g. ordercloud".into(),
+            );
         }
         for p in &cdp.browser_id_pointers {
             if !p.starts_with('/') {
-                errors.push(format!("cdp.browser_id_pointers: {p:?} is not a JSON pointer: start it with /, e.g. /xp/cdpBrowserId"));
+                errors.push(format!(
+                    "cdp.browser_id_pointers: {p:?} is not a JSON pointer: start it with /, e.g. /xp/cdpBrowserId"
+                ));
             }
         }
-        if !(self.store.url.starts_with("sqlite:") || self.store.url.starts_with("postgres://") || self.store.url.starts_with("postgresql://")) {
+        if !(self.store.url.starts_with("sqlite:")
+            || self.store.url.starts_with("postgres://")
+            || self.store.url.starts_with("postgresql://"))
+        {
             errors.push(format!(
                 "store.url = {:?} is not supported: use sqlite://path/to/file.db or postgres://user@host/db",
                 self.store.url
@@ -525,6 +535,8 @@ impl Settings {
 
 fn is_upper_code(value: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&value.len())
-        && value.chars().all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
         && value.chars().next().is_some_and(|c| c.is_ascii_uppercase())
 }

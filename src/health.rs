@@ -11,7 +11,10 @@ pub struct Health {
 impl Health {
     /// Reports a problem under `source`, replacing an earlier one.
     pub fn set(&self, source: &'static str, problem: impl Into<String>) {
-        self.problems.lock().expect("health lock").insert(source, problem.into());
+        self.problems
+            .lock()
+            .expect("health lock")
+            .insert(source, problem.into());
     }
 
     pub fn clear(&self, source: &'static str) {

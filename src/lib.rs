@@ -91,7 +91,10 @@ impl Application {
         let _ = stop_tx.send(true);
         let deadline = Duration::from_secs(settings.server.shutdown_timeout_secs);
         if tokio::time::timeout(deadline, &mut server).await.is_err() {
-            warn!(deadline_secs = deadline.as_secs(), "requests still in flight at the shutdown deadline");
+            warn!(
+                deadline_secs = deadline.as_secs(),
+                "requests still in flight at the shutdown deadline"
+            );
             server.abort();
         }
         let _ = stop_rx.changed().await;

@@ -20,7 +20,11 @@ use crate::ordercloud::routes::{classify, RouteMatch};
 use crate::ordercloud::{signature, token};
 use crate::store::{now_ms, EnqueueOutcome, NewIntent, UNIDENTIFIED_SHOPPER};
 
-pub(super) async fn receive(State(app): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn receive(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!(
         "webhook",
@@ -72,7 +76,13 @@ async fn handle(
         Ok(body) if body.len() > max => return too_large(max),
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(max),
-        Err(_) => return ("unknown", "400", error(StatusCode::BAD_REQUEST, "cannot read the request body")),
+        Err(_) => {
+            return (
+                "unknown",
+                "400",
+                error(StatusCode::BAD_REQUEST, "cannot read the request body"),
+            )
+        }
     };
 
     // Header names are case-insensitive in HeaderMap, so x-oc-hash and X-OC-HASH both match.
@@ -83,7 +93,13 @@ async fn handle(
 
     let webhook = match Webhook::parse(&body) {
         Ok(w) => w,
-        Err(e) => return ("unknown", "400", error(StatusCode::BAD_REQUEST, format!("not an OrderCloud webhook: {e}"))),
+        Err(e) => {
+            return (
+                "unknown",
+                "400",
+                error(StatusCode::BAD_REQUEST, format!("not an OrderCloud webhook: {e}")),
+            )
+        }
     };
     span.record("verb", webhook.verb.as_str());
     span.record("route", webhook.route.as_str());
@@ -109,7 +125,14 @@ async fn handle(
         Ok(EnqueueOutcome::Duplicate) => (kind, "duplicate", proceed()),
         Err(e) => {
             warn!(parent: span, error = %e, "store cannot commit");
-            (kind, "503", error(StatusCode::SERVICE_UNAVAILABLE, "the forwarder cannot store the webhook right now; retry"))
+            (
+                kind,
+                "503",
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the forwarder cannot store the webhook right now; retry",
+                ),
+            )
         }
     }
 }
@@ -118,7 +141,10 @@ fn too_large(max: usize) -> (&'static str, &'static str, Response) {
     (
         "unknown",
         "413",
-        error(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds server.max_body_bytes ({max} bytes)")),
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds server.max_body_bytes ({max} bytes)"),
+        ),
     )
 }
 
@@ -129,13 +155,14 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
         .clone()
         .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
     let mut query_params = webhook.query_params.clone();
-    let anon_key = query_params.keys().find(|k| k.eq_ignore_ascii_case("anonUserToken")).cloned();
-    let anon_user_token = anon_key
-        .and_then(|k| query_params.remove(&k))
-        .and_then(|v| match v {
-            Value::String(s) if !s.is_empty() => Some(s),
-            _ => None,
-        });
+    let anon_key = query_params
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case("anonUserToken"))
+        .cloned();
+    let anon_user_token = anon_key.and_then(|k| query_params.remove(&k)).and_then(|v| match v {
+        Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    });
 
     let claims = match webhook.user_token.as_deref() {
         None => Err(token::TokenError::Missing),
@@ -143,7 +170,10 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
     };
     let (shopper_key, dead_reason) = match claims.as_ref().map_err(Clone::clone).and_then(token::shopper_key) {
         Ok(key) => (key, None),
-        Err(e) => (UNIDENTIFIED_SHOPPER.to_string(), Some(format!("{e}: cannot tell which shopper acted"))),
+        Err(e) => (
+            UNIDENTIFIED_SHOPPER.to_string(),
+            Some(format!("{e}: cannot tell which shopper acted")),
+        ),
     };
     let claims = claims.unwrap_or_default();
     let line_item_id = if route.bundle {

@@ -63,8 +63,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     if let Ok(stats) = app.store.stats().await {
         metrics::gauge!("forwarder_queue_pending").set(stats.pending as f64);
         metrics::gauge!("forwarder_dead_letters").set(stats.dead as f64);
-        metrics::gauge!("forwarder_queue_oldest_pending_age_seconds")
-            .set(stats.oldest_pending_age_ms as f64 / 1000.0);
+        metrics::gauge!("forwarder_queue_oldest_pending_age_seconds").set(stats.oldest_pending_age_ms as f64 / 1000.0);
     }
     (
         [("content-type", "text/plain; version=0.0.4")],

@@ -72,8 +72,14 @@ impl Webhook {
             return Err(EnvelopeError::NotJson);
         }
         let env: Envelope = serde_json::from_value(value).map_err(|_| EnvelopeError::NotJson)?;
-        let route = env.route.filter(|r| !r.is_empty()).ok_or(EnvelopeError::Missing("Route"))?;
-        let verb = env.verb.filter(|v| !v.is_empty()).ok_or(EnvelopeError::Missing("Verb"))?;
+        let route = env
+            .route
+            .filter(|r| !r.is_empty())
+            .ok_or(EnvelopeError::Missing("Route"))?;
+        let verb = env
+            .verb
+            .filter(|v| !v.is_empty())
+            .ok_or(EnvelopeError::Missing("Verb"))?;
         let date = match env.date.as_deref().filter(|d| !d.is_empty()) {
             None => None,
             Some(d) => Some(DateTime::parse_from_rfc3339(d).map_err(|_| EnvelopeError::BadDate)?),
@@ -141,7 +147,13 @@ mod tests {
         assert!(w.route_params.is_empty());
         assert_eq!(Webhook::parse(b"not json").unwrap_err(), EnvelopeError::NotJson);
         assert_eq!(Webhook::parse(b"[1,2]").unwrap_err(), EnvelopeError::NotJson);
-        assert_eq!(Webhook::parse(br#"{"Verb":"PUT"}"#).unwrap_err(), EnvelopeError::Missing("Route"));
-        assert_eq!(Webhook::parse(br#"{"Route":"v1/cart","Verb":"PUT","Date":"yesterday"}"#).unwrap_err(), EnvelopeError::BadDate);
+        assert_eq!(
+            Webhook::parse(br#"{"Verb":"PUT"}"#).unwrap_err(),
+            EnvelopeError::Missing("Route")
+        );
+        assert_eq!(
+            Webhook::parse(br#"{"Route":"v1/cart","Verb":"PUT","Date":"yesterday"}"#).unwrap_err(),
+            EnvelopeError::BadDate
+        );
     }
 }

@@ -16,8 +16,20 @@ pub struct RouteMatch {
 pub fn classify(verb: &str, route: &str) -> Option<RouteMatch> {
     use IntentKind::*;
     use RouteFamily::*;
-    let m = |kind, family| Some(RouteMatch { kind, family, bundle: false });
-    let bundle = |kind, family| Some(RouteMatch { kind, family, bundle: true });
+    let m = |kind, family| {
+        Some(RouteMatch {
+            kind,
+            family,
+            bundle: false,
+        })
+    };
+    let bundle = |kind, family| {
+        Some(RouteMatch {
+            kind,
+            family,
+            bundle: true,
+        })
+    };
     match (verb, route.trim_matches('/')) {
         ("POST", "v1/orders/{direction}/{orderID}/lineitems") => m(LinesUpserted, Orders),
         ("PUT" | "PATCH", "v1/orders/{direction}/{orderID}/lineitems/{lineItemID}") => m(LinesUpserted, Orders),
@@ -48,7 +60,10 @@ pub const HANDLED_ROUTES: &[(&str, &str)] = &[
     ("PATCH", "v1/orders/{direction}/{orderID}/lineitems/{lineItemID}"),
     ("DELETE", "v1/orders/{direction}/{orderID}/lineitems/{lineItemID}"),
     ("POST", "v1/orders/{direction}/{orderID}/bundles/{bundleID}"),
-    ("DELETE", "v1/orders/{direction}/{orderID}/bundles/{bundleID}/{bundleItemID}"),
+    (
+        "DELETE",
+        "v1/orders/{direction}/{orderID}/bundles/{bundleID}/{bundleItemID}",
+    ),
     ("DELETE", "v1/orders/{direction}/{orderID}"),
     ("POST", "v1/orders/{direction}/{orderID}/submit"),
     ("PATCH", "v1/orders/{direction}/{orderID}/fromuser"),
@@ -82,8 +97,15 @@ mod tests {
         assert_eq!((line.kind, line.family), (IntentKind::LinesUpserted, RouteFamily::Cart));
         let del = classify("DELETE", "v1/orders/{direction}/{orderID}/lineitems/{lineItemID}").unwrap();
         assert_eq!((del.kind, del.family), (IntentKind::LineDeleted, RouteFamily::Orders));
-        assert_eq!(classify("POST", "v1/orders/{direction}/{orderID}/submit").unwrap().kind, IntentKind::OrderSubmitted);
-        assert!(classify("POST", "v1/orders/{direction}/{orderID}/bundles/{bundleID}").unwrap().bundle);
+        assert_eq!(
+            classify("POST", "v1/orders/{direction}/{orderID}/submit").unwrap().kind,
+            IntentKind::OrderSubmitted
+        );
+        assert!(
+            classify("POST", "v1/orders/{direction}/{orderID}/bundles/{bundleID}")
+                .unwrap()
+                .bundle
+        );
     }
 
     #[test]

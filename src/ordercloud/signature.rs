@@ -30,7 +30,9 @@ pub enum SignatureError {
 /// Checks `header` against every key in constant time per key; any key may sign (rotation).
 pub fn verify(header: Option<&[u8]>, body: &[u8], keys: &[Secret]) -> Result<(), SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
-    let header = std::str::from_utf8(header).map_err(|_| SignatureError::Malformed)?.trim();
+    let header = std::str::from_utf8(header)
+        .map_err(|_| SignatureError::Malformed)?
+        .trim();
     if header.is_empty() {
         return Err(SignatureError::Missing);
     }
@@ -67,16 +69,30 @@ mod tests {
     fn vector_a_from_ordercloud_test_suite() {
         assert_eq!(VECTOR_A_BODY.len(), 136);
         assert_eq!(sign(b"myhashkey", VECTOR_A_BODY.as_bytes()), VECTOR_A_HASH);
-        assert_eq!(verify(Some(VECTOR_A_HASH.as_bytes()), VECTOR_A_BODY.as_bytes(), &keys(&["myhashkey"])), Ok(()));
+        assert_eq!(
+            verify(
+                Some(VECTOR_A_HASH.as_bytes()),
+                VECTOR_A_BODY.as_bytes(),
+                &keys(&["myhashkey"])
+            ),
+            Ok(())
+        );
     }
 
     #[test]
     fn one_byte_change_of_body_or_key_fails() {
         let mut body = VECTOR_A_BODY.as_bytes().to_vec();
         body[20] ^= 1;
-        assert_eq!(verify(Some(VECTOR_A_HASH.as_bytes()), &body, &keys(&["myhashkey"])), Err(SignatureError::Mismatch));
         assert_eq!(
-            verify(Some(VECTOR_A_HASH.as_bytes()), VECTOR_A_BODY.as_bytes(), &keys(&["myhashkez"])),
+            verify(Some(VECTOR_A_HASH.as_bytes()), &body, &keys(&["myhashkey"])),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify(
+                Some(VECTOR_A_HASH.as_bytes()),
+                VECTOR_A_BODY.as_bytes(),
+                &keys(&["myhashkez"])
+            ),
             Err(SignatureError::Mismatch)
         );
     }
@@ -84,12 +100,21 @@ mod tests {
     #[test]
     fn vectors_b_c_d() {
         let b = r#"{"Route":"v1/buyers/{buyerID}","RouteParams":{"buyerID":"buyer_10"},"QueryParams":{},"Verb":"PUT","Date":"2021-04-04T19:41:39.6504645+00:00","LogID":"71ce120a-17d5-4833-89f6-4f9a33ddd42f","UserToken":"...","Request":{"Body":{"Active":true,"Name":"New Name Updated","xp":{"segment":"Foo"}},"Headers":null},"Response":{"Body":{},"Headers":null},"ConfigData":{"config_key":"config_value"}}"#;
-        assert_eq!(sign(b"myhashkey", b.as_bytes()), "WF7dsca0MJWxrItMHkQjfFPfG4kI1e0/2Aon+Q8NzIo=");
+        assert_eq!(
+            sign(b"myhashkey", b.as_bytes()),
+            "WF7dsca0MJWxrItMHkQjfFPfG4kI1e0/2Aon+Q8NzIo="
+        );
         let c = format!("{VECTOR_A_BODY}\n");
-        assert_eq!(sign(b"myhashkey", c.as_bytes()), "iZuTUwbRrHslFl/Wnta3C/v6G9d33trnHL+CPlBBCEA=");
+        assert_eq!(
+            sign(b"myhashkey", c.as_bytes()),
+            "iZuTUwbRrHslFl/Wnta3C/v6G9d33trnHL+CPlBBCEA="
+        );
         let d = "{\"Route\":\"v1/buyers/{buyerID}\",\"Verb\":\"PUT\",\"Request\":{\"Body\":{\"Name\":\"Caf\u{e9} \u{2013} B\u{fc}cher\"}}}";
         assert_eq!(d.len(), 92);
-        assert_eq!(sign(b"myhashkey", d.as_bytes()), "hiNZkJa2yA3LAmZrkb756ZSszYQ5AKKUEaZUwgOJ61o=");
+        assert_eq!(
+            sign(b"myhashkey", d.as_bytes()),
+            "hiNZkJa2yA3LAmZrkb756ZSszYQ5AKKUEaZUwgOJ61o="
+        );
     }
 
     #[test]
@@ -108,7 +133,10 @@ mod tests {
     #[test]
     fn any_configured_key_may_sign() {
         let k = keys(&["old-key", "myhashkey"]);
-        assert_eq!(verify(Some(VECTOR_A_HASH.as_bytes()), VECTOR_A_BODY.as_bytes(), &k), Ok(()));
+        assert_eq!(
+            verify(Some(VECTOR_A_HASH.as_bytes()), VECTOR_A_BODY.as_bytes(), &k),
+            Ok(())
+        );
         let empty_keys: Vec<Secret> = keys(&[""]);
         assert_eq!(
             verify(Some(sign(b"", b"x").as_bytes()), b"x", &empty_keys),

@@ -82,11 +82,19 @@ pub fn shopper_key(claims: &TokenClaims) -> Result<String, TokenError> {
     if let Some(orderid) = claims.orderid.as_deref().filter(|o| !o.is_empty()) {
         return Ok(format!("anon-{orderid}"));
     }
-    let usr = claims.usr.as_deref().filter(|u| !u.is_empty()).ok_or(TokenError::NoShopper)?;
+    let usr = claims
+        .usr
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or(TokenError::NoShopper)?;
     let host = claims
         .aud
         .as_deref()
-        .map(|aud| aud.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/'))
+        .map(|aud| {
+            aud.trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+        })
         .unwrap_or("");
     Ok(format!("user:{host}:{usr}"))
 }
@@ -106,7 +114,9 @@ pub(crate) mod tests {
 
     #[test]
     fn anonymous_token_gives_anon_orderid() {
-        let t = jwt(serde_json::json!({"usr":"anon-template","cid":"c1","orderid":"iEYOUdiVuEKbhEfK3QrRIA","usrtype":"buyer","role":["Shopper","MeAdmin"],"aud":"https://api.ordercloud.io","exp":1525123397}));
+        let t = jwt(
+            serde_json::json!({"usr":"anon-template","cid":"c1","orderid":"iEYOUdiVuEKbhEfK3QrRIA","usrtype":"buyer","role":["Shopper","MeAdmin"],"aud":"https://api.ordercloud.io","exp":1525123397}),
+        );
         let claims = decode_claims(&t).unwrap();
         assert!(claims.is_anonymous());
         assert_eq!(shopper_key(&claims).unwrap(), "anon-iEYOUdiVuEKbhEfK3QrRIA");
@@ -114,7 +124,9 @@ pub(crate) mod tests {
 
     #[test]
     fn registered_token_gives_aud_and_usr() {
-        let t = jwt(serde_json::json!({"usr":"jane","cid":"c1","usrtype":"buyer","role":"Shopper","aud":"https://sandboxapi.ordercloud.io","exp":1}));
+        let t = jwt(
+            serde_json::json!({"usr":"jane","cid":"c1","usrtype":"buyer","role":"Shopper","aud":"https://sandboxapi.ordercloud.io","exp":1}),
+        );
         let claims = decode_claims(&t).unwrap();
         assert!(!claims.is_anonymous());
         assert_eq!(shopper_key(&claims).unwrap(), "user:sandboxapi.ordercloud.io:jane");

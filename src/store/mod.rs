@@ -115,6 +115,20 @@ pub struct DeadLetter {
     pub dead_at_ms: Option<i64>,
 }
 
+/// A pending intent as operators see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueuedIntent {
+    pub id: i64,
+    pub dedupe_key: String,
+    pub shopper_key: String,
+    pub kind: String,
+    pub attempts: i64,
+    pub enriched: bool,
+    pub next_attempt_at_ms: i64,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+}
+
 /// What the delivery worker remembers per shopper.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShopperState {
@@ -217,6 +231,8 @@ pub trait Store: Send + Sync + 'static {
     /// Moves the record of an order's lines to another shopper (anonymous order transfer).
     async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError>;
 
+    /// Pending intents, oldest first.
+    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError>;
     async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     /// Puts dead letters back in their shoppers' queues, in their original order. Returns how many.
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError>;

@@ -36,9 +36,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_millis(settings.statement_timeout_ms.max(1000)));
         if let Some(parent) = options.get_filename().parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).with_context(|| {
-                    format!("cannot create the folder {} for store.url", parent.display())
-                })?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create the folder {} for store.url", parent.display()))?;
             }
         }
         let pool = SqlitePoolOptions::new()
@@ -134,7 +133,9 @@ async fn insert_batch(pool: &SqlitePool, items: &[&NewIntent]) -> Result<Vec<Enq
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Result<Option<T>, StoreError> {
-    text.map(|t| serde_json::from_str(&t)).transpose().map_err(StoreError::from)
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(StoreError::from)
 }
 
 fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {
@@ -204,25 +205,28 @@ impl Store for SqliteStore {
     }
 
     async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
-        let rows = sqlx::query("UPDATE intents SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'pending'")
-            .bind(now_ms() + lease.as_millis() as i64)
-            .bind(claim.intent_id)
-            .bind(&claim.claim_id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let rows =
+            sqlx::query("UPDATE intents SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'pending'")
+                .bind(now_ms() + lease.as_millis() as i64)
+                .bind(claim.intent_id)
+                .bind(&claim.claim_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         stale_unless_one(rows, claim)
     }
 
     async fn save_progress(&self, claim: &Claim, progress: &Value) -> Result<(), StoreError> {
-        let rows = sqlx::query("UPDATE intents SET progress = ?1, updated_at = ?2 WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'")
-            .bind(progress.to_string())
-            .bind(now_ms())
-            .bind(claim.intent_id)
-            .bind(&claim.claim_id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let rows = sqlx::query(
+            "UPDATE intents SET progress = ?1, updated_at = ?2 WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'",
+        )
+        .bind(progress.to_string())
+        .bind(now_ms())
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         stale_unless_one(rows, claim)
     }
 
@@ -307,13 +311,15 @@ impl Store for SqliteStore {
     }
 
     async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE intents SET enrich_after = ?1, last_error = ?2, updated_at = ?3 WHERE id = ?4 AND enriched = 0")
-            .bind(at_ms)
-            .bind(error)
-            .bind(now_ms())
-            .bind(intent_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE intents SET enrich_after = ?1, last_error = ?2, updated_at = ?3 WHERE id = ?4 AND enriched = 0",
+        )
+        .bind(at_ms)
+        .bind(error)
+        .bind(now_ms())
+        .bind(intent_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -400,11 +406,13 @@ impl Store for SqliteStore {
     }
 
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
-        let rows = sqlx::query("SELECT facts FROM cdp_sessions WHERE shopper_key = ?1 AND last_event_at >= ?2 ORDER BY last_event_at")
-            .bind(shopper_key)
-            .bind(since_ms)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT facts FROM cdp_sessions WHERE shopper_key = ?1 AND last_event_at >= ?2 ORDER BY last_event_at",
+        )
+        .bind(shopper_key)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter()
             .map(|r| serde_json::from_str(r.get::<&str, _>("facts")).map_err(StoreError::from))
             .collect()
@@ -477,6 +485,30 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
+             FROM intents WHERE state = 'pending' ORDER BY id LIMIT ?1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedIntent {
+                id: r.get("id"),
+                dedupe_key: r.get("dedupe_key"),
+                shopper_key: r.get("shopper_key"),
+                kind: r.get("kind"),
+                attempts: r.get("attempts"),
+                enriched: r.get("enriched"),
+                next_attempt_at_ms: r.get("next_attempt_at"),
+                last_error: r.get("last_error"),
+                created_at_ms: r.get("created_at"),
+            })
+            .collect())
     }
 
     async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {

@@ -1,0 +1,144 @@
+//! Configuration layering, environment lists, validation messages, and the CLI around them.
+
+use std::collections::HashMap;
+
+use ordercloud_cdp_forwarder::config::{ConfigSources, Settings};
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn later_layers_win() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "config/default.toml",
+        "[ordercloud]\nhash_keys=[\"from-default\"]\n[cdp]\ndry_run=true\nlanguage=\"DE\"\ncurrency=\"EUR\"\nchannel=\"MOBILE_WEB\"\n",
+    );
+    let file = write(
+        dir.path(),
+        "override.toml",
+        "[cdp]\ncurrency=\"GBP\"\nchannel=\"MOBILE_APP\"\n",
+    );
+    let sources = ConfigSources {
+        file: Some(file),
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let s = Settings::load_with_env(&sources, Some(env(&[("FORWARDER__CDP__CHANNEL", "WEB")]))).unwrap();
+    assert_eq!(s.cdp.language, "DE", "default.toml over built-in defaults");
+    assert_eq!(s.cdp.currency, "GBP", "--config file over default.toml");
+    assert_eq!(s.cdp.channel, "WEB", "environment over the file");
+    assert_eq!(s.server.listen, "0.0.0.0:8080", "built-in default");
+    assert_eq!(s.ordercloud.hash_keys[0].expose(), "from-default");
+}
+
+#[test]
+fn environment_lists_are_comma_separated() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let s = Settings::load_with_env(
+        &sources,
+        Some(env(&[
+            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "k1,k2"),
+            (
+                "FORWARDER__ORDERCLOUD__API_URLS",
+                "http://127.0.0.1:1,https://api.ordercloud.io",
+            ),
+            ("FORWARDER__CDP__DRY_RUN", "true"),
+            ("FORWARDER__SERVER__MAX_BODY_BYTES", "2048"),
+        ])),
+    )
+    .unwrap();
+    let keys: Vec<&str> = s.ordercloud.hash_keys.iter().map(|k| k.expose()).collect();
+    assert_eq!(keys, ["k1", "k2"]);
+    assert_eq!(
+        s.ordercloud.api_urls,
+        ["http://127.0.0.1:1", "https://api.ordercloud.io"]
+    );
+    assert_eq!(s.server.max_body_bytes, 2048);
+}
+
+#[test]
+fn missing_hash_key_is_named_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let err = Settings::load_with_env(&sources, Some(env(&[("FORWARDER__CDP__DRY_RUN", "true")])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ordercloud.hash_keys"), "{err}");
+    assert!(err.contains("FORWARDER__ORDERCLOUD__HASH_KEYS"), "{err}");
+}
+
+#[test]
+fn invalid_values_are_all_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let err = Settings::load_with_env(
+        &sources,
+        Some(env(&[
+            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "k"),
+            ("FORWARDER__CDP__LANGUAGE", "en-US"),
+            ("FORWARDER__CDP__CLIENT_KEY", "ck"),
+        ])),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("cdp.language"), "{err}");
+    assert!(err.contains("cdp.pos"), "{err}");
+}
+
+fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"))
+}
+
+#[test]
+fn check_config_masks_secrets_and_fails_on_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = bin()
+        .current_dir(dir.path())
+        .arg("check-config")
+        .env("FORWARDER__ORDERCLOUD__HASH_KEYS", "super-secret-hash-key")
+        .env("FORWARDER__CDP__CLIENT_KEY", "super-secret-client-key")
+        .env("FORWARDER__CDP__POS", "shop")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(out.contains("\"pos\": \"shop\""), "{out}");
+    assert!(!out.contains("super-secret"), "secrets printed: {out}");
+    assert!(out.contains("********"));
+
+    let bad = bin().current_dir(dir.path()).arg("check-config").output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("ordercloud.hash_keys"));
+}
+
+#[test]
+fn sign_prints_vector_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"{"Route":"v1/buyers/{buyerID}/addresses/{addressID}","Verb":"PUT","Request":{"Body":{"City":"Minneapolis"}},"ConfigData":{"Foo":"blah"}}"#;
+    let file = write(dir.path(), "a.json", body);
+    let out = bin().args(["sign", "--key", "myhashkey"]).arg(&file).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "4NPw1O9AviSOC1A3C+HqkDutRLNwyABneY/3M2OqByE="
+    );
+}

@@ -1,0 +1,209 @@
+//! Test harness: the real service on port 0 with its own store file, and webhook builders.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ordercloud_cdp_forwarder::config::{Secret, Settings};
+use ordercloud_cdp_forwarder::ordercloud::signature;
+use ordercloud_cdp_forwarder::store::DynStore;
+use ordercloud_cdp_forwarder::Application;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub const KEY: &str = "test-hash-key-1";
+pub const SECOND_KEY: &str = "test-hash-key-2";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub store: DynStore,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// Settings for a test: port 0, a fresh SQLite file in `dir`, two hash keys, CDP dry run.
+pub fn test_settings(dir: &std::path::Path) -> Settings {
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".into();
+    s.ordercloud.hash_keys = vec![Secret::new(KEY), Secret::new(SECOND_KEY)];
+    s.store.url = format!("sqlite://{}", dir.join("forwarder.db").display());
+    s.cdp.dry_run = true;
+    s.cdp.pos = "test-pos".into();
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(dir.path());
+    configure(&mut settings);
+    spawn_app_in(dir, settings).await
+}
+
+/// Starts the service with `settings`, keeping `dir` alive as long as the app.
+pub async fn spawn_app_in(dir: tempfile::TempDir, settings: Settings) -> TestApp {
+    settings.validate().expect("test settings are valid");
+    let app = Application::build(settings.clone()).await.expect("app builds");
+    let addr = app.local_addr();
+    let store = app.store();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        store,
+        client: reqwest::Client::new(),
+        settings,
+        stop: Some(stop),
+        task: Some(task),
+        dir: Some(dir),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Posts `body` signed with `key`.
+    pub async fn post_signed(&self, body: &[u8], key: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/webhooks/ordercloud"))
+            .header("content-type", "application/json")
+            .header("X-oc-hash", signature::sign(key.as_bytes(), body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Posts a webhook signed with the first key and asserts the 200 `{"proceed": true}` answer.
+    pub async fn deliver(&self, webhook: &Value) {
+        let body = serde_json::to_vec(webhook).unwrap();
+        let resp = self.post_signed(&body, KEY).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 200, "webhook answered {status}: {text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), json!({"proceed": true}));
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app stops cleanly");
+        }
+        self.dir.take().expect("dir is kept until stop")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("dir is kept until stop").path()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An OrderCloud-like JWT with the given claims (unsigned: the forwarder reads claims only).
+pub fn jwt(claims: Value) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"test"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    format!("{header}.{payload}.dGVzdA")
+}
+
+/// An anonymous shopper's token for the API at `aud`.
+pub fn anon_token(order_id: &str, client_id: &str, aud: &str) -> String {
+    jwt(
+        json!({"usr":"anon-template","cid":client_id,"orderid":order_id,"usrtype":"buyer",
+        "role":["Shopper","MeAdmin"],"iss":"https://auth.ordercloud.io","aud":aud,
+        "exp": chrono::Utc::now().timestamp() + 7 * 24 * 3600}),
+    )
+}
+
+/// A registered shopper's token for the API at `aud`.
+pub fn user_token(username: &str, client_id: &str, aud: &str) -> String {
+    jwt(
+        json!({"usr":username,"cid":client_id,"usrtype":"buyer","role":"Shopper",
+        "iss":"https://auth.ordercloud.io","aud":aud,
+        "exp": chrono::Utc::now().timestamp() + 3600}),
+    )
+}
+
+/// A webhook envelope as OrderCloud sends it.
+pub fn envelope(
+    verb: &str,
+    route: &str,
+    route_params: Value,
+    token: Option<&str>,
+    request: Value,
+    response: Value,
+) -> Value {
+    json!({
+        "Route": route,
+        "RouteParams": route_params,
+        "QueryParams": {},
+        "Verb": verb,
+        "Date": "2026-11-22T10:15:30.1234567+00:00",
+        "LogID": uuid::Uuid::new_v4().to_string(),
+        "UserToken": token,
+        "Request": {"Body": request, "Headers": null},
+        "Response": {"Body": response, "Headers": null},
+        "ConfigData": {}
+    })
+}
+
+/// A LineItem as OrderCloud returns it.
+pub fn line_item(id: &str, product: &str, quantity: i64, unit_price: f64) -> Value {
+    json!({
+        "ID": id, "ProductID": product, "Quantity": quantity, "UnitPrice": unit_price,
+        "LineSubtotal": unit_price * quantity as f64, "LineTotal": unit_price * quantity as f64,
+        "PromotionDiscount": 0, "DateAdded": "2026-11-22T10:15:30+00:00",
+        "Product": {"ID": product, "Name": format!("Product {product}"), "xp": {}},
+        "Variant": null, "Specs": [], "xp": {}
+    })
+}
+
+/// Classic-route line item create for `order_id`.
+pub fn line_created(order_id: &str, token: &str, line: &Value) -> Value {
+    envelope(
+        "POST",
+        "v1/orders/{direction}/{orderID}/lineitems",
+        json!({"direction": "Outgoing", "orderID": order_id}),
+        Some(token),
+        json!({"ProductID": line["ProductID"], "Quantity": line["Quantity"]}),
+        line.clone(),
+    )
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
