@@ -284,11 +284,18 @@ async fn graceful_stop_and_restart_keep_the_queue() {
     let webhook = sample();
     app.deliver(&webhook).await;
     let settings = app.settings.clone();
-    assert!(app.dir().join("forwarder.db").exists(), "the store file is created on first start");
+    assert!(
+        app.dir().join("forwarder.db").exists(),
+        "the store file is created on first start"
+    );
     let dir = app.stop().await;
     let again = spawn_app_in(dir, settings).await;
     let pending = again.store.pending(10).await.unwrap();
     assert_eq!(pending.len(), 1);
     again.deliver(&webhook).await;
-    assert_eq!(again.store.pending(10).await.unwrap().len(), 1, "dedupe survives a restart");
+    assert_eq!(
+        again.store.pending(10).await.unwrap().len(),
+        1,
+        "dedupe survives a restart"
+    );
 }
