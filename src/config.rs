@@ -249,6 +249,8 @@ pub struct DeliverySettings {
     pub lease_secs: u64,
     /// How often idle workers look for new work.
     pub poll_interval_ms: u64,
+    /// After CDP refuses the client key (401/403): first wait before probing again; doubles up to 10×.
+    pub auth_pause_secs: u64,
 }
 
 impl Default for DeliverySettings {
@@ -261,6 +263,7 @@ impl Default for DeliverySettings {
             max_age_secs: 24 * 3600,
             lease_secs: 60,
             poll_interval_ms: 200,
+            auth_pause_secs: 30,
         }
     }
 }
@@ -539,4 +542,15 @@ fn is_upper_code(value: &str, min: usize, max: usize) -> bool {
             .chars()
             .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
         && value.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+}
+
+impl CdpSettings {
+    /// The point of sale used with a channel: the first client entry with that channel, else the default.
+    pub fn pos_for_channel(&self, channel: &str) -> &str {
+        self.clients
+            .iter()
+            .find(|c| c.channel == channel)
+            .map(|c| c.pos.as_str())
+            .unwrap_or(self.pos.as_str())
+    }
 }

@@ -79,7 +79,11 @@ pub struct Intent {
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct IntentSecrets {
     pub user_token: Option<String>,
+    /// `QueryParams.anonUserToken` of register and transfer calls.
     pub anon_user_token: Option<String>,
+    /// The new user's `access_token` from a register response.
+    #[serde(default)]
+    pub registered_token: Option<String>,
 }
 
 impl std::fmt::Debug for IntentSecrets {
@@ -87,6 +91,7 @@ impl std::fmt::Debug for IntentSecrets {
         f.debug_struct("IntentSecrets")
             .field("user_token", &self.user_token.as_ref().map(|_| "********"))
             .field("anon_user_token", &self.anon_user_token.as_ref().map(|_| "********"))
+            .field("registered_token", &self.registered_token.as_ref().map(|_| "********"))
             .finish()
     }
 }

@@ -1,11 +1,14 @@
 //! ordercloud-cdp-forwarder: receives signed Sitecore OrderCloud webhooks and forwards them to
 //! the Sitecore CDP Stream API, durably, in per-shopper order. See README.md and DESIGN notes.
 
+pub mod cdp;
 pub mod config;
+pub mod delivery;
 pub mod health;
 pub mod http;
 pub mod intent;
 pub mod ordercloud;
+pub mod planner;
 pub mod store;
 pub mod telemetry;
 
@@ -63,6 +66,13 @@ impl Application {
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
 
         let housekeeping = tokio::spawn(housekeeping(store.clone(), settings.clone(), stop_tx.subscribe()));
+        let deps = delivery::Deps::new(
+            settings.clone(),
+            store.clone(),
+            state.health.clone(),
+            state.wake.clone(),
+        )?;
+        let workers = delivery::spawn(Arc::new(deps), stop_tx.subscribe());
 
         let router = http::router(state);
         let mut graceful_rx = stop_tx.subscribe();
@@ -78,6 +88,9 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 let _ = stop_tx.send(true);
+                for worker in workers {
+                    let _ = worker.await;
+                }
                 store.close().await;
                 return match result {
                     Ok(Ok(())) => Ok(()),

@@ -164,6 +164,13 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
         _ => None,
     });
 
+    // Register answers carry the new user's access_token: a live credential, kept with the secrets.
+    let mut response_body = webhook.response_body.clone();
+    let registered_token = take_string(&mut response_body, "access_token");
+    take_string(&mut response_body, "refresh_token");
+    let mut request_body = webhook.request_body.clone();
+    take_string(&mut request_body, "Password");
+
     let claims = match webhook.user_token.as_deref() {
         None => Err(token::TokenError::Missing),
         Some(t) => token::decode_claims(t),
@@ -190,8 +197,8 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
         order_id: webhook.route_param("orderID"),
         line_item_id,
         occurred_at_ms: webhook.date.map(|d| d.timestamp_millis()).unwrap_or_else(now_ms),
-        request_body: webhook.request_body.clone(),
-        response_body: webhook.response_body.clone(),
+        request_body,
+        response_body,
         query_params,
         client_id: claims.cid.clone(),
         api_url: claims.aud.clone(),
@@ -206,8 +213,20 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
         secrets: IntentSecrets {
             user_token: webhook.user_token.clone(),
             anon_user_token,
+            registered_token,
         },
         dead_reason,
         needs_enrichment: true,
+    }
+}
+
+/// Removes a top-level field of an object, returning it when it is a string.
+fn take_string(body: &mut Value, name: &str) -> Option<String> {
+    match body {
+        Value::Object(map) => match map.remove(name) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        },
+        _ => None,
     }
 }

@@ -158,10 +158,18 @@ pub struct SessionFacts {
     pub shopper_key: String,
     /// When CDP last acknowledged an event of this session (epoch ms).
     pub last_event_at_ms: i64,
-    /// item_ids ADDed in this session and not cleared since.
-    pub item_ids: Vec<String>,
+    /// item_ids ADDed in this session and not cleared since, with the quantity and price last sent.
+    #[serde(default)]
+    pub items: std::collections::BTreeMap<String, ItemFingerprint>,
     /// The identity sent in an IDENTITY event of this session, if any.
     pub identified_as: Option<String>,
+}
+
+/// The quantity and unit price CDP holds for one item_id of a session's cart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ItemFingerprint {
+    pub quantity: i64,
+    pub price: f64,
 }
 
 /// A cart line as last seen, so that later events can be built without OrderCloud.

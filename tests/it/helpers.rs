@@ -36,10 +36,6 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
-}
-
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = test_settings(dir.path());
@@ -205,5 +201,68 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real binary, configured through environment variables only, serving on a free port.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Binary {
+    pub async fn start(dir: &std::path::Path, env: &[(&str, String)]) -> Binary {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"));
+        cmd.current_dir(dir)
+            .env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("FORWARDER__LOG__LEVEL", "warn")
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("the binary starts");
+        let bin = Binary { child, port };
+        let client = reqwest::Client::new();
+        let url = bin.url("/health/live");
+        eventually("the binary to serve", Duration::from_secs(30), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { client.get(&url).send().await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        bin
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// Posts a webhook signed with [`KEY`] and returns the status.
+    pub async fn post(&self, webhook: &Value) -> u16 {
+        let body = serde_json::to_vec(webhook).unwrap();
+        reqwest::Client::new()
+            .post(self.url("/webhooks/ordercloud"))
+            .header("X-oc-hash", signature::sign(KEY.as_bytes(), &body))
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: no graceful anything.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -7,7 +7,22 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-const AUD: &str = "https://sandboxapi.ordercloud.io";
+/// Nothing listens here: OrderCloud reads and CDP calls fail and are retried, so intents stay queued
+/// where these tests can see them.
+const NOWHERE: &str = "http://127.0.0.1:9";
+const AUD: &str = NOWHERE;
+
+/// The service with CDP and OrderCloud unreachable.
+async fn intake_app(configure: impl FnOnce(&mut ordercloud_cdp_forwarder::config::Settings)) -> TestApp {
+    spawn_app_with(|s| {
+        s.cdp.dry_run = false;
+        s.cdp.base_url = Some(NOWHERE.into());
+        s.cdp.client_key = ordercloud_cdp_forwarder::config::Secret::new("ck");
+        s.ordercloud.api_urls = vec![NOWHERE.into()];
+        configure(s);
+    })
+    .await
+}
 
 fn sample() -> Value {
     line_created(
@@ -25,7 +40,7 @@ async fn stored(app: &TestApp) -> (usize, usize) {
 
 #[tokio::test]
 async fn status_codes_of_intake() {
-    let app = spawn_app_with(|s| s.server.max_body_bytes = 4096).await;
+    let app = intake_app(|s| s.server.max_body_bytes = 4096).await;
     let body = serde_json::to_vec(&sample()).unwrap();
     let url = app.url("/webhooks/ordercloud");
 
@@ -87,7 +102,7 @@ async fn status_codes_of_intake() {
 
 #[tokio::test]
 async fn bad_input_does_not_disturb_shoppers_in_flight() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     app.deliver(&sample()).await;
     for _ in 0..3 {
         assert_eq!(app.post_signed(b"{", KEY).await.status(), 400);
@@ -100,7 +115,7 @@ async fn bad_input_does_not_disturb_shoppers_in_flight() {
 
 #[tokio::test]
 async fn the_same_log_id_twice_or_concurrently_yields_one_intent() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let webhook = sample();
     app.deliver(&webhook).await;
     app.deliver(&webhook).await;
@@ -130,7 +145,7 @@ async fn the_same_log_id_twice_or_concurrently_yields_one_intent() {
 
 #[tokio::test]
 async fn shopper_keys_for_anonymous_and_registered_tokens() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     app.deliver(&sample()).await;
     let registered = line_created(
         "ORDER-2",
@@ -148,16 +163,13 @@ async fn shopper_keys_for_anonymous_and_registered_tokens() {
         .collect();
     assert_eq!(
         keys,
-        vec![
-            "anon-ORDER-1".to_string(),
-            "user:sandboxapi.ordercloud.io:jane".to_string()
-        ]
+        vec!["anon-ORDER-1".to_string(), "user:127.0.0.1:9:jane".to_string()]
     );
 }
 
 #[tokio::test]
 async fn missing_or_undecodable_token_becomes_a_dead_letter_with_the_reason() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let mut missing = sample();
     missing["UserToken"] = json!(null);
     app.deliver(&missing).await;
@@ -183,7 +195,7 @@ async fn missing_or_undecodable_token_becomes_a_dead_letter_with_the_reason() {
 
 #[tokio::test]
 async fn webhook_without_log_id_is_deduplicated_by_its_body() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let mut webhook = sample();
     webhook.as_object_mut().unwrap().remove("LogID");
     app.deliver(&webhook).await;
@@ -195,7 +207,7 @@ async fn webhook_without_log_id_is_deduplicated_by_its_body() {
 
 #[tokio::test]
 async fn store_that_cannot_commit_answers_503_and_not_ready() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let live = app.client.get(app.url("/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200);
     let ready = app.client.get(app.url("/health/ready")).send().await.unwrap();
@@ -212,7 +224,7 @@ async fn store_that_cannot_commit_answers_503_and_not_ready() {
 
 #[tokio::test]
 async fn tokens_are_not_kept_in_the_intent() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let token = anon_token("ORDER-9", "web-client", AUD);
     let mut webhook = line_created("ORDER-9", &token, &line_item("L9", "SKU-9", 1, 1.0));
     webhook["QueryParams"] = json!({"anonUserToken": "secret-anon-token"});
@@ -280,7 +292,7 @@ async fn a_200_survives_an_abrupt_stop() {
 
 #[tokio::test]
 async fn graceful_stop_and_restart_keep_the_queue() {
-    let app = spawn_app().await;
+    let app = intake_app(|_| {}).await;
     let webhook = sample();
     app.deliver(&webhook).await;
     let settings = app.settings.clone();

@@ -1,0 +1,241 @@
+//! The Stream API client: one pooled keep-alive HTTP client; answers classified in one place
+//! ([`classify`], the "retry logic" seam), apart from the sending code.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tracing::info;
+
+use crate::config::{CdpSettings, Secret, Transport};
+
+/// What an answer from CDP means for the intent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Accepted (2xx).
+    Done,
+    /// 404: CDP does not know the browser id; mint a new one and send again.
+    BrowserUnknown,
+    /// The event will never be accepted (400 and other 4xx): dead letter with CDP's reason.
+    Permanent(String),
+    /// 401/403: the client key or endpoint is wrong. Pause delivery, burn nothing.
+    Config(String),
+    /// 408, 429, 5xx, connection errors and timeouts: try again, not before `after` when CDP said so.
+    Retry { after: Option<Duration>, reason: String },
+}
+
+/// Classifies an answer: status, `Retry-After` header, body.
+pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome {
+    let message = || error_message(body).unwrap_or_else(|| format!("HTTP {status}"));
+    match status {
+        200..=299 => match serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("status").cloned())
+        {
+            Some(Value::String(s)) if !s.eq_ignore_ascii_case("OK") => {
+                Outcome::Permanent(format!("CDP answered status {s:?}: {}", message()))
+            }
+            _ => Outcome::Done,
+        },
+        404 => Outcome::BrowserUnknown,
+        401 | 403 => Outcome::Config(format!(
+            "CDP refused the client key (HTTP {status}: {}): check cdp.client_key and cdp.region/cdp.base_url",
+            message()
+        )),
+        408 | 429 | 500..=599 => Outcome::Retry {
+            after: retry_after.and_then(parse_retry_after),
+            reason: format!("CDP answered HTTP {status}: {}", message()),
+        },
+        _ => Outcome::Permanent(format!("CDP answered HTTP {status}: {}", message())),
+    }
+}
+
+/// CDP's `error_msg` (or `message`), shortened.
+fn error_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let msg = v
+        .get("error_msg")
+        .or_else(|| v.get("message"))
+        .or_else(|| v.get("moreInfo"))?;
+    let text = msg.as_str().map(str::to_string).unwrap_or_else(|| msg.to_string());
+    Some(text.chars().take(300).collect())
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let delta = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(delta.max(0) as u64))
+}
+
+pub struct CdpClient {
+    http: reqwest::Client,
+    host: String,
+    client_key: Secret,
+    transport: Transport,
+    dry_run: bool,
+}
+
+impl CdpClient {
+    pub fn new(settings: &CdpSettings, request_timeout: Duration) -> anyhow::Result<CdpClient> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .connect_timeout(request_timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(CdpClient {
+            http,
+            host: settings.host(),
+            client_key: settings.client_key.clone(),
+            transport: settings.transport,
+            dry_run: settings.dry_run,
+        })
+    }
+
+    /// Mints a browser id with `browser/create` (locally in dry run).
+    pub async fn create_browser(&self) -> Result<String, Outcome> {
+        if self.dry_run {
+            return Ok(format!("dry-run-{}", uuid::Uuid::new_v4()));
+        }
+        let request = self
+            .http
+            .get(format!("{}/v1.2/browser/create.json", self.host))
+            .query(&[("client_key", self.client_key.expose()), ("message", "{}")]);
+        let started = Instant::now();
+        let result = request.send().await;
+        metrics::histogram!("forwarder_cdp_request_duration_seconds", "event" => "BROWSER_CREATE")
+            .record(started.elapsed().as_secs_f64());
+        let response = result.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = header(&response, "retry-after");
+        let body = response.bytes().await.map_err(transport_error)?;
+        match classify(status, retry_after.as_deref(), &body) {
+            Outcome::Done => serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("ref").and_then(Value::as_str).map(str::to_string))
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| Outcome::Retry {
+                    after: None,
+                    reason: "browser/create answered without a ref".into(),
+                }),
+            Outcome::BrowserUnknown => Err(Outcome::Config(
+                "browser/create answered 404: check cdp.region or cdp.base_url".into(),
+            )),
+            other => Err(other),
+        }
+    }
+
+    /// Sends one event (logs it instead in dry run).
+    pub async fn send(&self, event: &Value, event_type: &'static str) -> Outcome {
+        if self.dry_run {
+            info!(event = %event, "dry run: CDP event not sent");
+            return Outcome::Done;
+        }
+        let request = match self.transport {
+            Transport::Post => {
+                let mut body = event.clone();
+                if let Value::Object(map) = &mut body {
+                    map.insert("client_key".into(), Value::String(self.client_key.expose().to_string()));
+                }
+                self.http.post(format!("{}/v1.2/events", self.host)).json(&body)
+            }
+            Transport::Get => self.http.get(format!("{}/v1.2/event/create.json", self.host)).query(&[
+                ("client_key", self.client_key.expose()),
+                ("message", &event.to_string()),
+            ]),
+        };
+        let started = Instant::now();
+        let result = request.send().await;
+        metrics::histogram!("forwarder_cdp_request_duration_seconds", "event" => event_type)
+            .record(started.elapsed().as_secs_f64());
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => return transport_error(e),
+        };
+        let status = response.status().as_u16();
+        let retry_after = header(&response, "retry-after");
+        match response.bytes().await {
+            Ok(body) => classify(status, retry_after.as_deref(), &body),
+            Err(e) => transport_error(e),
+        }
+    }
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Network failures are retried. The URL is stripped: it carries the client key in GET mode.
+fn transport_error(e: reqwest::Error) -> Outcome {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    Outcome::Retry {
+        after: None,
+        reason: format!("CDP {kind}: {}", e.without_url()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_in_one_place() {
+        assert_eq!(
+            classify(201, None, br#"{"status":"OK","version":"1.2"}"#),
+            Outcome::Done
+        );
+        assert_eq!(classify(200, None, b""), Outcome::Done);
+        assert!(matches!(
+            classify(201, None, br#"{"status":"ERROR"}"#),
+            Outcome::Permanent(_)
+        ));
+        assert_eq!(classify(404, None, b"{}"), Outcome::BrowserUnknown);
+        assert_eq!(
+            classify(400, None, br#"{"error_msg":"type is missing"}"#),
+            Outcome::Permanent("CDP answered HTTP 400: type is missing".into())
+        );
+        assert!(matches!(classify(401, None, b""), Outcome::Config(_)));
+        assert!(matches!(classify(403, None, b""), Outcome::Config(_)));
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(classify(status, None, b""), Outcome::Retry { after: None, .. }),
+                "{status}"
+            );
+        }
+        assert!(matches!(classify(415, None, b""), Outcome::Permanent(_)));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(
+            classify(429, Some("7"), b""),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                reason: "CDP answered HTTP 429: HTTP 429".into()
+            }
+        );
+        let in_a_minute = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
+        let after = parse_retry_after(&in_a_minute).unwrap();
+        assert!(
+            after > Duration::from_secs(55) && after <= Duration::from_secs(60),
+            "{after:?}"
+        );
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

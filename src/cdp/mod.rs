@@ -1,0 +1,7 @@
+//! Sitecore CDP Stream API: event types with their wire names, and the client.
+
+pub mod client;
+pub mod events;
+
+pub use client::{classify, CdpClient, Outcome};
+pub use events::{Event, EventKind, Identifier, OrderItem, OrderPayload, Product, SessionRef};

@@ -1,0 +1,454 @@
+//! Delivery to CDP: mapping, identities, browsers, retries, dead letters, per-shopper order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::fakes::cdp::Answer;
+use crate::helpers::*;
+use crate::world::*;
+
+fn lines(order: &crate::fakes::cdp::Order) -> Vec<(String, f64, f64)> {
+    order
+        .lines
+        .iter()
+        .map(|l| (l.item_id.clone(), l.quantity, l.price))
+        .collect()
+}
+
+#[tokio::test]
+async fn anonymous_checkout_with_a_deleted_line_holds_exactly_the_remaining_lines() {
+    let world = World::start().await;
+    let mut shopper = world.anonymous("ANON-ORDER-1", WEB_CLIENT);
+    shopper.add("L1", "SHOE", 2, 59.95).await;
+    shopper.add("L2", "SOCK", 1, 4.99).await;
+    shopper.set_quantity("L2", 3).await;
+    shopper.add("L3", "HAT", 1, 19.00).await;
+    shopper.delete("L3").await;
+    let revenue = shopper.submit().await;
+
+    let order = world.order("ANON-ORDER-1").await;
+    assert_eq!(
+        lines(&order),
+        vec![("SHOE".into(), 2.0, 59.95), ("SOCK".into(), 3.0, 4.99)]
+    );
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.revenue, 134.87);
+    assert_eq!(order.shopper.as_deref(), Some("anon-ANON-ORDER-1"));
+    assert!(world.cdp.failed_events().is_empty(), "{:?}", world.cdp.failed_events());
+    assert!(world.cdp.finish().is_empty(), "no abandoned cart");
+
+    let types: Vec<String> = world.cdp.requests().iter().map(|r| r.event_type.clone()).collect();
+    let expected = [
+        "IDENTITY",
+        "ADD",
+        "ADD",
+        "ADD",
+        "ADD",
+        "CLEAR_CART",
+        "ADD",
+        "ADD",
+        "CONFIRM",
+        "CHECKOUT",
+    ];
+    assert_eq!(
+        types, expected,
+        "IDENTITY once per session; a quantity change is an ADD; delete = CLEAR_CART + ADD of the rest"
+    );
+    assert_eq!(
+        world.cdp.requests()[3].event["product"]["quantity"],
+        3,
+        "the PATCH sent the new quantity"
+    );
+    let add = &world.cdp.requests()[1].event;
+    assert_eq!(add["product"]["item_id"], "SHOE");
+    assert_eq!(add["product"]["referenceId"], "L1");
+    assert_eq!(add["product"]["type"], "PRODUCT");
+    assert_eq!(add["product"]["currency"], "USD");
+    assert_eq!(add["channel"], "WEB");
+    assert_eq!(add["pos"], POS);
+    assert_eq!(add["language"], "EN");
+    assert!(
+        add["product"]["orderedAt"].as_str().unwrap().ends_with(".123Z"),
+        "{add}"
+    );
+    world.drained().await;
+}
+
+#[tokio::test]
+async fn registered_checkout_through_cart_api_routes() {
+    let world = World::start().await;
+    let mut shopper = world.registered("buyer1", "user42", WEB_CLIENT);
+    shopper.open_cart("CART-42");
+    shopper.cart_add("L1", "BOOK", 1, 12.50).await;
+    shopper.cart_add("L2", "PEN", 4, 1.25).await;
+    shopper.cart_delete("L2").await;
+    shopper.cart_add("L3", "LAMP", 1, 30.00).await;
+    let revenue = shopper.cart_submit().await;
+
+    let order = world.order("CART-42").await;
+    assert_eq!(
+        lines(&order),
+        vec![("BOOK".into(), 1.0, 12.5), ("LAMP".into(), 1.0, 30.0)]
+    );
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.shopper, Some(shopper.identity()));
+    let identity = world
+        .cdp
+        .requests()
+        .into_iter()
+        .find(|r| r.event_type == "IDENTITY")
+        .unwrap();
+    assert_eq!(
+        identity.event["identifiers"],
+        json!([{"provider": "ordercloud", "id": "buyer1-user42"}])
+    );
+    assert_eq!(identity.event["email"], "user42@example.com", "email lower-cased");
+    assert_eq!(identity.event["firstname"], "Fname");
+    let me_calls = world.oc.calls().iter().filter(|c| c.starts_with("GET /v1/me")).count();
+    assert_eq!(
+        me_calls,
+        1,
+        "the identity is cached per shopper: {:?}",
+        world.oc.calls()
+    );
+    assert!(world.cdp.finish().is_empty());
+}
+
+#[tokio::test]
+async fn outage_then_recovery() {
+    let world = World::start().await;
+    world
+        .cdp
+        .script_all(vec![Answer::status(503), Answer::status(503), Answer::status(201)]);
+    let mut shopper = world.anonymous("OUTAGE-1", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    let revenue = shopper.submit().await;
+    let order = world.order("OUTAGE-1").await;
+    assert_eq!(order.revenue, revenue);
+    let answered: Vec<u16> = world.cdp.requests().iter().map(|r| r.answered).collect();
+    assert_eq!(&answered[..3], &[503, 503, 201]);
+    assert_eq!(
+        world.cdp.requests()[0].event,
+        world.cdp.requests()[2].event,
+        "the same event is retried"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let world = World::start().await;
+    world.cdp.script_all(vec![Answer::retry_after(429, "1")]);
+    let mut shopper = world.anonymous("RATE-1", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    eventually("the retried event", Duration::from_secs(10), || async {
+        (world.cdp.requests().len() >= 2).then_some(())
+    })
+    .await;
+    let requests = world.cdp.requests();
+    assert_eq!(requests[0].answered, 429);
+    let gap = requests[1].at - requests[0].at;
+    // Without Retry-After the backoff here is 20 ms; CDP asked for a second.
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+}
+
+#[tokio::test]
+async fn a_bad_request_dead_letters_one_shopper_while_another_completes() {
+    let world = World::start().await;
+    world.cdp.script(
+        "anon-BAD-1",
+        vec![
+            Answer::status(201),
+            Answer::status(400).with_body(json!({"error_msg": "product.type is invalid"})),
+        ],
+    );
+    let mut bad = world.anonymous("BAD-1", WEB_CLIENT);
+    let mut good = world.anonymous("GOOD-1", WEB_CLIENT);
+    bad.add("L1", "SKU", 1, 1.0).await;
+    good.add("L1", "SKU", 2, 3.0).await;
+    good.submit().await;
+    world.order("GOOD-1").await;
+    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].shopper_key, "anon-BAD-1");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("product.type is invalid"),
+        "{:?}",
+        dead[0]
+    );
+    assert!(dead[0].dead_at_ms.is_some() && dead[0].attempts >= 1);
+}
+
+#[tokio::test]
+async fn unknown_browser_is_re_minted_and_the_order_completes() {
+    let world = World::start().await;
+    let mut shopper = world.anonymous("LOST-BROWSER", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    let first_browser = world.cdp.requests()[0].browser_id.clone();
+    world.cdp.forget_browser(&first_browser);
+    shopper.add("L2", "OTHER", 2, 2.5).await;
+    let revenue = shopper.submit().await;
+    let order = world.order("LOST-BROWSER").await;
+    assert_ne!(order.browser_id, first_browser, "the order lands on a new browser");
+    assert_eq!(world.cdp.browsers_created(), 2);
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(lines(&order).len(), 2, "the new session was rebuilt with every line");
+}
+
+/// RudderStack-style barrier: scripted per-shopper answers; CDP must see each shopper's accepted
+/// events in order and none twice.
+#[tokio::test]
+async fn per_shopper_order_under_scripted_failures() {
+    let world = World::start().await;
+    let scripts: [(&str, Vec<u16>); 4] = [
+        ("S1", vec![500, 500, 201]),
+        ("S2", vec![201]),
+        ("S3", vec![400]),
+        ("S4", vec![500, 400]),
+    ];
+    for (name, answers) in &scripts {
+        world.cdp.script(
+            &format!("anon-{name}"),
+            answers.iter().map(|s| Answer::status(*s)).collect(),
+        );
+    }
+    let mut shoppers: Vec<_> = scripts
+        .iter()
+        .map(|(name, _)| world.anonymous(name, WEB_CLIENT))
+        .collect();
+    for round in 0..3 {
+        for s in shoppers.iter_mut() {
+            s.add(&format!("L{round}"), &format!("P{round}"), round + 1, 1.0).await;
+        }
+    }
+    for s in shoppers.iter_mut() {
+        s.submit().await;
+    }
+    world.drained().await;
+
+    let mut accepted: HashMap<String, Vec<String>> = HashMap::new();
+    for r in world.cdp.requests().into_iter().filter(|r| r.answered < 300) {
+        let key = match r.event_type.as_str() {
+            "ADD" => format!(
+                "ADD {}x{}",
+                r.event["product"]["item_id"].as_str().unwrap(),
+                r.event["product"]["quantity"]
+            ),
+            other => other.to_string(),
+        };
+        accepted.entry(r.shopper.clone().unwrap()).or_default().push(key);
+    }
+    let clean = ["IDENTITY", "ADD P0x1", "ADD P1x2", "ADD P2x3", "CONFIRM", "CHECKOUT"];
+    // The first intent (add P0) dead-lettered on its 400; the next intent opens with IDENTITY, and the
+    // submit finds P0 missing from the session and replays every line before CONFIRM.
+    let after_dead_letter = [
+        "IDENTITY", "ADD P1x2", "ADD P2x3", "IDENTITY", "ADD P0x1", "ADD P1x2", "ADD P2x3", "CONFIRM", "CHECKOUT",
+    ];
+    assert_eq!(accepted["anon-S1"], clean, "retried events are accepted once, in order");
+    assert_eq!(accepted["anon-S2"], clean);
+    assert_eq!(accepted["anon-S3"], after_dead_letter);
+    assert_eq!(accepted["anon-S4"], after_dead_letter);
+    for name in ["S1", "S2", "S3", "S4"] {
+        let order = world.order(name).await;
+        assert_eq!(order.lines.len(), 3, "{name}: the submit still builds the whole order");
+    }
+    let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+    let mut dead_shoppers: Vec<_> = dead.iter().map(|d| d.shopper_key.as_str()).collect();
+    dead_shoppers.sort();
+    assert_eq!(
+        dead_shoppers,
+        ["anon-S3", "anon-S4"],
+        "each 400 costs exactly one intent"
+    );
+}
+
+#[tokio::test]
+async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
+    let world = World::start_with(Duration::from_secs(1200), |s| s.delivery.auth_pause_secs = 1).await;
+    world.cdp.script_all(vec![Answer::status(401), Answer::status(401)]);
+    let mut shopper = world.anonymous("PAUSED-1", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    let ready = eventually("readiness to report CDP", Duration::from_secs(10), || async {
+        let r = world
+            .app
+            .client
+            .get(world.app.url("/health/ready"))
+            .send()
+            .await
+            .unwrap();
+        (r.status() == 503).then_some(r)
+    })
+    .await;
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("cdp: CDP refused the client key"),
+        "{body}"
+    );
+    shopper.submit().await;
+    world.order("PAUSED-1").await;
+    let ready = world
+        .app
+        .client
+        .get(world.app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready again once CDP accepts the key");
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "nothing burned"
+    );
+    let refused = world.cdp.requests().iter().filter(|r| r.answered == 401).count();
+    assert_eq!(refused, 2, "probes, not a retry storm");
+    let gap = world.cdp.requests()[2].at - world.cdp.requests()[1].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "the second probe waits twice as long: {gap:?}"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_delivers_without_calling_cdp() {
+    let world = World::start_with(Duration::from_secs(1200), |s| s.cdp.dry_run = true).await;
+    let mut shopper = world.anonymous("DRY-1", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    shopper.submit().await;
+    world.drained().await;
+    assert!(world.cdp.requests().is_empty());
+    assert_eq!(world.cdp.browsers_created(), 0);
+    assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
+    let metrics = world
+        .app
+        .client
+        .get(world.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("forwarder_deliveries_total{outcome=\"delivered\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn get_transport_delivers_the_order() {
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.cdp.transport = ordercloud_cdp_forwarder::config::Transport::Get
+    })
+    .await;
+    let mut shopper = world.anonymous("GET-1", WEB_CLIENT);
+    shopper.add("L1", "SKU", 2, 7.25).await;
+    let revenue = shopper.submit().await;
+    assert_eq!(world.order("GET-1").await.revenue, revenue);
+    assert!(world.cdp.requests().iter().all(|r| r.via == "get"));
+}
+
+#[tokio::test]
+async fn ordercloud_5xx_is_retried_and_an_expired_token_without_cache_is_a_dead_letter() {
+    let world = World::start().await;
+    world.oc.script(vec![500, 503]);
+    let mut shopper = world.registered("b1", "u1", WEB_CLIENT);
+    shopper.open_cart("O-RETRY");
+    shopper.add("L1", "SKU", 1, 3.0).await;
+    world.drained().await;
+    let me_calls = world.oc.calls().iter().filter(|c| c.starts_with("GET /v1/me")).count();
+    assert_eq!(me_calls, 3, "two failures then success: {:?}", world.oc.calls());
+    assert!(world
+        .cdp
+        .requests()
+        .iter()
+        .any(|r| r.shopper.as_deref() == Some("b1-u1")));
+
+    let mut stale = world.registered("b2", "u2", WEB_CLIENT);
+    stale.open_cart("O-STALE");
+    world.oc.expire_token(&stale.token);
+    stale.add("L1", "SKU", 1, 3.0).await;
+    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
+        let d = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(
+        dead[0].last_error.as_deref().unwrap().contains("refused the token"),
+        "{:?}",
+        dead[0]
+    );
+}
+
+#[tokio::test]
+async fn a_token_audience_outside_api_urls_is_never_called() {
+    let world = World::start().await;
+    let token = user_token("someone", WEB_CLIENT, "http://127.0.0.1:1");
+    let webhook = line_created("O-EVIL", &token, &line_item("L1", "SKU", 1, 1.0));
+    world.app.deliver(&webhook).await;
+    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
+        let d = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("not in ordercloud.api_urls"),
+        "{:?}",
+        dead[0]
+    );
+    assert!(world.cdp.requests().is_empty());
+}
+
+/// Enrich early: the OrderCloud reads run while CDP is down, so an outage longer than the token's
+/// life still delivers the order as it was when the shopper submitted.
+#[tokio::test]
+async fn a_cdp_outage_longer_than_the_token_still_delivers() {
+    let world = World::start().await;
+    world.cdp.script_all((0..1000).map(|_| Answer::status(503)).collect());
+    let mut shopper = world.registered("b9", "u9", WEB_CLIENT);
+    shopper.open_cart("O-LONG");
+    shopper.add("L1", "A", 1, 10.0).await;
+    shopper.add("L2", "B", 1, 5.0).await;
+    shopper.delete("L2").await;
+    let revenue = shopper.submit().await;
+    eventually("every intent enriched", Duration::from_secs(10), || async {
+        let pending = world.app.store.pending(10).await.unwrap();
+        (pending.len() == 4 && pending.iter().all(|p| p.enriched)).then_some(())
+    })
+    .await;
+    world.oc.expire_token(&shopper.token);
+    world.oc.set_lines("O-LONG", vec![]);
+    world.cdp.clear_script_all();
+    let order = world.order("O-LONG").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.lines.len(), 1);
+}
+
+#[tokio::test]
+async fn a_delete_after_the_token_expired_uses_the_forwarders_record() {
+    let world = World::start().await;
+    let mut shopper = world.anonymous("REC-1", WEB_CLIENT);
+    shopper.add("L1", "KEEP", 1, 4.0).await;
+    shopper.add("L2", "DROP", 1, 6.0).await;
+    world.drained().await;
+    world.oc.expire_token(&shopper.token);
+    shopper.delete("L2").await;
+    shopper.submit().await;
+    let order = world.order("REC-1").await;
+    assert_eq!(lines(&order), vec![("KEEP".into(), 1.0, 4.0)]);
+}
