@@ -278,3 +278,13 @@ fn session_facts_follow_acknowledged_events() {
     apply(&mut facts, &plan_cart_deleted(&ctx, &view)[0], 10_600, idle);
     assert!(facts.items.is_empty());
 }
+
+#[test]
+fn guest_details_are_always_an_identity_even_in_an_identified_session() {
+    let cdp = cdp();
+    let ctx = ctx(&cdp);
+    let identified = open_session("b1", Some("buyer1-user1"), &[]);
+    let events = plan_identify(&ctx, &identified);
+    assert_eq!(kinds(&events), ["IDENTITY"]);
+    assert_eq!(events[0].to_wire()["firstname"], "Jane");
+}

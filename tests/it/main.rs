@@ -5,5 +5,7 @@ mod delivery;
 mod fakes;
 mod helpers;
 mod intake;
+mod orders;
+mod property;
 mod restart;
 mod world;

@@ -70,6 +70,7 @@ impl World {
             order_id: order_id.into(),
             lines: Vec::new(),
             user: None,
+            storefront_browser: None,
         }
     }
 
@@ -92,6 +93,7 @@ impl World {
             order_id: String::new(),
             lines: Vec::new(),
             user: Some((buyer.into(), user.into())),
+            storefront_browser: None,
         }
     }
 
@@ -119,9 +121,11 @@ pub struct Shopper<'w> {
     /// The cart as OrderCloud holds it.
     pub lines: Vec<Value>,
     pub user: Option<(String, String)>,
+    /// A CDP browser id the storefront puts in `xp.cdpBrowserId` of lines and orders.
+    pub storefront_browser: Option<String>,
 }
 
-impl Shopper<'_> {
+impl<'w> Shopper<'w> {
     pub fn identity(&self) -> String {
         match &self.user {
             Some((buyer, user)) => format!("{buyer}-{user}"),
@@ -135,10 +139,14 @@ impl Shopper<'_> {
             .user
             .clone()
             .unwrap_or(("anon-buyer".into(), "anon-template-user".into()));
+        let xp = match &self.storefront_browser {
+            Some(b) => json!({"cdpBrowserId": b}),
+            None => json!({}),
+        };
         json!({"ID": self.order_id, "FromCompanyID": company,
                "FromUser": {"ID": user, "Username": "u", "Email": null, "FirstName": null, "LastName": null},
                "Status": "Unsubmitted", "Currency": "USD", "Subtotal": total, "Total": (total * 100.0).round() / 100.0,
-               "LineItemCount": self.lines.len(), "xp": {}})
+               "LineItemCount": self.lines.len(), "xp": xp})
     }
 
     /// Starts a cart (an unsubmitted order) on OrderCloud.
@@ -172,7 +180,10 @@ impl Shopper<'_> {
     /// `POST v1/orders/Outgoing/{orderID}/lineitems`.
     pub async fn add(&mut self, line_id: &str, product: &str, quantity: i64, unit_price: f64) -> Value {
         self.ensure_cart();
-        let line = line_item(line_id, product, quantity, unit_price);
+        let mut line = line_item(line_id, product, quantity, unit_price);
+        if let Some(b) = &self.storefront_browser {
+            line["xp"] = json!({"cdpBrowserId": b});
+        }
         self.lines.push(line.clone());
         self.sync();
         let w = self.classic(
@@ -280,5 +291,92 @@ impl Shopper<'_> {
         );
         self.world.app.deliver(&w).await;
         order["Total"].as_f64().unwrap()
+    }
+}
+
+impl<'w> Shopper<'w> {
+    /// The same registered user on another device (API client), with the same cart.
+    pub fn on_device(&self, client: &str) -> Shopper<'w> {
+        let (buyer, user) = self.user.clone().expect("a registered shopper");
+        let mut other = self.world.login(&buyer, &user, client);
+        other.order_id = self.order_id.clone();
+        other.lines = self.lines.clone();
+        other
+    }
+
+    /// The anonymous shopper registers (`PUT v1/me/register?anonUserToken=…`): the webhook's token
+    /// is the anonymous one and the answer carries the new user's access_token. OrderCloud moves
+    /// the anonymous order to the new user.
+    pub async fn register(&self, buyer: &str, user: &str, with_anon_token_in_query: bool) -> Shopper<'w> {
+        let mut registered = self.world.registered(buyer, user, WEB_CLIENT);
+        self.world.oc.transfer_order(&self.order_id, &registered.token);
+        let mut w = envelope(
+            "PUT",
+            "v1/me/register",
+            json!({}),
+            Some(&self.token),
+            json!({"Username": format!("{user}-login"), "FirstName": "Reg", "LastName": "Istered",
+                   "Email": format!("{user}@Example.com"), "Active": true, "Password": "hunter2"}),
+            json!({"access_token": registered.token}),
+        );
+        if with_anon_token_in_query {
+            w["QueryParams"] = json!({"anonUserToken": self.token});
+        }
+        self.world.app.deliver(&w).await;
+        registered.order_id = self.order_id.clone();
+        registered.lines = self.lines.clone();
+        registered
+    }
+
+    /// A logged-in shopper takes over the anonymous order (`PUT v1/me/orders?anonUserToken=…`).
+    pub async fn transfer_from(&mut self, anonymous: &Shopper<'_>, with_anon_token_in_query: bool) {
+        self.world.oc.transfer_order(&anonymous.order_id, &self.token);
+        let mut w = envelope(
+            "PUT",
+            "v1/me/orders",
+            json!({}),
+            Some(&self.token),
+            Value::Null,
+            Value::Null,
+        );
+        if with_anon_token_in_query {
+            w["QueryParams"] = json!({"anonUserToken": anonymous.token});
+        }
+        self.world.app.deliver(&w).await;
+        self.order_id = anonymous.order_id.clone();
+        self.lines = anonymous.lines.clone();
+    }
+
+    /// Guest details at checkout: `PATCH v1/orders/Outgoing/{orderID}/fromuser`.
+    pub async fn guest_details(&self, email: &str, first: &str, last: &str) {
+        let w = self.classic(
+            "PATCH",
+            "v1/orders/{direction}/{orderID}/fromuser",
+            None,
+            json!({"Email": email, "FirstName": first, "LastName": last}),
+            self.order_json(),
+        );
+        self.world.app.deliver(&w).await;
+    }
+}
+
+impl World {
+    /// Waits until every queued intent is delivered and every CDP session has timed out.
+    pub async fn sessions_closed(&self) {
+        self.drained().await;
+        eventually("CDP sessions to time out", Duration::from_secs(30), || async {
+            (self.cdp.open_sessions() == 0).then_some(())
+        })
+        .await
+    }
+
+    /// A browser id minted by CDP for a storefront (as its JavaScript tag would).
+    pub async fn storefront_browser(&self) -> String {
+        let url = format!(
+            "{}/v1.2/browser/create.json?client_key={CLIENT_KEY}&message=%7B%7D",
+            self.cdp.base_url()
+        );
+        let answer: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        answer["ref"].as_str().unwrap().to_string()
     }
 }

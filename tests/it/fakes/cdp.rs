@@ -231,6 +231,13 @@ impl CdpFake {
         st.closed.iter().map(|(cart, _)| cart.clone()).collect()
     }
 
+    /// How many sessions are open now (expired ones are closed first).
+    pub fn open_sessions(&self) -> usize {
+        let mut st = self.lock();
+        st.sweep(Instant::now());
+        st.sessions.len()
+    }
+
     /// Abandoned carts of sessions already closed by the inactivity timeout (checked now).
     pub fn abandoned_carts(&self) -> Vec<AbandonedCart> {
         let mut st = self.lock();
