@@ -218,6 +218,8 @@ impl CdpSettings {
 #[serde(default)]
 pub struct StoreSettings {
     pub url: String,
+    /// PostgreSQL schema for the tables (created when missing); the server's default when unset.
+    pub schema: Option<String>,
     pub max_connections: u32,
     pub statement_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -229,6 +231,7 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             url: "sqlite://data/forwarder.db".into(),
+            schema: None,
             max_connections: 8,
             statement_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,

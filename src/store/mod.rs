@@ -14,6 +14,8 @@ use serde_json::Value;
 use crate::config::StoreSettings;
 use crate::intent::{Intent, IntentSecrets};
 
+pub mod group_commit;
+pub mod postgres;
 pub mod sqlite;
 
 /// Current time in epoch milliseconds, the unit of every stored time.
@@ -262,9 +264,20 @@ pub async fn open(settings: &StoreSettings) -> anyhow::Result<DynStore> {
     if settings.url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(settings).await?))
     } else {
-        anyhow::bail!(
-            "store.url = {:?}: only sqlite:// is available in this build",
-            settings.url
-        )
+        Ok(Arc::new(postgres::PostgresStore::open(settings).await?))
+    }
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Result<Option<T>, StoreError> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(StoreError::from)
+}
+
+pub(crate) fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::StaleClaim(claim.intent_id))
     }
 }

@@ -3,26 +3,19 @@
 //! (group commit), so a burst costs one fsync per batch, not one per webhook.
 
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
 
+use super::group_commit::GroupCommit;
 use super::*;
-
-/// Most webhooks committed in one transaction.
-const MAX_BATCH: usize = 512;
-
-type EnqueueReply = oneshot::Sender<Result<EnqueueOutcome, StoreError>>;
 
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: Mutex<Option<mpsc::Sender<(NewIntent, EnqueueReply)>>>,
-    writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    writer: GroupCommit,
 }
 
 impl SqliteStore {
@@ -50,39 +43,16 @@ impl SqliteStore {
             .run(&pool)
             .await
             .context("cannot migrate the SQLite store")?;
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let writer_task = tokio::spawn(group_commit(pool.clone(), rx));
-        Ok(SqliteStore {
-            pool,
-            writer: Mutex::new(Some(tx)),
-            writer_task: Mutex::new(Some(writer_task)),
-        })
+        let writer_pool = pool.clone();
+        let writer = GroupCommit::start(move |items| {
+            let pool = writer_pool.clone();
+            async move { insert_batch(&pool, &items).await }
+        });
+        Ok(SqliteStore { pool, writer })
     }
 }
 
-/// Commits queued webhooks in batches: everything that has arrived while the last batch was
-/// being written goes into the next transaction.
-async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<(NewIntent, EnqueueReply)>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let items: Vec<&NewIntent> = batch.iter().map(|(item, _)| item).collect();
-        match insert_batch(&pool, &items).await {
-            Ok(outcomes) => {
-                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
-                }
-            }
-        }
-    }
-}
-
-async fn insert_batch(pool: &SqlitePool, items: &[&NewIntent]) -> Result<Vec<EnqueueOutcome>, StoreError> {
+async fn insert_batch(pool: &SqlitePool, items: &[NewIntent]) -> Result<Vec<EnqueueOutcome>, StoreError> {
     let now = now_ms();
     let mut tx = pool.begin().await?;
     let mut outcomes = Vec::with_capacity(items.len());
@@ -132,37 +102,10 @@ async fn insert_batch(pool: &SqlitePool, items: &[&NewIntent]) -> Result<Vec<Enq
     Ok(outcomes)
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Result<Option<T>, StoreError> {
-    text.map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(StoreError::from)
-}
-
-fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::StaleClaim(claim.intent_id))
-    }
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
-        let sender = self
-            .writer
-            .lock()
-            .expect("writer lock")
-            .clone()
-            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        let (reply, answer) = oneshot::channel();
-        sender
-            .send((item, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+        self.writer.enqueue(item).await
     }
 
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
@@ -595,7 +538,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.writer.lock().expect("writer lock").is_none() {
+        if !self.writer.is_open() {
             return Err(StoreError::Unavailable("store is closed".into()));
         }
         sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at")
@@ -614,12 +557,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        // Dropping the sender lets the writer finish the batches already queued, then stop.
-        self.writer.lock().expect("writer lock").take();
-        let task = self.writer_task.lock().expect("writer task lock").take();
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -25,12 +25,50 @@ pub struct TestApp {
     dir: Option<tempfile::TempDir>,
 }
 
-/// Settings for a test: port 0, a fresh SQLite file in `dir`, two hash keys, CDP dry run.
+/// The store the suite runs on: `TEST_STORE=postgres` (with `TEST_DATABASE_URL`) runs every test on
+/// PostgreSQL, each in a schema of its own; otherwise a fresh SQLite file in `dir`.
+/// Returns (store.url, store.schema).
+pub fn test_store(dir: &std::path::Path) -> (String, Option<String>) {
+    if std::env::var("TEST_STORE").as_deref() == Ok("postgres") {
+        let url = std::env::var("TEST_DATABASE_URL").expect("TEST_STORE=postgres needs TEST_DATABASE_URL");
+        (url, Some(fresh_schema()))
+    } else {
+        (format!("sqlite://{}", dir.join("forwarder.db").display()), None)
+    }
+}
+
+/// A new schema name, so that tests sharing one database do not see each other.
+pub fn fresh_schema() -> String {
+    format!("t_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The same store as environment variables for the binary.
+pub fn store_env(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    let (url, schema) = test_store(dir);
+    let mut env = vec![("FORWARDER__STORE__URL", url)];
+    if let Some(schema) = schema {
+        env.push(("FORWARDER__STORE__SCHEMA", schema));
+    }
+    env
+}
+
+/// `TEST_DATABASE_URL`, or `None` after saying that the calling test skips.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("SKIPPED {test}: TEST_DATABASE_URL is not set (PostgreSQL tests need a server)");
+            None
+        }
+    }
+}
+
+/// Settings for a test: port 0, a fresh store (see [`test_store`]), two hash keys, CDP dry run.
 pub fn test_settings(dir: &std::path::Path) -> Settings {
     let mut s = Settings::default();
     s.server.listen = "127.0.0.1:0".into();
     s.ordercloud.hash_keys = vec![Secret::new(KEY), Secret::new(SECOND_KEY)];
-    s.store.url = format!("sqlite://{}", dir.join("forwarder.db").display());
+    (s.store.url, s.store.schema) = test_store(dir);
     s.cdp.dry_run = true;
     s.cdp.pos = "test-pos".into();
     s

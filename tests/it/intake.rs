@@ -244,45 +244,22 @@ async fn tokens_are_not_kept_in_the_intent() {
 #[tokio::test]
 async fn a_200_survives_an_abrupt_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let db = dir.path().join("forwarder.db");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"))
-        .current_dir(dir.path())
-        .env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY)
-        .env("FORWARDER__STORE__URL", format!("sqlite://{}", db.display()))
+    let mut env = store_env(dir.path());
+    env.extend([
+        ("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY.to_string()),
         // CDP is unreachable, so the intent stays queued for us to find.
-        .env("FORWARDER__CDP__BASE_URL", "http://127.0.0.1:9")
-        .env("FORWARDER__CDP__CLIENT_KEY", "ck")
-        .env("FORWARDER__CDP__POS", "pos")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("binary starts");
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/health/live");
-    eventually("the binary to serve", Duration::from_secs(20), || {
-        let (client, url) = (client.clone(), url.clone());
-        async move { client.get(&url).send().await.ok().filter(|r| r.status() == 200) }
-    })
-    .await;
-
-    let body = serde_json::to_vec(&sample()).unwrap();
-    let resp = client
-        .post(format!("http://127.0.0.1:{port}/webhooks/ordercloud"))
-        .header("X-oc-hash", signature::sign(KEY.as_bytes(), &body))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+        ("FORWARDER__CDP__BASE_URL", "http://127.0.0.1:9".to_string()),
+        ("FORWARDER__CDP__CLIENT_KEY", "ck".to_string()),
+        ("FORWARDER__CDP__POS", "pos".to_string()),
+    ]);
+    let binary = Binary::start(dir.path(), &env).await;
+    assert_eq!(binary.post(&sample()).await, 200);
+    binary.kill();
 
     let mut settings = test_settings(dir.path());
-    settings.store.url = format!("sqlite://{}", db.display());
+    let from_env = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+    settings.store.url = from_env("FORWARDER__STORE__URL").unwrap();
+    settings.store.schema = from_env("FORWARDER__STORE__SCHEMA");
     let store = ordercloud_cdp_forwarder::store::open(&settings.store).await.unwrap();
     let pending = store.pending(10).await.unwrap();
     assert_eq!(pending.len(), 1, "the acknowledged webhook is in the store");
@@ -296,10 +273,12 @@ async fn graceful_stop_and_restart_keep_the_queue() {
     let webhook = sample();
     app.deliver(&webhook).await;
     let settings = app.settings.clone();
-    assert!(
-        app.dir().join("forwarder.db").exists(),
-        "the store file is created on first start"
-    );
+    if settings.store.url.starts_with("sqlite") {
+        assert!(
+            app.dir().join("forwarder.db").exists(),
+            "the store file is created on first start"
+        );
+    }
     let dir = app.stop().await;
     let again = spawn_app_in(dir, settings).await;
     let pending = again.store.pending(10).await.unwrap();

@@ -16,13 +16,10 @@ async fn killed_during_a_backlog_and_restarted_every_order_completes() {
     // CDP is down at first, so a backlog builds up behind retries.
     cdp.script_all((0..40).map(|_| Answer::status(503)).collect());
     let dir = tempfile::tempdir().unwrap();
-    let env = vec![
+    let mut env = store_env(dir.path());
+    env.extend([
         ("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY.to_string()),
         ("FORWARDER__ORDERCLOUD__API_URLS", oc.base_url()),
-        (
-            "FORWARDER__STORE__URL",
-            format!("sqlite://{}", dir.path().join("f.db").display()),
-        ),
         ("FORWARDER__CDP__BASE_URL", cdp.base_url()),
         ("FORWARDER__CDP__CLIENT_KEY", CLIENT_KEY.to_string()),
         ("FORWARDER__CDP__POS", POS.to_string()),
@@ -31,7 +28,7 @@ async fn killed_during_a_backlog_and_restarted_every_order_completes() {
         ("FORWARDER__DELIVERY__POLL_INTERVAL_MS", "20".to_string()),
         ("FORWARDER__DELIVERY__REQUEST_TIMEOUT_MS", "1000".to_string()),
         ("FORWARDER__DELIVERY__LEASE_SECS", "2".to_string()),
-    ];
+    ]);
     let first = Binary::start(dir.path(), &env).await;
     let shoppers = 12;
     for i in 0..shoppers {
