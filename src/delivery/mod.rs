@@ -126,10 +126,23 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        let mut set = JoinSet::new();
+        // One task per shopper, their jobs in order: the first resolves the identity, the rest find
+        // it cached instead of each calling OrderCloud.
+        let mut by_shopper: Vec<(String, Vec<crate::store::EnrichmentJob>)> = Vec::new();
         for job in jobs {
+            match by_shopper.iter_mut().find(|(key, _)| *key == job.shopper_key) {
+                Some((_, list)) => list.push(job),
+                None => by_shopper.push((job.shopper_key.clone(), vec![job])),
+            }
+        }
+        let mut set = JoinSet::new();
+        for (_, list) in by_shopper {
             let deps = deps.clone();
-            set.spawn(async move { worker::enrich_one(&deps, job).await });
+            set.spawn(async move {
+                for job in list {
+                    worker::enrich_one(&deps, job).await;
+                }
+            });
         }
         while set.join_next().await.is_some() {}
         deps.wake.notify_waiters();

@@ -57,7 +57,12 @@ pub fn postgres_url(test: &str) -> Option<String> {
     match std::env::var("TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            eprintln!("SKIPPED {test}: TEST_DATABASE_URL is not set (PostgreSQL tests need a server)");
+            // Written past the test harness's output capture, so the skip is seen in every run.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "SKIPPED {test}: TEST_DATABASE_URL is not set (PostgreSQL tests need a server)"
+            );
             None
         }
     }

@@ -1,7 +1,5 @@
 //! Webhook intake: signature, size, parsing, classification, dedupe, durability, dead letters.
 
-use std::time::Duration;
-
 use ordercloud_cdp_forwarder::ordercloud::signature;
 use serde_json::{json, Value};
 

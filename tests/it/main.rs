@@ -6,6 +6,8 @@ mod fakes;
 mod helpers;
 mod intake;
 mod orders;
+mod postgres;
 mod property;
 mod restart;
+mod store;
 mod world;

@@ -1,0 +1,224 @@
+//! PostgreSQL across replicas: two service instances on one database, and a database that goes
+//! away and comes back. These need a real server (`TEST_DATABASE_URL`) and say so when they skip.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::fakes::cdp::{Answer, CdpFake};
+use crate::fakes::ordercloud::OrderCloudFake;
+use crate::helpers::*;
+use crate::world::*;
+
+/// The settings of a replica on the shared schema.
+fn replica(url: &str, schema: &str, oc: &OrderCloudFake, cdp: &CdpFake) -> ordercloud_cdp_forwarder::config::Settings {
+    let dir = std::env::temp_dir();
+    let mut s = test_settings(&dir);
+    world_settings(&mut s, oc, cdp);
+    s.store.url = url.to_string();
+    s.store.schema = Some(schema.to_string());
+    s
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_deliver_every_intent_once_in_per_shopper_order() {
+    let Some(url) = postgres_url("two_replicas_on_one_database") else {
+        return;
+    };
+    let oc = OrderCloudFake::start().await;
+    let cdp = CdpFake::start(CLIENT_KEY, POS, Duration::from_secs(1200)).await;
+    // Some failures so that retries interleave across replicas.
+    cdp.script_all(
+        (0..20)
+            .map(|i| Answer::status(if i % 2 == 0 { 503 } else { 201 }))
+            .collect(),
+    );
+    let schema = fresh_schema();
+    let apps = [
+        spawn_app_in(tempfile::tempdir().unwrap(), replica(&url, &schema, &oc, &cdp)).await,
+        spawn_app_in(tempfile::tempdir().unwrap(), replica(&url, &schema, &oc, &cdp)).await,
+    ];
+    let apps = Arc::new(apps);
+    let shoppers = 16;
+    let mut tasks = Vec::new();
+    for s in 0..shoppers {
+        let (apps, oc_url) = (apps.clone(), oc.base_url());
+        let order = format!("R-{s}");
+        let token = anon_token(&order, WEB_CLIENT, &oc_url);
+        oc.register_anon_token(&token, &order);
+        let lines: Vec<Value> = (0..3)
+            .map(|i| line_item(&format!("L{i}"), &format!("P{i}"), i + 1, 2.0))
+            .collect();
+        oc.set_cart(&token, json!({"ID": order, "Currency": "USD"}), lines.clone());
+        tasks.push(tokio::spawn(async move {
+            // Each shopper's webhooks go to the replicas in turn, one after the other.
+            for (i, line) in lines.iter().enumerate() {
+                apps[i % 2].deliver(&line_created(&order, &token, line)).await;
+            }
+            let submit = envelope(
+                "POST",
+                "v1/orders/{direction}/{orderID}/submit",
+                json!({"direction": "Outgoing", "orderID": order}),
+                Some(&token),
+                Value::Null,
+                json!({"ID": order, "Currency": "USD", "Total": 12.0}),
+            );
+            apps[1].deliver(&submit).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for s in 0..shoppers {
+        let reference = format!("R-{s}");
+        eventually(&reference, Duration::from_secs(30), || async {
+            cdp.orders().into_iter().find(|o| o.reference_id == reference)
+        })
+        .await;
+    }
+    let mut accepted: HashMap<String, Vec<String>> = HashMap::new();
+    for r in cdp.requests().into_iter().filter(|r| r.answered < 300) {
+        let key = match r.event_type.as_str() {
+            "ADD" => format!("ADD {}", r.event["product"]["item_id"].as_str().unwrap()),
+            other => other.to_string(),
+        };
+        accepted.entry(r.shopper.clone().unwrap()).or_default().push(key);
+    }
+    let expected = ["IDENTITY", "ADD P0", "ADD P1", "ADD P2", "CONFIRM", "CHECKOUT"];
+    for s in 0..shoppers {
+        assert_eq!(
+            accepted[&format!("anon-R-{s}")],
+            expected,
+            "shopper {s}: in order, none twice"
+        );
+    }
+    assert_eq!(cdp.orders().len(), shoppers);
+    eventually("both replicas to finish", Duration::from_secs(10), || async {
+        apps[0].store.pending(1).await.unwrap().is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A TCP proxy in front of PostgreSQL that can be cut (every connection dropped, new ones refused)
+/// and restored: the database "unreachable for a while", without touching the real server.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (c, conns) = (cut.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the database is unreachable
+                }
+                let upstream = upstream.clone();
+                conns.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                }));
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            connections,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test]
+async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resumes() {
+    let Some(url) = postgres_url("database_unreachable_then_back") else {
+        return;
+    };
+    let mut parsed = url::Url::parse(&url).unwrap();
+    let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
+    let proxy = Proxy::start(upstream).await;
+    parsed.set_host(Some("127.0.0.1")).unwrap();
+    parsed.set_port(Some(proxy.addr.port())).unwrap();
+    let proxied = parsed.to_string();
+
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.store.url = proxied.clone();
+        s.store.schema = Some(fresh_schema());
+        s.store.connect_timeout_ms = 500;
+        s.store.statement_timeout_ms = 2_000;
+    })
+    .await;
+    // CDP fails at first, so intents are still queued when the database goes away.
+    world.cdp.script_all((0..5).map(|_| Answer::status(503)).collect());
+    let mut shopper = world.anonymous("DB-OUTAGE", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+
+    proxy.cut();
+    let line = line_item("L2", "OTHER", 1, 5.0);
+    let during = line_created("DB-OUTAGE", &shopper.token, &line);
+    let body = serde_json::to_vec(&during).unwrap();
+    for _ in 0..3 {
+        let status = world.app.post_signed(&body, KEY).await.status();
+        assert_eq!(status, 503, "no 200 without a commit");
+    }
+    let ready = world
+        .app
+        .client
+        .get(world.app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    proxy.restore();
+    // OrderCloud (or the operator) retries the refused webhook; delivery picks up by itself.
+    eventually("the store to accept writes again", Duration::from_secs(20), || async {
+        (world.app.post_signed(&body, KEY).await.status() == 200).then_some(())
+    })
+    .await;
+    shopper.lines.push(line);
+    world.oc.set_lines("DB-OUTAGE", shopper.lines.clone());
+    let revenue = shopper.submit().await;
+    let order = world.order("DB-OUTAGE").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.lines.len(), 2);
+    let ready = world
+        .app
+        .client
+        .get(world.app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}

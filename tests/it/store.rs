@@ -1,0 +1,156 @@
+//! The store contract, on whichever store the suite runs on (SQLite, or PostgreSQL with TEST_STORE).
+
+use std::time::Duration;
+
+use ordercloud_cdp_forwarder::intent::{Intent, IntentKind, IntentSecrets, RouteFamily};
+use ordercloud_cdp_forwarder::store::{self, EnqueueOutcome, NewIntent, StoreError};
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn intent(shopper: &str, dedupe: &str) -> NewIntent {
+    NewIntent {
+        dedupe_key: dedupe.into(),
+        shopper_key: shopper.into(),
+        intent: Intent {
+            kind: IntentKind::LinesUpserted,
+            family: RouteFamily::Cart,
+            verb: "POST".into(),
+            route: "v1/cart/lineitems".into(),
+            direction: None,
+            order_id: None,
+            line_item_id: None,
+            occurred_at_ms: 0,
+            request_body: json!({}),
+            response_body: json!({}),
+            query_params: Default::default(),
+            client_id: None,
+            api_url: None,
+            anonymous: true,
+            anon_order_id: None,
+            token_expires_at: None,
+        },
+        secrets: IntentSecrets::default(),
+        dead_reason: None,
+        needs_enrichment: false,
+    }
+}
+
+async fn open() -> (tempfile::TempDir, store::DynStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(dir.path());
+    let store = store::open(&settings.store).await.unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn only_the_head_of_each_shoppers_queue_is_claimed() {
+    let (_dir, store) = open().await;
+    for (shopper, key) in [("s1", "a"), ("s1", "b"), ("s2", "c")] {
+        assert!(matches!(
+            store.enqueue(intent(shopper, key)).await.unwrap(),
+            EnqueueOutcome::Queued(_)
+        ));
+    }
+    let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
+    let shoppers: Vec<_> = claimed.iter().map(|c| c.shopper_key.as_str()).collect();
+    assert_eq!(shoppers, ["s1", "s2"], "one intent per shopper, the oldest");
+    assert!(
+        store.claim(10, Duration::from_secs(30)).await.unwrap().is_empty(),
+        "both shoppers are in flight"
+    );
+    store.ack(&claimed[0].claim).await.unwrap();
+    let next = store.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        next[0].shopper_key, "s1",
+        "s1's second intent follows once the first is done"
+    );
+    assert!(next[0].claim.intent_id > claimed[0].claim.intent_id);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused() {
+    let (_dir, store) = open().await;
+    store.enqueue(intent("s1", "lease")).await.unwrap();
+    let lease = Duration::from_millis(200);
+    let stale = store.claim(1, lease).await.unwrap().remove(0);
+    // The worker holding `stale` dies: after its lease another claim takes the intent over.
+    let fresh = eventually("the lease to expire", Duration::from_secs(10), || async {
+        store.claim(1, lease).await.unwrap().pop()
+    })
+    .await;
+    assert_eq!(fresh.claim.intent_id, stale.claim.intent_id);
+    assert_ne!(fresh.claim.claim_id, stale.claim.claim_id);
+    assert!(matches!(store.ack(&stale.claim).await, Err(StoreError::StaleClaim(_))));
+    assert!(matches!(
+        store.save_progress(&stale.claim, &json!({})).await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    assert!(matches!(
+        store.extend(&stale.claim, lease).await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    assert!(matches!(
+        store.reschedule(&stale.claim, 0, "x").await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    assert!(matches!(
+        store.dead_letter(&stale.claim, "x").await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    store.ack(&fresh.claim).await.unwrap();
+    assert!(store.pending(10).await.unwrap().is_empty());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn dead_letters_replay_in_their_shoppers_order_and_purge() {
+    let (_dir, store) = open().await;
+    store.enqueue(intent("s1", "first")).await.unwrap();
+    store.enqueue(intent("s1", "second")).await.unwrap();
+    let first = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+    store.dead_letter(&first.claim, "CDP said 400").await.unwrap();
+    let second = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+    assert_eq!(
+        store.dead_letters(None, 10).await.unwrap()[0].last_error.as_deref(),
+        Some("CDP said 400")
+    );
+    // Replayed while the second is in flight: it waits for its turn, ahead of anything newer.
+    assert_eq!(
+        store
+            .replay_dead_letters(Some(&[first.claim.intent_id]), None)
+            .await
+            .unwrap(),
+        1
+    );
+    store.ack(&second.claim).await.unwrap();
+    store.enqueue(intent("s1", "third")).await.unwrap();
+    let again = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+    assert_eq!(
+        again.claim.intent_id, first.claim.intent_id,
+        "the replayed intent is the head again"
+    );
+    store.dead_letter(&again.claim, "again").await.unwrap();
+    assert_eq!(store.purge_dead_letters(store::now_ms() + 1).await.unwrap(), 1);
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_with_the_same_key_twice_stores_it_once() {
+    let (_dir, store) = open().await;
+    let (a, b) = tokio::join!(store.enqueue(intent("s1", "same")), store.enqueue(intent("s1", "same")));
+    let outcomes = [a.unwrap(), b.unwrap()];
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, EnqueueOutcome::Queued(_)))
+            .count(),
+        1
+    );
+    assert_eq!(outcomes.iter().filter(|o| **o == EnqueueOutcome::Duplicate).count(), 1);
+    assert_eq!(store.pending(10).await.unwrap().len(), 1);
+    store.close().await;
+}
