@@ -524,9 +524,11 @@ impl Settings {
         }
     }
 
-    /// The effective configuration as TOML-like JSON with every secret masked.
+    /// The effective configuration as JSON with every secret masked (a database password too).
     pub fn masked_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        value["store"]["url"] = serde_json::Value::String(crate::redact_url(&self.store.url));
+        serde_json::to_string_pretty(&value).unwrap_or_default()
     }
 
     /// The SQLite file path when the store is SQLite.

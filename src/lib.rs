@@ -3,6 +3,7 @@
 
 pub mod cdp;
 pub mod config;
+pub mod dead_letters;
 pub mod delivery;
 pub mod health;
 pub mod http;
@@ -63,7 +64,7 @@ impl Application {
         let settings = state.settings.clone();
         let store = state.store.clone();
         let addr = listener.local_addr()?;
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, _) = tokio::sync::watch::channel(false);
 
         let housekeeping = tokio::spawn(housekeeping(store.clone(), settings.clone(), stop_tx.subscribe()));
         let deps = delivery::Deps::new(
@@ -100,17 +101,25 @@ impl Application {
             }
             _ = shutdown => {}
         }
-        info!("shutting down: no new webhooks accepted");
+        info!("shutting down: no new webhooks accepted; deliveries in flight finish or release their claims");
         let _ = stop_tx.send(true);
-        let deadline = Duration::from_secs(settings.server.shutdown_timeout_secs);
-        if tokio::time::timeout(deadline, &mut server).await.is_err() {
-            warn!(
-                deadline_secs = deadline.as_secs(),
-                "requests still in flight at the shutdown deadline"
-            );
-            server.abort();
-        }
-        let _ = stop_rx.changed().await;
+        // The server drains its requests while the delivery loops finish theirs, under one deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.server.shutdown_timeout_secs);
+        let drain_server = async {
+            if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+                warn!("requests still in flight at the shutdown deadline");
+                server.abort();
+            }
+        };
+        let drain_workers = async {
+            for mut worker in workers {
+                if tokio::time::timeout_at(deadline, &mut worker).await.is_err() {
+                    warn!("deliveries still in flight at the shutdown deadline: their leases will expire");
+                    worker.abort();
+                }
+            }
+        };
+        tokio::join!(drain_server, drain_workers);
         let _ = housekeeping.await;
         store.close().await;
         info!("stopped");

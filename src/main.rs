@@ -32,11 +32,46 @@ enum Command {
         key: String,
         file: Option<PathBuf>,
     },
+    /// Inspect, replay or purge dead letters (opens the configured store directly).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
     /// Exit 0 when the running service answers /health/live (for container health checks).
     Healthcheck {
         /// Defaults to http://127.0.0.1:<port of server.listen>/health/live.
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// One JSON document instead of one line per dead letter.
+        #[arg(long)]
+        json: bool,
+        /// Only those dead-lettered since TIME (RFC 3339, or an age such as 6h or 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Put dead letters back in their shoppers' queues, in their original order.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all", "since"])))]
+    Replay {
+        /// A dead letter's id (repeatable).
+        #[arg(long)]
+        id: Vec<i64>,
+        #[arg(long)]
+        all: bool,
+        /// Those dead-lettered since TIME (RFC 3339, or an age such as 6h).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
+    /// Delete dead letters older than TIME (RFC 3339, or an age such as 30d).
+    Purge {
+        #[arg(long, value_name = "TIME")]
+        before: String,
     },
 }
 
@@ -73,6 +108,65 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Healthcheck { url } => healthcheck(&sources, url),
+        Command::DeadLetters(command) => dead_letter_command(&sources, command),
+    }
+}
+
+fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> ExitCode {
+    use ordercloud_cdp_forwarder::dead_letters::{self, Selection};
+    let settings = match Settings::load(sources) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime().block_on(async move {
+        let store = ordercloud_cdp_forwarder::store::open(&settings.store).await?;
+        let parse = |t: &str| dead_letters::parse_time(t).map_err(anyhow::Error::msg);
+        let outcome = match command {
+            DeadLetterCommand::List { json, since, limit } => {
+                let since = since.as_deref().map(parse).transpose()?;
+                let list = dead_letters::list(&store, since, limit).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({"dead_letters": list}))?
+                    );
+                } else {
+                    for d in &list {
+                        println!("{}", dead_letters::format_line(d));
+                    }
+                    eprintln!("{} dead letter(s)", list.len());
+                }
+                Ok(())
+            }
+            DeadLetterCommand::Replay { id, all, since } => {
+                let selection = match (id.is_empty(), all, since) {
+                    (false, _, _) => Selection::Ids(id),
+                    (true, true, _) => Selection::All,
+                    (true, false, Some(since)) => Selection::Since(parse(&since)?),
+                    (true, false, None) => anyhow::bail!("give --id, --all or --since"),
+                };
+                let n = dead_letters::replay(&store, &selection).await?;
+                println!("replayed {n} dead letter(s)");
+                Ok(())
+            }
+            DeadLetterCommand::Purge { before } => {
+                let n = dead_letters::purge(&store, parse(&before)?).await?;
+                println!("purged {n} dead letter(s)");
+                Ok(())
+            }
+        };
+        store.close().await;
+        outcome
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

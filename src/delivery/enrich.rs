@@ -130,8 +130,10 @@ pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, Enri
         out.profile = profile_of(order.get("FromUser").unwrap_or(&Value::Null));
     }
     if intent.anonymous {
+        metrics::counter!("forwarder_identity_lookups_total", "source" => "token").increment(1);
         out.identity = format!("anon-{}", intent.anon_order_id.as_deref().unwrap_or_default());
     } else if let Some(identity) = order.and_then(identity_from_order) {
+        metrics::counter!("forwarder_identity_lookups_total", "source" => "order").increment(1);
         out.identity = identity;
     } else if let Some(identity) = deps.store.shopper(&job.shopper_key).await?.and_then(|s| s.identity) {
         metrics::counter!("forwarder_identity_lookups_total", "source" => "cache").increment(1);

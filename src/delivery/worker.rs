@@ -405,10 +405,14 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         // session must be rebuilt and the intent is planned again.
         let mut p = match progress.take() {
             Some(p) if sessions.state(&p.events[p.sent].session, key).await?.open => p,
-            _ => Progress {
-                events: plan(deps, claimed, &prepared, &primary, &mut sessions, anon_state.as_ref()).await?,
-                sent: 0,
-            },
+            _ => {
+                let events = plan(deps, claimed, &prepared, &primary, &mut sessions, anon_state.as_ref()).await?;
+                if is_replay(claimed.intent.kind, &events, &primary) {
+                    metrics::counter!("forwarder_session_replays_total", "kind" => claimed.intent.kind.label())
+                        .increment(1);
+                }
+                Progress { events, sent: 0 }
+            }
         };
         while p.sent < p.events.len() {
             if *stop.borrow() {
@@ -467,6 +471,22 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
     }
     finish(deps, claimed, &enrichment, &prepared, &shopper, &channel).await?;
     Ok(())
+}
+
+/// A submit or a link that re-sends the cart into a session (ADDs the shopper did not just make).
+fn is_replay(kind: IntentKind, events: &[Event], primary: &SessionRef) -> bool {
+    let adds_on = |session: &SessionRef| {
+        events
+            .iter()
+            .any(|e| e.session == *session && matches!(e.kind, crate::cdp::EventKind::Add { .. }))
+    };
+    match kind {
+        IntentKind::OrderSubmitted => adds_on(primary),
+        IntentKind::Registered | IntentKind::AnonOrderTransferred => events
+            .iter()
+            .any(|e| matches!(e.kind, crate::cdp::EventKind::Add { .. })),
+        _ => false,
+    }
 }
 
 fn outcome_label(outcome: &Outcome) -> &'static str {

@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::store::DynStore;
 
+pub mod admin;
 mod intake;
 
 /// What every handler can reach.
@@ -35,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(admin::router(state.clone()))
         .with_state(state)
 }
 

@@ -117,6 +117,10 @@ fn check_config_masks_secrets_and_fails_on_invalid() {
         .env("FORWARDER__ORDERCLOUD__HASH_KEYS", "super-secret-hash-key")
         .env("FORWARDER__CDP__CLIENT_KEY", "super-secret-client-key")
         .env("FORWARDER__CDP__POS", "shop")
+        .env(
+            "FORWARDER__STORE__URL",
+            "postgres://forwarder:super-secret-db-password@db/forwarder",
+        )
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
@@ -124,6 +128,7 @@ fn check_config_masks_secrets_and_fails_on_invalid() {
     assert!(out.contains("\"pos\": \"shop\""), "{out}");
     assert!(!out.contains("super-secret"), "secrets printed: {out}");
     assert!(out.contains("********"));
+    assert!(out.contains("postgres://forwarder:********@db/forwarder"), "{out}");
 
     let bad = bin().current_dir(dir.path()).arg("check-config").output().unwrap();
     assert_eq!(bad.status.code(), Some(1));

@@ -262,8 +262,17 @@ impl Binary {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"));
         cmd.current_dir(dir)
             .env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("FORWARDER__LOG__LEVEL", "warn")
-            .stderr(std::process::Stdio::null());
+            .env(
+                "FORWARDER__LOG__LEVEL",
+                std::env::var("TEST_BINARY_LOG").unwrap_or("info".into()),
+            )
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("forwarder.log"))
+                    .expect("log file"),
+            );
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -300,6 +309,19 @@ impl Binary {
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status. Waits off the async runtime: the fakes the binary is still
+    /// talking to run on it.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(sent.success());
+        tokio::task::spawn_blocking(move || self.child.wait().unwrap())
+            .await
+            .unwrap()
     }
 }
 

@@ -5,6 +5,7 @@ mod delivery;
 mod fakes;
 mod helpers;
 mod intake;
+mod operate;
 mod orders;
 mod postgres;
 mod property;
