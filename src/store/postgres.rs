@@ -568,7 +568,7 @@ impl Store for PostgresStore {
         let rows = sqlx::query(
             "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = $1, \
              claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = $1, \
-             enriched = (secrets IS NULL OR enriched) \
+             enrich_after = $1, enrich_attempts = 0, created_at = $1 \
              WHERE state = 'dead' AND shopper_key <> $2 AND ($3::bigint[] IS NULL OR id = ANY($3)) AND dead_at >= $4",
         )
         .bind(now)

@@ -485,7 +485,7 @@ impl Store for SqliteStore {
         // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
         let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = ?1, \
                    claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
-                   enriched = CASE WHEN secrets IS NULL THEN 1 ELSE enriched END \
+                   enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
                    WHERE state = 'dead' AND shopper_key <> ?2";
         let mut total = 0;
         match ids {
