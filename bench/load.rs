@@ -1,0 +1,527 @@
+//! Load generator, CDP sink and intake ceiling for BENCHMARKS.md (`cargo bench --bench load`).
+//!
+//! One binary plays every part: it runs the CDP sink in-process, starts the real service and a
+//! "ceiling" server (a minimal axum server doing only the verification and parsing intake does,
+//! storing nothing) as separate processes, and drives them with signed, realistic webhooks in
+//! closed loop (fixed concurrency) and open loop (fixed rate, latency measured from the intended
+//! send time, so a slow server cannot hide its queueing).
+//!
+//! Usage: cargo bench --bench load -- [--store sqlite|postgres] [--quick] [--out DIR]
+//! PostgreSQL comes from BENCH_DATABASE_URL or TEST_DATABASE_URL (a fresh schema per run).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ordercloud_cdp_forwarder::config::Secret;
+use ordercloud_cdp_forwarder::ordercloud::envelope::Webhook;
+use ordercloud_cdp_forwarder::ordercloud::{routes, signature};
+use serde_json::{json, Value};
+
+const KEY: &str = "bench-hash-key";
+const LINES_PER_ORDER: usize = 4;
+/// Webhooks per shopper: the line creates, then the submit.
+const STEPS: usize = LINES_PER_ORDER + 1;
+/// CDP events per shopper: IDENTITY + one ADD per line, then CONFIRM + CHECKOUT.
+const EVENTS_PER_SHOPPER: u64 = 1 + LINES_PER_ORDER as u64 + 2;
+
+// ------------------------------------------------------------------------------------------------
+// Workload
+// ------------------------------------------------------------------------------------------------
+
+fn jwt(order_id: &str) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"bench"}"#);
+    let claims = json!({"usr":"anon-template","cid":"storefront-web","orderid":order_id,"usrtype":"buyer",
+        "role":["Shopper","MeAdmin"],"iss":"https://auth.ordercloud.io","aud":"http://127.0.0.1:9",
+        "exp": 4_102_444_800u64,"nbf":1_700_000_000u64});
+    format!("{header}.{}.YmVuY2gtc2lnbmF0dXJlLW5vdC1jaGVja2Vk", URL_SAFE_NO_PAD.encode(claims.to_string()))
+}
+
+/// Webhook `step` of shopper `shopper` in run `run` (a line create, or the submit), about 2 KB.
+fn webhook(run: &str, shopper: u64, step: usize) -> Vec<u8> {
+    let order = format!("{run}-{shopper}");
+    let token = jwt(&order);
+    let date = "2026-11-22T10:15:30.1234567+00:00";
+    let log_id = uuid::Uuid::new_v4().to_string();
+    let body = if step < LINES_PER_ORDER {
+        let product = format!("SKU-{:05}", (shopper as usize * 7 + step) % 5000);
+        let line = json!({
+            "ID": format!("L{step}"), "ProductID": product, "Quantity": step + 1, "UnitPrice": 19.99,
+            "PromotionDiscount": 0, "LineTotal": 19.99 * (step + 1) as f64, "LineSubtotal": 19.99 * (step + 1) as f64,
+            "CostCenter": null, "DateNeeded": null, "ShippingAccount": null, "ShippingAddressID": null,
+            "ShipFromAddressID": null, "InventoryRecordID": null, "PriceScheduleID": "default-prices",
+            "IsOnSale": false, "PriceOverridden": false, "DateAdded": date, "QuantityShipped": 0,
+            "Product": {"ID": product, "Name": format!("Trail running shoe {product}"),
+                "Description": "Lightweight trail running shoe with a grippy outsole, a breathable mesh upper and a cushioned midsole for long days on rough ground.",
+                "Returnable": true, "QuantityMultiplier": 1, "ShipWeight": 0.9, "ShipHeight": 12, "ShipWidth": 20,
+                "ShipLength": 32, "DefaultSupplierID": null, "ParentID": null,
+                "xp": {"category": "footwear", "brand": "Summit", "color": "blue", "sizeSystem": "EU"}},
+            "Variant": null, "ShippingAddress": null, "ShipFromAddress": null, "SupplierID": null,
+            "Specs": [{"SpecID": "size", "Name": "Size", "OptionID": "42", "Value": "42", "PriceMarkupType": "NoMarkup", "PriceMarkup": null}],
+            "xp": {"giftWrap": false, "note": "bench"}
+        });
+        json!({"Route": "v1/orders/{direction}/{orderID}/lineitems",
+            "RouteParams": {"direction": "Outgoing", "orderID": order}, "QueryParams": {}, "Verb": "POST",
+            "Date": date, "LogID": log_id, "UserToken": token,
+            "Request": {"Body": {"ProductID": line["ProductID"], "Quantity": line["Quantity"], "Specs": line["Specs"]}, "Headers": null},
+            "Response": {"Body": line, "Headers": null}, "ConfigData": {"environment": "bench"}})
+    } else {
+        let total = (1..=LINES_PER_ORDER).map(|q| 19.99 * q as f64).sum::<f64>();
+        json!({"Route": "v1/orders/{direction}/{orderID}/submit",
+            "RouteParams": {"direction": "Outgoing", "orderID": order}, "QueryParams": {}, "Verb": "POST",
+            "Date": date, "LogID": log_id, "UserToken": token, "Request": {"Body": null, "Headers": null},
+            "Response": {"Body": {"ID": order, "FromCompanyID": "buyer-1", "FromUserID": "anon",
+                "FromUser": {"ID": "anon", "Username": "anon-template", "FirstName": null, "LastName": null, "Email": null},
+                "BillingAddressID": null, "ShippingAddressID": null, "Comments": "", "LineItemCount": LINES_PER_ORDER,
+                "Status": "Open", "DateCreated": date, "DateSubmitted": date, "Subtotal": total, "ShippingCost": 0,
+                "TaxCost": 0, "Gratuity": 0, "Fees": 0, "PromotionDiscount": 0, "Currency": "USD", "Total": total,
+                "IsSubmitted": true, "xp": {"channel": "web"}}, "Headers": null},
+            "ConfigData": {"environment": "bench"}})
+    };
+    serde_json::to_vec(&body).unwrap()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Load generation
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Recorder {
+    latencies_us: Mutex<Vec<u64>>,
+    errors: AtomicU64,
+}
+
+impl Recorder {
+    fn record(&self, latency: Duration, ok: bool) {
+        self.latencies_us.lock().unwrap().push(latency.as_micros() as u64);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn summary(&self, elapsed: Duration) -> Value {
+        let mut l = self.latencies_us.lock().unwrap().clone();
+        l.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if l.is_empty() {
+                return 0.0;
+            }
+            l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1] as f64 / 1000.0
+        };
+        json!({"requests": l.len(), "errors": self.errors.load(Ordering::Relaxed),
+               "throughput_per_s": (l.len() as f64 / elapsed.as_secs_f64()).round(),
+               "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
+               "max_ms": l.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0)})
+    }
+}
+
+async fn send(client: &reqwest::Client, url: &str, body: Vec<u8>) -> bool {
+    let hash = signature::sign(KEY.as_bytes(), &body);
+    match client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-oc-hash", hash)
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => r.status() == StatusCode::OK,
+        Err(_) => false,
+    }
+}
+
+/// Closed loop: `concurrency` workers, each sending whole shoppers (their webhooks in order),
+/// until `shoppers` are sent or `duration` is over. Returns (summary, shoppers sent).
+async fn closed_loop(url: &str, run: &str, concurrency: usize, shoppers: u64, duration: Duration) -> (Value, u64) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let next = Arc::new(AtomicU64::new(0));
+    let rec = Arc::new(Recorder::default());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, run, next, rec) = (client.clone(), url.to_string(), run.to_string(), next.clone(), rec.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let shopper = next.fetch_add(1, Ordering::Relaxed);
+                if shopper >= shoppers || started.elapsed() > duration {
+                    return;
+                }
+                for step in 0..STEPS {
+                    let body = webhook(&run, shopper, step);
+                    let t = Instant::now();
+                    let ok = send(&client, &url, body).await;
+                    rec.record(t.elapsed(), ok);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = next.load(Ordering::Relaxed).min(shoppers);
+    (rec.summary(started.elapsed()), sent)
+}
+
+/// Open loop: webhooks at `rate` per second for `duration`, each sent at its scheduled time
+/// whatever happened to the others; latency counts from that scheduled time.
+async fn open_loop(url: &str, run: &str, rate: u64, duration: Duration) -> Value {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let rec = Arc::new(Recorder::default());
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = started + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let (client, url, rec) = (client.clone(), url.to_string(), rec.clone());
+        let body = webhook(run, i / STEPS as u64, (i % STEPS as u64) as usize);
+        tasks.push(tokio::spawn(async move {
+            let ok = send(&client, &url, body).await;
+            rec.record(due.elapsed(), ok);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut s = rec.summary(started.elapsed());
+    s["offered_per_s"] = json!(rate);
+    s
+}
+
+// ------------------------------------------------------------------------------------------------
+// CDP sink
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Sink {
+    events: AtomicU64,
+    browsers: AtomicU64,
+    failing: AtomicBool,
+    last_event: Mutex<Option<Instant>>,
+}
+
+async fn start_sink() -> (Arc<Sink>, String) {
+    let sink = Arc::new(Sink::default());
+    let s1 = sink.clone();
+    let s2 = sink.clone();
+    let app = Router::new()
+        .route(
+            "/v1.2/browser/create.json",
+            get(move || {
+                let s = s1.clone();
+                async move {
+                    let n = s.browsers.fetch_add(1, Ordering::Relaxed);
+                    (StatusCode::CREATED, format!(r#"{{"status":"OK","version":"1.2","ref":"bench-browser-{n}"}}"#))
+                }
+            }),
+        )
+        .route(
+            "/v1.2/events",
+            post(move |_headers: HeaderMap, _body: Bytes| {
+                let s = s2.clone();
+                async move {
+                    if s.failing.load(Ordering::Relaxed) {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string());
+                    }
+                    s.events.fetch_add(1, Ordering::Relaxed);
+                    *s.last_event.lock().unwrap() = Some(Instant::now());
+                    (StatusCode::CREATED, r#"{"status":"OK","version":"1.2"}"#.to_string())
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (sink, format!("http://{addr}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ceiling: verification and parsing only
+// ------------------------------------------------------------------------------------------------
+
+async fn run_ceiling(port: u16) {
+    let keys = Arc::new(vec![Secret::new(KEY)]);
+    let app = Router::new().route(
+        "/webhooks/ordercloud",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let keys = keys.clone();
+            async move {
+                if signature::verify(headers.get("x-oc-hash").map(|v| v.as_bytes()), &body, &keys).is_err() {
+                    return (StatusCode::UNAUTHORIZED, "{}");
+                }
+                match Webhook::parse(&body) {
+                    Ok(w) => {
+                        std::hint::black_box(routes::classify(&w.verb, &w.route));
+                        (StatusCode::OK, r#"{"proceed":true}"#)
+                    }
+                    Err(_) => (StatusCode::BAD_REQUEST, "{}"),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Processes
+// ------------------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Proc {
+    async fn wait_ready(&self, path: &str) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() || r.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{url} did not answer");
+    }
+
+    /// (peak RSS in KiB, CPU seconds used so far).
+    fn usage(&self) -> (u64, f64) {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (hwm, ticks / 100.0)
+    }
+
+    fn terminate(mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_ceiling() -> Proc {
+    let port = free_port();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["ceiling", &port.to_string()])
+        .spawn()
+        .unwrap();
+    Proc { child, port }
+}
+
+struct StoreChoice {
+    url: String,
+    schema: Option<String>,
+}
+
+fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"));
+    cmd.env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY)
+        .env("FORWARDER__ORDERCLOUD__API_URLS", "http://127.0.0.1:1")
+        .env("FORWARDER__STORE__URL", &store.url)
+        .env("FORWARDER__CDP__BASE_URL", cdp)
+        .env("FORWARDER__CDP__CLIENT_KEY", "bench-client-key")
+        .env("FORWARDER__CDP__POS", "bench")
+        .env("FORWARDER__LOG__LEVEL", "warn")
+        .current_dir(std::env::temp_dir())
+        .stderr(std::process::Stdio::null());
+    if let Some(schema) = &store.schema {
+        cmd.env("FORWARDER__STORE__SCHEMA", schema);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Proc { child: cmd.spawn().unwrap(), port }
+}
+
+async fn wait_for_events(sink: &Sink, expected: u64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while sink.events.load(Ordering::Relaxed) < expected {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+// ------------------------------------------------------------------------------------------------
+// The run
+// ------------------------------------------------------------------------------------------------
+
+struct Options {
+    store: String,
+    quick: bool,
+    out: PathBuf,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    Options {
+        store: value("--store").unwrap_or_else(|| "sqlite".into()),
+        quick: args.iter().any(|a| a == "--quick"),
+        out: PathBuf::from(value("--out").unwrap_or_else(|| "bench/results".into())),
+    }
+}
+
+fn store_choice(kind: &str, dir: &std::path::Path, name: &str) -> StoreChoice {
+    if kind == "postgres" {
+        let url = std::env::var("BENCH_DATABASE_URL")
+            .or_else(|_| std::env::var("TEST_DATABASE_URL"))
+            .expect("--store postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL");
+        StoreChoice {
+            url,
+            schema: Some(format!("bench_{name}_{}", uuid::Uuid::new_v4().simple())),
+        }
+    } else {
+        StoreChoice {
+            url: format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+            schema: None,
+        }
+    }
+}
+
+async fn bench(opts: Options) {
+    std::fs::create_dir_all(&opts.out).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secs = if opts.quick { 3 } else { 10 };
+    let e2e_webhooks: u64 = if opts.quick { 10_000 } else { 100_000 };
+    let (sink, cdp) = start_sink().await;
+    let mut report = json!({"store": opts.store, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)});
+
+    // 1. Ceiling throughput, concurrency 64.
+    let ceiling = start_ceiling();
+    ceiling.wait_ready("/webhooks/ordercloud").await;
+    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", ceiling.port);
+    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+    let (ceiling_tp, _) = closed_loop(&url, "ceiling", 64, u64::MAX, Duration::from_secs(secs)).await;
+    println!("ceiling        {ceiling_tp}");
+    ceiling.terminate();
+
+    // 2. Service intake throughput, concurrency 64 (delivery runs alongside, as in production).
+    let store = store_choice(&opts.store, dir.path(), "intake");
+    let service = start_service(&store, &cdp, &[]);
+    service.wait_ready("/health/ready").await;
+    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+    let (intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
+    println!("intake         {intake_tp}");
+    let ratio = intake_tp["throughput_per_s"].as_f64().unwrap() / ceiling_tp["throughput_per_s"].as_f64().unwrap();
+    println!("intake/ceiling {ratio:.2}");
+
+    // 3. Latency at fixed offered loads (1,000/s is the target point).
+    let mut curve = Vec::new();
+    let rates: &[u64] = if opts.quick { &[500, 1000, 2000] } else { &[250, 500, 1000, 1500, 2000, 3000, 4000] };
+    for rate in rates {
+        let s = open_loop(&url, &format!("open{rate}"), *rate, Duration::from_secs(secs.min(5))).await;
+        println!("open {rate:>5}/s   {s}");
+        curve.push(s);
+    }
+    let (rss_kib, _) = service.usage();
+    service.terminate();
+
+    // 4. End to end: N webhooks from the first sent to the last CDP event at the sink.
+    let store = store_choice(&opts.store, dir.path(), "e2e");
+    let service = start_service(&store, &cdp, &[]);
+    service.wait_ready("/health/ready").await;
+    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+    let shoppers = e2e_webhooks / STEPS as u64;
+    let before = sink.events.load(Ordering::Relaxed);
+    let (_, cpu_before) = service.usage();
+    let started = Instant::now();
+    let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
+    let intake_done = started.elapsed();
+    let done = wait_for_events(&sink, before + shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
+    let e2e = started.elapsed();
+    let (e2e_rss, cpu_after) = service.usage();
+    let cpu_per_1000 = (cpu_after - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
+    println!(
+        "e2e            {} webhooks: intake {:.1}s, last CDP event {:.1}s ({}), CPU {cpu_per_1000:.3}s/1000 webhooks, peak RSS {} MiB",
+        shoppers * STEPS as u64,
+        intake_done.as_secs_f64(),
+        e2e.as_secs_f64(),
+        if done { "all events" } else { "INCOMPLETE" },
+        e2e_rss / 1024
+    );
+    service.terminate();
+
+    // 5. Delivery rate from a backlog: queue with CDP down, then a fresh process drains it.
+    let store = store_choice(&opts.store, dir.path(), "backlog");
+    let backlog_shoppers = shoppers / 2;
+    sink.failing.store(true, Ordering::Relaxed);
+    let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
+    service.wait_ready("/health/ready").await;
+    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+    closed_loop(&url, "backlog", 64, backlog_shoppers, Duration::from_secs(3600)).await;
+    service.terminate();
+    sink.failing.store(false, Ordering::Relaxed);
+    let before = sink.events.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let service = start_service(&store, &cdp, &[]);
+    let drained = wait_for_events(&sink, before + backlog_shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
+    let drain = started.elapsed();
+    let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
+    println!(
+        "backlog        {} events in {:.1}s = {rate:.0} events/s{}",
+        backlog_shoppers * EVENTS_PER_SHOPPER,
+        drain.as_secs_f64(),
+        if drained { "" } else { " (INCOMPLETE)" }
+    );
+    let (backlog_rss, _) = service.usage();
+    service.terminate();
+
+    report["ceiling"] = ceiling_tp;
+    report["intake"] = intake_tp;
+    report["intake_to_ceiling"] = json!((ratio * 100.0).round() / 100.0);
+    report["latency_curve"] = json!(curve);
+    report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
+        "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
+        "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
+    report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
+        "events_per_s": rate.round(), "complete": drained});
+    report["peak_rss_mib"] = json!({"intake_and_open_loop": rss_kib / 1024, "end_to_end": e2e_rss / 1024, "backlog": backlog_rss / 1024});
+    let path = opts.out.join(format!("{}.json", opts.store));
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if args.get(1).map(String::as_str) == Some("ceiling") {
+        let port = args.get(2).and_then(|p| p.parse().ok()).expect("ceiling PORT");
+        runtime.block_on(run_ceiling(port));
+        return;
+    }
+    // `cargo test --benches`/`cargo bench` with a filter must not start a long run by accident.
+    if args.iter().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    runtime.block_on(bench(options()));
+}
