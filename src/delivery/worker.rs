@@ -272,6 +272,8 @@ async fn sync_record(deps: &Deps, order_id: &str, shopper_key: &str, lines: &[Va
 struct Sessions<'a> {
     deps: &'a Deps,
     cache: HashMap<SessionRef, SessionFacts>,
+    /// Sessions changed since they were read.
+    dirty: std::collections::HashSet<SessionRef>,
     idle_ms: i64,
 }
 
@@ -303,8 +305,18 @@ impl<'a> Sessions<'a> {
     async fn acknowledged(&mut self, event: &Event, owner: &str) -> Result<(), StoreError> {
         let mut facts = self.facts(&event.session, owner).await?;
         apply(&mut facts, event, now_ms(), self.idle_ms);
-        self.deps.store.put_session(&facts).await?;
         self.cache.insert(event.session.clone(), facts);
+        self.dirty.insert(event.session.clone());
+        Ok(())
+    }
+
+    /// Writes the facts of every session changed since they were read.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        for session in std::mem::take(&mut self.dirty) {
+            if let Some(facts) = self.cache.get(&session) {
+                self.deps.store.put_session(facts).await?;
+            }
+        }
         Ok(())
     }
 }
@@ -386,6 +398,7 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
     let mut sessions = Sessions {
         deps,
         cache: HashMap::new(),
+        dirty: Default::default(),
         idle_ms,
     };
     let mut progress: Option<Progress> = claimed
@@ -394,7 +407,10 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         .and_then(|p| serde_json::from_value(p).ok())
         .filter(|p: &Progress| p.sent > 0 && p.sent < p.events.len());
     let mut remints = 0;
-    'plan: loop {
+    // Acknowledged events are recorded in memory and written once, when the intent ends or stops:
+    // a crash in between only repeats a few events (delivery is at least once).
+    let mut p: Progress;
+    let outcome: Result<(), Failure> = 'plan: loop {
         let browser = shopper.browsers[&channel].clone();
         let primary = SessionRef {
             channel: channel.clone(),
@@ -403,8 +419,8 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         };
         // A stored plan is resumed while the session of its next event is still open; otherwise the
         // session must be rebuilt and the intent is planned again.
-        let mut p = match progress.take() {
-            Some(p) if sessions.state(&p.events[p.sent].session, key).await?.open => p,
+        p = match progress.take() {
+            Some(stored) if sessions.state(&stored.events[stored.sent].session, key).await?.open => stored,
             _ => {
                 let events = plan(deps, claimed, &prepared, &primary, &mut sessions, anon_state.as_ref()).await?;
                 if is_replay(claimed.intent.kind, &events, &primary) {
@@ -416,7 +432,7 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         };
         while p.sent < p.events.len() {
             if *stop.borrow() {
-                return Err(Failure::Stopping);
+                break 'plan Err(Failure::Stopping);
             }
             let event = p.events[p.sent].clone();
             let outcome = deps.cdp.send(&event.to_wire(), event.kind.name()).await;
@@ -432,19 +448,20 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
                     };
                     sessions.acknowledged(&event, owner).await?;
                     p.sent += 1;
-                    let saved = serde_json::to_value(&p).map_err(|e| Failure::Dead(e.to_string()))?;
-                    store.save_progress(&claimed.claim, &saved).await?;
                 }
                 Outcome::BrowserUnknown if event.session.browser_id == browser => {
                     remints += 1;
                     if remints > 3 {
-                        return Err(Failure::Retry {
+                        break 'plan Err(Failure::Retry {
                             after: None,
                             reason: "CDP does not know the browser ids it just minted".into(),
                         });
                     }
                     warn!(browser = %browser, "CDP does not know the shopper's browser: minting a new one");
-                    let minted = mint_browser(deps).await?;
+                    let minted = match mint_browser(deps).await {
+                        Ok(b) => b,
+                        Err(e) => break 'plan Err(e),
+                    };
                     shopper.browsers.insert(channel.clone(), minted);
                     store.put_shopper(key, &shopper).await?;
                     continue 'plan;
@@ -459,15 +476,23 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
                         index <= sent || e.session != gone
                     });
                 }
-                Outcome::Permanent(reason) => return Err(Failure::Dead(reason)),
+                Outcome::Permanent(reason) => break 'plan Err(Failure::Dead(reason)),
                 Outcome::Config(reason) => {
                     let wait = deps.pause_for_config(&reason);
-                    return Err(Failure::Paused { wait, reason });
+                    break 'plan Err(Failure::Paused { wait, reason });
                 }
-                Outcome::Retry { after, reason } => return Err(Failure::Retry { after, reason }),
+                Outcome::Retry { after, reason } => break 'plan Err(Failure::Retry { after, reason }),
             }
         }
-        break;
+        break Ok(());
+    };
+    sessions.flush().await?;
+    if let Err(failure) = outcome {
+        if p.sent > 0 && p.sent < p.events.len() {
+            let saved = serde_json::to_value(&p).map_err(|e| Failure::Dead(e.to_string()))?;
+            store.save_progress(&claimed.claim, &saved).await?;
+        }
+        return Err(failure);
     }
     finish(deps, claimed, &enrichment, &prepared, &shopper, &channel).await?;
     Ok(())

@@ -197,16 +197,18 @@ impl Store for PostgresStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
-        // Only the head of each shopper's queue is a candidate; SKIP LOCKED lets replicas claim side
+        // Only the head of each shopper's queue is a candidate (no older pending intent of the same
+        // shopper); walking in id order stops after `limit` heads. SKIP LOCKED lets replicas claim side
         // by side, and the lease condition is re-checked on the row's latest version when locking.
         let rows = sqlx::query(
             "UPDATE intents SET claim_id = $1, lease_until = $2, attempts = attempts + 1, updated_at = $3 \
              WHERE id IN ( \
                SELECT i.id FROM intents i \
-               WHERE i.id IN (SELECT DISTINCT ON (shopper_key) id FROM intents WHERE state = 'pending' ORDER BY shopper_key, id) \
-                 AND i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $3 \
+               WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $3 \
                  AND (i.lease_until IS NULL OR i.lease_until < $3) \
-               ORDER BY i.next_attempt_at, i.id LIMIT $4 \
+                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                                 AND o.state = 'pending' AND o.id < i.id) \
+               ORDER BY i.id LIMIT $4 \
                FOR UPDATE SKIP LOCKED) \
              RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
         )

@@ -1,6 +1,13 @@
-//! The embedded store: one SQLite file in WAL mode with `synchronous = FULL`. Webhook intake
-//! goes through a single writer task that commits whatever has arrived in one transaction
-//! (group commit), so a burst costs one fsync per batch, not one per webhook.
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! - Every write goes through one connection, so writers queue in the pool instead of meeting
+//!   SQLite's lock and its busy handler's sleeps; reads use a pool of their own (WAL readers do not
+//!   block the writer).
+//! - Webhook intake commits with `synchronous = FULL` (the WAL is fsynced before the 200), through a
+//!   group-commit task that puts whatever arrived meanwhile into one transaction: one fsync per batch.
+//! - Delivery bookkeeping (claims, progress, session facts) commits with `synchronous = NORMAL`:
+//!   durable across a process crash, and made durable by the next intake commit's fsync; at worst a
+//!   power loss repeats a few CDP events (delivery is at least once).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,7 +21,10 @@ use super::group_commit::GroupCommit;
 use super::*;
 
 pub struct SqliteStore {
+    /// Readers.
     pool: SqlitePool,
+    /// The one writer connection.
+    writes: SqlitePool,
     writer: GroupCommit,
 }
 
@@ -25,7 +35,7 @@ impl SqliteStore {
             .with_context(|| format!("store.url = {:?} is not a SQLite URL", settings.url))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_millis(settings.statement_timeout_ms.max(1000)));
         if let Some(parent) = options.get_filename().parent() {
             if !parent.as_os_str().is_empty() {
@@ -33,28 +43,48 @@ impl SqliteStore {
                     .with_context(|| format!("cannot create the folder {} for store.url", parent.display()))?;
             }
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(settings.max_connections.max(2))
+        let writes = SqlitePoolOptions::new()
+            .max_connections(1)
             .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
         sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
+            .run(&writes)
             .await
             .context("cannot migrate the SQLite store")?;
-        let writer_pool = pool.clone();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .connect_with(options.read_only(true))
+            .await
+            .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
+        let writer_pool = writes.clone();
         let writer = GroupCommit::start(move |items| {
             let pool = writer_pool.clone();
             async move { insert_batch(&pool, &items).await }
         });
-        Ok(SqliteStore { pool, writer })
+        Ok(SqliteStore { pool, writes, writer })
     }
 }
 
 async fn insert_batch(pool: &SqlitePool, items: &[NewIntent]) -> Result<Vec<EnqueueOutcome>, StoreError> {
     let now = now_ms();
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    // A 200 means committed: this commit fsyncs the WAL (and with it any earlier NORMAL commits).
+    sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+    let outcomes = insert_batch_on(&mut conn, items, now).await;
+    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+    outcomes
+}
+
+async fn insert_batch_on(
+    conn: &mut sqlx::SqliteConnection,
+    items: &[NewIntent],
+    now: i64,
+) -> Result<Vec<EnqueueOutcome>, StoreError> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let fresh = sqlx::query("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")
@@ -112,20 +142,24 @@ impl Store for SqliteStore {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
         // Only the head of each shopper's queue is claimable, so a shopper's intents go one at a time.
+        // Walking the queue in id order and probing for an older pending intent of the same shopper
+        // stops after `limit` heads, however long the backlog.
         let rows = sqlx::query(
             "UPDATE intents SET claim_id = ?1, lease_until = ?2, attempts = attempts + 1, updated_at = ?3 \
              WHERE id IN ( \
                SELECT i.id FROM intents i \
-               JOIN (SELECT MIN(id) AS id FROM intents WHERE state = 'pending' GROUP BY shopper_key) h ON h.id = i.id \
-               WHERE i.enriched = 1 AND i.next_attempt_at <= ?3 AND (i.lease_until IS NULL OR i.lease_until < ?3) \
-               ORDER BY i.next_attempt_at, i.id LIMIT ?4) \
+               WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?3 \
+                 AND (i.lease_until IS NULL OR i.lease_until < ?3) \
+                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                                 AND o.state = 'pending' AND o.id < i.id) \
+               ORDER BY i.id LIMIT ?4) \
              RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
         )
         .bind(&claim_id)
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writes)
         .await?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
@@ -153,7 +187,7 @@ impl Store for SqliteStore {
                 .bind(now_ms() + lease.as_millis() as i64)
                 .bind(claim.intent_id)
                 .bind(&claim.claim_id)
-                .execute(&self.pool)
+                .execute(&self.writes)
                 .await?
                 .rows_affected();
         stale_unless_one(rows, claim)
@@ -167,7 +201,7 @@ impl Store for SqliteStore {
         .bind(now_ms())
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?
         .rows_affected();
         stale_unless_one(rows, claim)
@@ -177,7 +211,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query("DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'")
             .bind(claim.intent_id)
             .bind(&claim.claim_id)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?
             .rows_affected();
         stale_unless_one(rows, claim)
@@ -193,7 +227,7 @@ impl Store for SqliteStore {
         .bind(now_ms())
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?
         .rows_affected();
         stale_unless_one(rows, claim)
@@ -209,7 +243,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?
         .rows_affected();
         stale_unless_one(rows, claim)
@@ -226,7 +260,7 @@ impl Store for SqliteStore {
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writes)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
@@ -248,7 +282,7 @@ impl Store for SqliteStore {
             .bind(enrichment.to_string())
             .bind(now_ms())
             .bind(intent_id)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -261,7 +295,7 @@ impl Store for SqliteStore {
         .bind(error)
         .bind(now_ms())
         .bind(intent_id)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -275,7 +309,7 @@ impl Store for SqliteStore {
         .bind(reason)
         .bind(now)
         .bind(intent_id)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -305,7 +339,7 @@ impl Store for SqliteStore {
         .bind(serde_json::to_string(state)?)
         .bind(&state.identity)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -318,7 +352,7 @@ impl Store for SqliteStore {
         .bind(shopper_key)
         .bind(identity)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -343,7 +377,7 @@ impl Store for SqliteStore {
         .bind(&facts.shopper_key)
         .bind(facts.last_event_at_ms)
         .bind(serde_json::to_string(facts)?)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -389,7 +423,7 @@ impl Store for SqliteStore {
         .bind(&line.shopper_key)
         .bind(line.line.to_string())
         .bind(line.updated_at_ms)
-        .execute(&self.pool)
+        .execute(&self.writes)
         .await?;
         Ok(())
     }
@@ -398,7 +432,7 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM cart_lines WHERE order_id = ?1 AND line_id = ?2")
             .bind(order_id)
             .bind(line_id)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -406,7 +440,7 @@ impl Store for SqliteStore {
     async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM cart_lines WHERE order_id = ?1")
             .bind(order_id)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -425,7 +459,7 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2")
             .bind(to_shopper)
             .bind(order_id)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -495,7 +529,7 @@ impl Store for SqliteStore {
                         .bind(now)
                         .bind(UNIDENTIFIED_SHOPPER)
                         .bind(id)
-                        .execute(&self.pool)
+                        .execute(&self.writes)
                         .await?
                         .rows_affected();
                 }
@@ -505,7 +539,7 @@ impl Store for SqliteStore {
                     .bind(now)
                     .bind(UNIDENTIFIED_SHOPPER)
                     .bind(since_ms.unwrap_or(i64::MIN))
-                    .execute(&self.pool)
+                    .execute(&self.writes)
                     .await?
                     .rows_affected();
             }
@@ -516,7 +550,7 @@ impl Store for SqliteStore {
     async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM intents WHERE state = 'dead' AND dead_at < ?1")
             .bind(before_ms)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?
             .rows_affected())
     }
@@ -543,7 +577,7 @@ impl Store for SqliteStore {
         }
         sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at")
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?;
         Ok(())
     }
@@ -551,7 +585,7 @@ impl Store for SqliteStore {
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM seen_webhooks WHERE seen_at < ?1")
             .bind(before_ms)
-            .execute(&self.pool)
+            .execute(&self.writes)
             .await?
             .rows_affected())
     }
@@ -559,5 +593,6 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
+        self.writes.close().await;
     }
 }
