@@ -204,7 +204,10 @@ async fn open_loop(url: &str, run: &str, rate: u64, duration: Duration) -> Value
 struct Sink {
     events: AtomicU64,
     browsers: AtomicU64,
+    /// Answer 503 to events (CDP down).
     failing: AtomicBool,
+    /// Answer 401 to everything (the forwarder then pauses delivery: intake alone is measured).
+    refusing: AtomicBool,
     last_event: Mutex<Option<Instant>>,
 }
 
@@ -218,6 +221,9 @@ async fn start_sink() -> (Arc<Sink>, String) {
             get(move || {
                 let s = s1.clone();
                 async move {
+                    if s.refusing.load(Ordering::Relaxed) {
+                        return (StatusCode::UNAUTHORIZED, "{}".to_string());
+                    }
                     let n = s.browsers.fetch_add(1, Ordering::Relaxed);
                     (StatusCode::CREATED, format!(r#"{{"status":"OK","version":"1.2","ref":"bench-browser-{n}"}}"#))
                 }
@@ -228,6 +234,9 @@ async fn start_sink() -> (Arc<Sink>, String) {
             post(move |_headers: HeaderMap, _body: Bytes| {
                 let s = s2.clone();
                 async move {
+                    if s.refusing.load(Ordering::Relaxed) {
+                        return (StatusCode::UNAUTHORIZED, "{}".to_string());
+                    }
                     if s.failing.load(Ordering::Relaxed) {
                         return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_string());
                     }
@@ -424,16 +433,29 @@ async fn bench(opts: Options) {
     println!("ceiling        {ceiling_tp}");
     ceiling.terminate();
 
-    // 2. Service intake throughput, concurrency 64 (delivery runs alongside, as in production).
+    // 2. Intake alone, concurrency 64: CDP refuses the key, so delivery pauses after one probe and
+    //    the service does what the ceiling does plus storing (and enrichment).
+    let store = store_choice(&opts.store, dir.path(), "intake-alone");
+    sink.refusing.store(true, Ordering::Relaxed);
+    let service = start_service(&store, &cdp, &[]);
+    service.wait_ready("/health/live").await;
+    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+    let (intake_alone, _) = closed_loop(&url, "alone", 64, u64::MAX, Duration::from_secs(secs)).await;
+    println!("intake alone   {intake_alone}");
+    let ratio = intake_alone["throughput_per_s"].as_f64().unwrap() / ceiling_tp["throughput_per_s"].as_f64().unwrap();
+    println!("intake/ceiling {ratio:.2}");
+    service.terminate();
+    sink.refusing.store(false, Ordering::Relaxed);
+
+    // 2b. Intake while delivering (as in production: the same cores deliver to CDP meanwhile).
     let store = store_choice(&opts.store, dir.path(), "intake");
     let service = start_service(&store, &cdp, &[]);
     service.wait_ready("/health/ready").await;
     let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
     closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
     let (intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
-    println!("intake         {intake_tp}");
-    let ratio = intake_tp["throughput_per_s"].as_f64().unwrap() / ceiling_tp["throughput_per_s"].as_f64().unwrap();
-    println!("intake/ceiling {ratio:.2}");
+    println!("intake+deliv.  {intake_tp}");
 
     // 3. Latency at fixed offered loads (1,000/s is the target point).
     let mut curve = Vec::new();
@@ -497,7 +519,8 @@ async fn bench(opts: Options) {
     service.terminate();
 
     report["ceiling"] = ceiling_tp;
-    report["intake"] = intake_tp;
+    report["intake_alone"] = intake_alone;
+    report["intake_while_delivering"] = intake_tp;
     report["intake_to_ceiling"] = json!((ratio * 100.0).round() / 100.0);
     report["latency_curve"] = json!(curve);
     report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,

@@ -112,6 +112,23 @@ fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
     }
 }
 
+/// What an intent needs no network for: an anonymous shopper's line change, cart deletion or guest
+/// details (the identity is the token's `orderid`). Intake stores it right away, sparing the
+/// enrichment round; `None` when OrderCloud must be read.
+pub fn without_network(intent: &Intent) -> Option<Enrichment> {
+    let cheap = matches!(
+        intent.kind,
+        IntentKind::LinesUpserted | IntentKind::CartDeleted | IntentKind::GuestDetails
+    );
+    let orderid = intent.anon_order_id.as_deref().filter(|o| !o.is_empty())?;
+    (intent.anonymous && cheap).then(|| Enrichment {
+        identity: format!("anon-{orderid}"),
+        order_id: intent.order_id.clone().or_else(|| Some(orderid.to_string())),
+        order_currency: order_in_response(intent).and_then(|o| text(o, "/Currency")),
+        ..Enrichment::default()
+    })
+}
+
 /// Runs the reads one intent needs.
 pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, EnrichError> {
     let intent = &job.intent;

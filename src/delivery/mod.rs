@@ -187,8 +187,13 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
         };
         if claimed.is_empty() {
-            if !idle(&deps, &mut stop, poll).await {
-                break;
+            // A finished delivery may have made its shopper's next intent the head: look again then,
+            // not only when the poll interval is over.
+            tokio::select! {
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = deps.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.wait_for(|s| *s) => break,
             }
             continue;
         }

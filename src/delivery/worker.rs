@@ -348,14 +348,19 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         Some(v) => {
             serde_json::from_value(v.clone()).map_err(|e| Failure::Dead(format!("unreadable enrichment: {e}")))?
         }
-        None => return Err(Failure::Dead("the intent was never enriched".into())),
+        // Intake found nothing to read from OrderCloud for it.
+        None => match super::enrich::without_network(&claimed.intent) {
+            Some(e) => e,
+            None => return Err(Failure::Dead("the intent was never enriched".into())),
+        },
     };
     let idle_ms = (cdp.session_timeout_secs.saturating_sub(cdp.session_safety_margin_secs) as i64) * 1000;
     let (channel, pos) = cdp.channel_for(intent.client_id.as_deref());
     let (channel, pos) = (channel.to_string(), pos.to_string());
 
     // The shopper: identity, details, browser.
-    let mut shopper = store.shopper(key).await?.unwrap_or_default();
+    let stored_shopper = store.shopper(key).await?;
+    let mut shopper = stored_shopper.clone().unwrap_or_default();
     shopper.identity = Some(enrichment.identity.clone());
     let mut given = enrichment.profile.clone();
     if intent.kind == IntentKind::GuestDetails {
@@ -391,7 +396,10 @@ async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bo
         let minted = mint_browser(deps).await?;
         shopper.browsers.insert(channel.clone(), minted);
     }
-    store.put_shopper(key, &shopper).await?;
+    // Stored before the browser's first use; skipped when nothing changed.
+    if stored_shopper.as_ref() != Some(&shopper) {
+        store.put_shopper(key, &shopper).await?;
+    }
 
     let prepared = prepare(deps, claimed, &enrichment, profile, &channel, &pos).await?;
 
@@ -578,21 +586,26 @@ async fn prepare(
     let lines = match intent.kind {
         IntentKind::LinesUpserted => {
             let now = now_ms();
+            let mut record = recorded.clone();
             for line in touched_lines(claimed, &recorded) {
                 if let Some(id) = line.get("ID").and_then(Value::as_str) {
-                    store
-                        .put_cart_line(&CartLine {
-                            order_id: order_id.clone(),
-                            line_id: id.to_string(),
-                            shopper_key: key.to_string(),
-                            line: line.clone(),
-                            updated_at_ms: now,
-                        })
-                        .await?;
+                    let updated = CartLine {
+                        order_id: order_id.clone(),
+                        line_id: id.to_string(),
+                        shopper_key: key.to_string(),
+                        line: line.clone(),
+                        updated_at_ms: now,
+                    };
+                    store.put_cart_line(&updated).await?;
+                    match record.iter_mut().find(|l| l.line_id == id) {
+                        Some(existing) => *existing = updated,
+                        None => record.push(updated),
+                    }
                 }
                 touched.extend(planner::lines::Line::from_json(&line, cdp));
             }
-            record_lines(deps, &order_id).await?
+            let values: Vec<Value> = record.into_iter().map(|l| l.line).collect();
+            parse_lines(&values, cdp)
         }
         IntentKind::LineDeleted => {
             if let Some(id) = &intent.line_item_id {

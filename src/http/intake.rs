@@ -206,6 +206,7 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
         anon_order_id: claims.orderid.clone(),
         token_expires_at: claims.exp,
     };
+    let needs_enrichment = crate::delivery::enrich::without_network(&intent).is_none();
     NewIntent {
         dedupe_key,
         shopper_key,
@@ -216,7 +217,7 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
             registered_token,
         },
         dead_reason,
-        needs_enrichment: true,
+        needs_enrichment,
     }
 }
 

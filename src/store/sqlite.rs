@@ -17,7 +17,9 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::group_commit::GroupCommit;
+use std::collections::{HashMap, HashSet};
+
+use super::group_commit::{first_occurrences, GroupCommit};
 use super::*;
 
 pub struct SqliteStore {
@@ -78,24 +80,32 @@ async fn insert_batch(pool: &SqlitePool, items: &[NewIntent]) -> Result<Vec<Enqu
     outcomes
 }
 
+/// The batch in two statements: one multi-row insert of the dedupe keys (RETURNING only the new
+/// ones), one of the intents. Statements, not rows, are what cost here.
 async fn insert_batch_on(
     conn: &mut sqlx::SqliteConnection,
     items: &[NewIntent],
     now: i64,
 ) -> Result<Vec<EnqueueOutcome>, StoreError> {
     use sqlx::Connection as _;
+    let first = first_occurrences(items);
     let mut tx = conn.begin().await?;
-    let mut outcomes = Vec::with_capacity(items.len());
-    for item in items {
-        let fresh = sqlx::query("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")
-            .bind(&item.dedupe_key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        if !fresh {
-            outcomes.push(EnqueueOutcome::Duplicate);
+    let mut seen = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) ");
+    seen.push_values(items.iter().zip(&first).filter(|(_, f)| **f), |mut row, (item, _)| {
+        row.push_bind(&item.dedupe_key).push_bind(now);
+    });
+    seen.push(" RETURNING dedupe_key");
+    let fresh: HashSet<String> = seen
+        .build()
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    let mut rows = Vec::new();
+    for (item, first) in items.iter().zip(&first) {
+        if !*first || !fresh.contains(&item.dedupe_key) {
             continue;
         }
         let dead = item.dead_reason.is_some();
@@ -104,32 +114,47 @@ async fn insert_batch_on(
         } else {
             Some(serde_json::to_string(&item.secrets)?)
         };
-        let id: i64 = sqlx::query(
+        rows.push((item, serde_json::to_string(&item.intent)?, secrets, dead));
+    }
+    let mut ids: HashMap<String, i64> = HashMap::new();
+    if !rows.is_empty() {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
-             next_attempt_at, last_error, created_at, updated_at, dead_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10) RETURNING id",
-        )
-        .bind(&item.dedupe_key)
-        .bind(&item.shopper_key)
-        .bind(item.intent.kind.label())
-        .bind(serde_json::to_string(&item.intent)?)
-        .bind(secrets)
-        .bind(!item.needs_enrichment)
-        .bind(if dead { "dead" } else { "pending" })
-        .bind(now)
-        .bind(&item.dead_reason)
-        .bind(dead.then_some(now))
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        outcomes.push(if dead {
-            EnqueueOutcome::DeadLettered(id)
-        } else {
-            EnqueueOutcome::Queued(id)
+             next_attempt_at, last_error, created_at, updated_at, dead_at) ",
+        );
+        insert.push_values(&rows, |mut row, (item, intent, secrets, dead)| {
+            row.push_bind(&item.dedupe_key)
+                .push_bind(&item.shopper_key)
+                .push_bind(item.intent.kind.label())
+                .push_bind(intent)
+                .push_bind(secrets)
+                .push_bind(!item.needs_enrichment)
+                .push_bind(if *dead { "dead" } else { "pending" })
+                .push_bind(now)
+                .push_bind(&item.dead_reason)
+                .push_bind(now)
+                .push_bind(now)
+                .push_bind(dead.then_some(now));
         });
+        insert.push(" RETURNING id, dedupe_key");
+        ids = insert
+            .build()
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|r| (r.get("dedupe_key"), r.get("id")))
+            .collect();
     }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok(items
+        .iter()
+        .zip(&first)
+        .map(|(item, first)| match ids.get(&item.dedupe_key) {
+            Some(id) if *first && item.dead_reason.is_some() => EnqueueOutcome::DeadLettered(*id),
+            Some(id) if *first => EnqueueOutcome::Queued(*id),
+            _ => EnqueueOutcome::Duplicate,
+        })
+        .collect())
 }
 
 #[async_trait]
