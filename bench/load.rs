@@ -368,6 +368,22 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
     Proc { child: cmd.spawn().unwrap(), port }
 }
 
+/// Waits until the service's queue is empty (its `forwarder_queue_pending` gauge reads 0).
+async fn wait_drained(port: u16) {
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(&url).send().await {
+            let text = r.text().await.unwrap_or_default();
+            if text.lines().any(|l| l.trim() == "forwarder_queue_pending 0") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_for_events(sink: &Sink, expected: u64, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while sink.events.load(Ordering::Relaxed) < expected {
@@ -461,6 +477,8 @@ async fn bench(opts: Options) {
     let mut curve = Vec::new();
     let rates: &[u64] = if opts.quick { &[500, 1000, 2000] } else { &[250, 500, 1000, 1500, 2000, 3000, 4000] };
     for rate in rates {
+        // Each point starts with an empty queue: the latency is that of the offered load alone.
+        wait_drained(service.port).await;
         let s = open_loop(&url, &format!("open{rate}"), *rate, Duration::from_secs(secs.min(5))).await;
         println!("open {rate:>5}/s   {s}");
         curve.push(s);
