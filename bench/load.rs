@@ -422,7 +422,7 @@ fn store_choice(kind: &str, dir: &std::path::Path, name: &str) -> StoreChoice {
             .expect("--store postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL");
         StoreChoice {
             url,
-            schema: Some(format!("bench_{name}_{}", uuid::Uuid::new_v4().simple())),
+            schema: Some(format!("bench_{}_{}", name.replace('-', "_"), uuid::Uuid::new_v4().simple())),
         }
     } else {
         StoreChoice {

@@ -41,7 +41,12 @@ impl PostgresStore {
                     crate::redact_url(&settings.url)
                 )
             })?
-            .options([("statement_timeout", settings.statement_timeout_ms.to_string())]);
+            .options([
+                ("statement_timeout", settings.statement_timeout_ms.to_string()),
+                // The queue's shape changes by the second (empty, then a 100,000-intent backlog): a
+                // generic plan cached for prepared statements goes stale and turns claims into scans.
+                ("plan_cache_mode", "force_custom_plan".to_string()),
+            ]);
         if let Some(schema) = settings.schema.as_deref().filter(|s| !s.is_empty()) {
             anyhow::ensure!(
                 valid_schema(schema),
