@@ -41,7 +41,10 @@ fn jwt(order_id: &str) -> String {
     let claims = json!({"usr":"anon-template","cid":"storefront-web","orderid":order_id,"usrtype":"buyer",
         "role":["Shopper","MeAdmin"],"iss":"https://auth.ordercloud.io","aud":"http://127.0.0.1:9",
         "exp": 4_102_444_800u64,"nbf":1_700_000_000u64});
-    format!("{header}.{}.YmVuY2gtc2lnbmF0dXJlLW5vdC1jaGVja2Vk", URL_SAFE_NO_PAD.encode(claims.to_string()))
+    format!(
+        "{header}.{}.YmVuY2gtc2lnbmF0dXJlLW5vdC1jaGVja2Vk",
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
 }
 
 /// Webhook `step` of shopper `shopper` in run `run` (a line create, or the submit), about 2 KB.
@@ -140,13 +143,22 @@ async fn send(client: &reqwest::Client, url: &str, body: Vec<u8>) -> bool {
 /// Closed loop: `concurrency` workers, each sending whole shoppers (their webhooks in order),
 /// until `shoppers` are sent or `duration` is over. Returns (summary, shoppers sent).
 async fn closed_loop(url: &str, run: &str, concurrency: usize, shoppers: u64, duration: Duration) -> (Value, u64) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
     let next = Arc::new(AtomicU64::new(0));
     let rec = Arc::new(Recorder::default());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, run, next, rec) = (client.clone(), url.to_string(), run.to_string(), next.clone(), rec.clone());
+        let (client, url, run, next, rec) = (
+            client.clone(),
+            url.to_string(),
+            run.to_string(),
+            next.clone(),
+            rec.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let shopper = next.fetch_add(1, Ordering::Relaxed);
@@ -225,7 +237,10 @@ async fn start_sink() -> (Arc<Sink>, String) {
                         return (StatusCode::UNAUTHORIZED, "{}".to_string());
                     }
                     let n = s.browsers.fetch_add(1, Ordering::Relaxed);
-                    (StatusCode::CREATED, format!(r#"{{"status":"OK","version":"1.2","ref":"bench-browser-{n}"}}"#))
+                    (
+                        StatusCode::CREATED,
+                        format!(r#"{{"status":"OK","version":"1.2","ref":"bench-browser-{n}"}}"#),
+                    )
                 }
             }),
         )
@@ -285,7 +300,11 @@ async fn run_ceiling(port: u16) {
 // ------------------------------------------------------------------------------------------------
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Proc {
@@ -320,14 +339,21 @@ impl Proc {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
             + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         (hwm, ticks / 100.0)
     }
 
     fn terminate(mut self) {
-        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -365,7 +391,10 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    Proc { child: cmd.spawn().unwrap(), port }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        port,
+    }
 }
 
 /// Waits until the service's queue is empty (its `forwarder_queue_pending` gauge reads 0).
@@ -407,7 +436,12 @@ struct Options {
 
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     Options {
         store: value("--store").unwrap_or_else(|| "sqlite".into()),
         quick: args.iter().any(|a| a == "--quick"),
@@ -422,7 +456,11 @@ fn store_choice(kind: &str, dir: &std::path::Path, name: &str) -> StoreChoice {
             .expect("--store postgres needs BENCH_DATABASE_URL or TEST_DATABASE_URL");
         StoreChoice {
             url,
-            schema: Some(format!("bench_{}_{}", name.replace('-', "_"), uuid::Uuid::new_v4().simple())),
+            schema: Some(format!(
+                "bench_{}_{}",
+                name.replace('-', "_"),
+                uuid::Uuid::new_v4().simple()
+            )),
         }
     } else {
         StoreChoice {
@@ -438,7 +476,8 @@ async fn bench(opts: Options) {
     let secs = if opts.quick { 3 } else { 10 };
     let e2e_webhooks: u64 = if opts.quick { 10_000 } else { 100_000 };
     let (sink, cdp) = start_sink().await;
-    let mut report = json!({"store": opts.store, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)});
+    let mut report =
+        json!({"store": opts.store, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)});
 
     // 1. Ceiling throughput, concurrency 64.
     let ceiling = start_ceiling();
@@ -475,7 +514,11 @@ async fn bench(opts: Options) {
 
     // 3. Latency at fixed offered loads (1,000/s is the target point).
     let mut curve = Vec::new();
-    let rates: &[u64] = if opts.quick { &[500, 1000, 2000] } else { &[250, 500, 1000, 1500, 2000, 3000, 4000] };
+    let rates: &[u64] = if opts.quick {
+        &[500, 1000, 2000]
+    } else {
+        &[250, 500, 1000, 1500, 2000, 3000, 4000]
+    };
     for rate in rates {
         // Each point starts with an empty queue: the latency is that of the offered load alone.
         wait_drained(service.port).await;
@@ -524,7 +567,12 @@ async fn bench(opts: Options) {
     let before = sink.events.load(Ordering::Relaxed);
     let started = Instant::now();
     let service = start_service(&store, &cdp, &[]);
-    let drained = wait_for_events(&sink, before + backlog_shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
+    let drained = wait_for_events(
+        &sink,
+        before + backlog_shoppers * EVENTS_PER_SHOPPER,
+        Duration::from_secs(1800),
+    )
+    .await;
     let drain = started.elapsed();
     let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
     println!(
@@ -546,7 +594,8 @@ async fn bench(opts: Options) {
         "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
     report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
         "events_per_s": rate.round(), "complete": drained});
-    report["peak_rss_mib"] = json!({"intake_and_open_loop": rss_kib / 1024, "end_to_end": e2e_rss / 1024, "backlog": backlog_rss / 1024});
+    report["peak_rss_mib"] =
+        json!({"intake_and_open_loop": rss_kib / 1024, "end_to_end": e2e_rss / 1024, "backlog": backlog_rss / 1024});
     let path = opts.out.join(format!("{}.json", opts.store));
     std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("wrote {}", path.display());
@@ -554,7 +603,10 @@ async fn bench(opts: Options) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     if args.get(1).map(String::as_str) == Some("ceiling") {
         let port = args.get(2).and_then(|p| p.parse().ok()).expect("ceiling PORT");
         runtime.block_on(run_ceiling(port));

@@ -96,7 +96,8 @@ async fn insert_batch_on(
     use sqlx::Connection as _;
     let first = first_occurrences(items);
     let mut tx = conn.begin().await?;
-    let mut seen = sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) ");
+    let mut seen =
+        sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) ");
     seen.push_values(items.iter().zip(&first).filter(|(_, f)| **f), |mut row, (item, _)| {
         row.push_bind(&item.dedupe_key).push_bind(now);
     });
