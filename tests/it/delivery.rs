@@ -169,11 +169,7 @@ async fn a_bad_request_dead_letters_one_shopper_while_another_completes() {
     good.add("L1", "SKU", 2, 3.0).await;
     good.submit().await;
     world.order("GOOD-1").await;
-    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
-        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
+    let dead = world.dead_letters().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].shopper_key, "anon-BAD-1");
     assert!(
@@ -379,11 +375,7 @@ async fn ordercloud_5xx_is_retried_and_an_expired_token_without_cache_is_a_dead_
     stale.open_cart("O-STALE");
     world.oc.expire_token(&stale.token);
     stale.add("L1", "SKU", 1, 3.0).await;
-    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
-        let d = world.app.store.dead_letters(None, 10).await.unwrap();
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
+    let dead = world.dead_letters().await;
     assert!(
         dead[0].last_error.as_deref().unwrap().contains("refused the token"),
         "{:?}",
@@ -397,11 +389,7 @@ async fn a_token_audience_outside_api_urls_is_never_called() {
     let token = user_token("someone", WEB_CLIENT, "http://127.0.0.1:1");
     let webhook = line_created("O-EVIL", &token, &line_item("L1", "SKU", 1, 1.0));
     world.app.deliver(&webhook).await;
-    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
-        let d = world.app.store.dead_letters(None, 10).await.unwrap();
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
+    let dead = world.dead_letters().await;
     assert!(
         dead[0]
             .last_error

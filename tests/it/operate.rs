@@ -17,11 +17,7 @@ async fn dead_letter_once(world: &World, order: &str) -> i64 {
     world.cdp.script(&format!("anon-{order}"), vec![Answer::status(400)]);
     let mut shopper = world.anonymous(order, WEB_CLIENT);
     shopper.add("L1", "SKU", 1, 2.0).await;
-    let dead = eventually("a dead letter", Duration::from_secs(10), || async {
-        world.app.store.dead_letters(None, 10).await.unwrap().pop()
-    })
-    .await;
-    dead.id
+    world.dead_letters().await.pop().unwrap().id
 }
 
 #[tokio::test]
@@ -184,39 +180,15 @@ async fn sigterm_drains_and_a_restart_loses_nothing() {
     let cdp = CdpFake::start(CLIENT_KEY, POS, Duration::from_secs(1200)).await;
     cdp.script_all((0..30).map(|_| Answer::status(503)).collect());
     let dir = tempfile::tempdir().unwrap();
-    let mut env = store_env(dir.path());
+    let mut env = binary_env(dir.path(), &oc, &cdp);
     env.extend([
-        ("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY.to_string()),
-        ("FORWARDER__ORDERCLOUD__API_URLS", oc.base_url()),
-        ("FORWARDER__CDP__BASE_URL", cdp.base_url()),
-        ("FORWARDER__CDP__CLIENT_KEY", CLIENT_KEY.to_string()),
-        ("FORWARDER__CDP__POS", POS.to_string()),
-        ("FORWARDER__DELIVERY__INITIAL_BACKOFF_MS", "20".to_string()),
-        ("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "100".to_string()),
-        ("FORWARDER__DELIVERY__POLL_INTERVAL_MS", "20".to_string()),
         // Long leases: the restart can only be quick if the first process released its claims.
         ("FORWARDER__DELIVERY__LEASE_SECS", "120".to_string()),
         ("FORWARDER__SERVER__SHUTDOWN_TIMEOUT_SECS", "10".to_string()),
     ]);
     let first = Binary::start(dir.path(), &env).await;
     let shoppers = 8;
-    for i in 0..shoppers {
-        let order = format!("TERM-{i}");
-        let token = anon_token(&order, WEB_CLIENT, &oc.base_url());
-        oc.register_anon_token(&token, &order);
-        let line = line_item("L1", "SKU", 1, 5.0);
-        oc.set_cart(&token, json!({"ID": order, "Currency": "USD"}), vec![line.clone()]);
-        assert_eq!(first.post(&line_created(&order, &token, &line)).await, 200);
-        let submit = envelope(
-            "POST",
-            "v1/orders/{direction}/{orderID}/submit",
-            json!({"direction": "Outgoing", "orderID": order}),
-            Some(&token),
-            Value::Null,
-            json!({"ID": order, "Currency": "USD", "Total": 5.0}),
-        );
-        assert_eq!(first.post(&submit).await, 200);
-    }
+    post_orders(&first, &oc, "TERM", shoppers).await;
     eventually("deliveries in flight", Duration::from_secs(10), || async {
         (cdp.requests().len() >= 5).then_some(())
     })

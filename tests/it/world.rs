@@ -380,3 +380,52 @@ impl World {
         answer["ref"].as_str().unwrap().to_string()
     }
 }
+
+/// The environment of a real binary that talks to these fakes, with fast retries.
+pub fn binary_env(dir: &std::path::Path, oc: &OrderCloudFake, cdp: &CdpFake) -> Vec<(&'static str, String)> {
+    let mut env = store_env(dir);
+    env.extend([
+        ("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY.to_string()),
+        ("FORWARDER__ORDERCLOUD__API_URLS", oc.base_url()),
+        ("FORWARDER__CDP__BASE_URL", cdp.base_url()),
+        ("FORWARDER__CDP__CLIENT_KEY", CLIENT_KEY.to_string()),
+        ("FORWARDER__CDP__POS", POS.to_string()),
+        ("FORWARDER__DELIVERY__INITIAL_BACKOFF_MS", "20".to_string()),
+        ("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "100".to_string()),
+        ("FORWARDER__DELIVERY__POLL_INTERVAL_MS", "20".to_string()),
+    ]);
+    env
+}
+
+/// Anonymous shoppers `<prefix>-0…` each add one line (price 10 + i) and submit, through `binary`.
+pub async fn post_orders(binary: &Binary, oc: &OrderCloudFake, prefix: &str, shoppers: usize) {
+    for i in 0..shoppers {
+        let order = format!("{prefix}-{i}");
+        let token = anon_token(&order, WEB_CLIENT, &oc.base_url());
+        oc.register_anon_token(&token, &order);
+        let line = line_item("L1", &format!("SKU-{i}"), 1, 10.0 + i as f64);
+        oc.set_cart(&token, json!({"ID": order, "Currency": "USD"}), vec![line.clone()]);
+        assert_eq!(binary.post(&line_created(&order, &token, &line)).await, 200);
+        oc.submit(&order);
+        let submit = envelope(
+            "POST",
+            "v1/orders/{direction}/{orderID}/submit",
+            json!({"direction": "Outgoing", "orderID": order}),
+            Some(&token),
+            Value::Null,
+            json!({"ID": order, "Currency": "USD", "Total": 10.0 + i as f64}),
+        );
+        assert_eq!(binary.post(&submit).await, 200);
+    }
+}
+
+impl World {
+    /// Waits for the first dead letters to appear.
+    pub async fn dead_letters(&self) -> Vec<ordercloud_cdp_forwarder::store::DeadLetter> {
+        eventually("a dead letter", Duration::from_secs(10), || async {
+            let dead = self.app.store.dead_letters(None, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        })
+        .await
+    }
+}
