@@ -135,10 +135,9 @@ async fn settle(deps: &Deps, claimed: &ClaimedIntent, result: Result<(), Failure
             info!("delivered");
             ("delivered", store.ack(claim).await)
         }
-        Err(Failure::Retry { after, reason }) if age_ms(claimed.created_at_ms) > max_age_ms(deps) => {
+        Err(Failure::Retry { reason, .. }) if age_ms(claimed.created_at_ms) > max_age_ms(deps) => {
             warn!(reason, "giving up after delivery.max_age_secs: dead letter");
             let reason = format!("{reason} (gave up after delivery.max_age_secs)");
-            let _ = after;
             ("dead_letter", store.dead_letter(claim, &reason).await)
         }
         Err(Failure::Retry { after, reason }) => {
@@ -336,6 +335,10 @@ struct Prepared {
     lines: Vec<Line>,
     /// Shopper key of an anonymous shopper whose records this intent links.
     anon_key: Option<String>,
+    /// The registered shopper an anonymous one becomes (registration, transfer).
+    registered_key: Option<String>,
+    /// Order.Total of a submitted order.
+    order_total: Option<f64>,
 }
 
 async fn deliver(deps: &Deps, claimed: &ClaimedIntent, stop: &watch::Receiver<bool>) -> Result<(), Failure> {
@@ -642,7 +645,6 @@ async fn prepare(
         ),
         _ => (enrichment.identity.clone(), profile),
     };
-    let _ = (channel, pos);
     Ok(Prepared {
         ctx_identity,
         profile,
@@ -662,6 +664,8 @@ async fn prepare(
         touched,
         lines,
         anon_key,
+        registered_key: enrichment.link.as_ref().map(|l| l.registered_shopper_key.clone()),
+        order_total: enrichment.order_total,
     })
 }
 
@@ -725,27 +729,13 @@ async fn plan(
             }
             let order = OrderFacts {
                 id: prepared.order_id.clone(),
-                total: None,
-            };
-            let order = OrderFacts {
-                total: claimed
-                    .enrichment
-                    .as_ref()
-                    .and_then(|e| e.get("order_total"))
-                    .and_then(Value::as_f64),
-                ..order
+                total: prepared.order_total,
             };
             planner::plan_submit(&ctx, &state, &order, &prepared.lines, &others)
         }
         IntentKind::Registered => {
             // The intent's shopper is the anonymous one; link to the registered shopper's own session if any.
-            let registered_key = claimed
-                .enrichment
-                .as_ref()
-                .and_then(|e| e.pointer("/link/registered_shopper_key"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+            let registered_key = prepared.registered_key.clone().unwrap_or_default();
             let registered = deps.store.shopper(&registered_key).await?.unwrap_or_default();
             let target = match registered.browsers.get(&prepared.channel) {
                 Some(b) if *b != primary.browser_id => Some(sessions.state(&session_of(b), &registered_key).await?),

@@ -236,8 +236,6 @@ pub trait Store: Send + Sync + 'static {
     async fn put_cart_line(&self, line: &CartLine) -> Result<(), StoreError>;
     async fn delete_cart_line(&self, order_id: &str, line_id: &str) -> Result<(), StoreError>;
     async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError>;
-    /// Orders with recorded lines for a shopper, newest first.
-    async fn orders_of(&self, shopper_key: &str) -> Result<Vec<String>, StoreError>;
     /// Moves the record of an order's lines to another shopper (anonymous order transfer).
     async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError>;
 

@@ -477,16 +477,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn orders_of(&self, shopper_key: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT order_id, MAX(updated_at) AS last FROM cart_lines WHERE shopper_key = ?1 GROUP BY order_id ORDER BY last DESC",
-        )
-        .bind(shopper_key)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|r| r.get("order_id")).collect())
-    }
-
     async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2")
             .bind(to_shopper)

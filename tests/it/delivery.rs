@@ -9,14 +9,6 @@ use crate::fakes::cdp::Answer;
 use crate::helpers::*;
 use crate::world::*;
 
-fn lines(order: &crate::fakes::cdp::Order) -> Vec<(String, f64, f64)> {
-    order
-        .lines
-        .iter()
-        .map(|l| (l.item_id.clone(), l.quantity, l.price))
-        .collect()
-}
-
 #[tokio::test]
 async fn anonymous_checkout_with_a_deleted_line_holds_exactly_the_remaining_lines() {
     let world = World::start().await;
@@ -275,13 +267,7 @@ async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
     let mut shopper = world.anonymous("PAUSED-1", WEB_CLIENT);
     shopper.add("L1", "SKU", 1, 10.0).await;
     let ready = eventually("readiness to report CDP", Duration::from_secs(10), || async {
-        let r = world
-            .app
-            .client
-            .get(world.app.url("/health/ready"))
-            .send()
-            .await
-            .unwrap();
+        let r = world.app.get("/health/ready").await;
         (r.status() == 503).then_some(r)
     })
     .await;
@@ -295,13 +281,7 @@ async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
     );
     shopper.submit().await;
     world.order("PAUSED-1").await;
-    let ready = world
-        .app
-        .client
-        .get(world.app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = world.app.get("/health/ready").await;
     assert_eq!(ready.status(), 200, "ready again once CDP accepts the key");
     assert!(
         world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
@@ -326,16 +306,7 @@ async fn dry_run_delivers_without_calling_cdp() {
     assert!(world.cdp.requests().is_empty());
     assert_eq!(world.cdp.browsers_created(), 0);
     assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
-    let metrics = world
-        .app
-        .client
-        .get(world.app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = world.app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("forwarder_deliveries_total{outcome=\"delivered\"}"),
         "{metrics}"

@@ -112,6 +112,11 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` on the service.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("request sent")
+    }
+
     /// Posts `body` signed with `key`.
     pub async fn post_signed(&self, body: &[u8], key: &str) -> reqwest::Response {
         self.client

@@ -206,15 +206,15 @@ async fn webhook_without_log_id_is_deduplicated_by_its_body() {
 #[tokio::test]
 async fn store_that_cannot_commit_answers_503_and_not_ready() {
     let app = intake_app(|_| {}).await;
-    let live = app.client.get(app.url("/health/live")).send().await.unwrap();
+    let live = app.get("/health/live").await;
     assert_eq!(live.status(), 200);
-    let ready = app.client.get(app.url("/health/ready")).send().await.unwrap();
+    let ready = app.get("/health/ready").await;
     assert_eq!(ready.status(), 200);
 
     app.store.close().await;
     let body = serde_json::to_vec(&sample()).unwrap();
     assert_eq!(app.post_signed(&body, KEY).await.status(), 503);
-    let ready = app.client.get(app.url("/health/ready")).send().await.unwrap();
+    let ready = app.get("/health/ready").await;
     assert_eq!(ready.status(), 503);
     let reason = ready.json::<Value>().await.unwrap();
     assert!(reason["reasons"][0].as_str().unwrap().starts_with("store"), "{reason}");

@@ -29,16 +29,7 @@ async fn metrics_name_every_stage() {
     shopper.submit().await;
     world.order("M-OK").await;
     assert_eq!(world.app.post_signed(b"{}", "wrong").await.status(), 401);
-    let text = world
-        .app
-        .client
-        .get(world.app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = world.app.get("/metrics").await.text().await.unwrap();
     for name in [
         "forwarder_webhooks_total{route=\"line_upsert\",outcome=\"accepted\"}",
         "forwarder_webhooks_total{route=\"unknown\",outcome=\"401\"}",
@@ -113,13 +104,7 @@ async fn dead_letters_through_the_command_line() {
 #[tokio::test]
 async fn dead_letters_through_the_admin_api() {
     let off = World::start().await;
-    let r = off
-        .app
-        .client
-        .get(off.app.url("/admin/dead-letters"))
-        .send()
-        .await
-        .unwrap();
+    let r = off.app.get("/admin/dead-letters").await;
     assert_eq!(r.status(), 404, "off unless admin.token is set");
 
     let world = World::start_with(Duration::from_secs(1200), |s| {

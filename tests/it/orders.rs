@@ -6,14 +6,6 @@ use ordercloud_cdp_forwarder::config::OrderEvents;
 
 use crate::world::*;
 
-fn lines(order: &crate::fakes::cdp::Order) -> Vec<(String, f64, f64)> {
-    order
-        .lines
-        .iter()
-        .map(|l| (l.item_id.clone(), l.quantity, l.price))
-        .collect()
-}
-
 fn identities_on(world: &World, browser: &str) -> Vec<String> {
     world
         .cdp

@@ -192,13 +192,7 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
         let status = world.app.post_signed(&body, KEY).await.status();
         assert_eq!(status, 503, "no 200 without a commit");
     }
-    let ready = world
-        .app
-        .client
-        .get(world.app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = world.app.get("/health/ready").await;
     assert_eq!(ready.status(), 503);
 
     proxy.restore();
@@ -213,12 +207,6 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     let order = world.order("DB-OUTAGE").await;
     assert_eq!(order.revenue, revenue);
     assert_eq!(order.lines.len(), 2);
-    let ready = world
-        .app
-        .client
-        .get(world.app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = world.app.get("/health/ready").await;
     assert_eq!(ready.status(), 200);
 }

@@ -429,3 +429,12 @@ impl World {
         .await
     }
 }
+
+/// An order's lines as (item_id, quantity, price).
+pub fn lines(order: &Order) -> Vec<(String, f64, f64)> {
+    order
+        .lines
+        .iter()
+        .map(|l| (l.item_id.clone(), l.quantity, l.price))
+        .collect()
+}
