@@ -111,7 +111,7 @@ async fn handle(
         return ("other", "ignored", proceed());
     };
     let kind = route.kind.label();
-    let item = new_intent(&webhook, route, &body);
+    let item = new_intent(webhook, route, &body);
     span.record("shopper", item.shopper_key.as_str());
     if let Some(reason) = &item.dead_reason {
         warn!(parent: span, reason = reason.as_str(), "webhook stored as a dead letter");
@@ -149,12 +149,13 @@ fn too_large(max: usize) -> (&'static str, &'static str, Response) {
 }
 
 /// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
-fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
+/// Takes the webhook by value: its bodies move into the intent instead of being copied.
+fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
     let dedupe_key = webhook
         .log_id
         .clone()
         .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
-    let mut query_params = webhook.query_params.clone();
+    let mut query_params = std::mem::take(&mut webhook.query_params);
     let anon_key = query_params
         .keys()
         .find(|k| k.eq_ignore_ascii_case("anonUserToken"))
@@ -165,10 +166,10 @@ fn new_intent(webhook: &Webhook, route: RouteMatch, raw_body: &[u8]) -> NewInten
     });
 
     // Register answers carry the new user's access_token: a live credential, kept with the secrets.
-    let mut response_body = webhook.response_body.clone();
+    let mut response_body = std::mem::take(&mut webhook.response_body);
     let registered_token = take_string(&mut response_body, "access_token");
     take_string(&mut response_body, "refresh_token");
-    let mut request_body = webhook.request_body.clone();
+    let mut request_body = std::mem::take(&mut webhook.request_body);
     take_string(&mut request_body, "Password");
 
     let claims = match webhook.user_token.as_deref() {
