@@ -7,6 +7,7 @@
 //! send time, so a slow server cannot hide its queueing).
 //!
 //! Usage: cargo bench --bench load -- [--store sqlite|postgres] [--quick] [--out DIR]
+//!        [--only ceiling,alone,intake,e2e,backlog] [--profile DIR]
 //! PostgreSQL comes from BENCH_DATABASE_URL or TEST_DATABASE_URL (a fresh schema per run).
 
 use std::path::PathBuf;
@@ -310,9 +311,43 @@ fn free_port() -> u16 {
 struct Proc {
     child: std::process::Child,
     port: u16,
+    /// Highest anonymous RSS seen by the sampler (the kernel keeps no peak of it).
+    peak_anon: Arc<Mutex<u64>>,
+}
+
+struct Usage {
+    /// Peak resident set (VmHWM): heap, stacks, and the file pages SQLite maps.
+    hwm_kib: u64,
+    /// Peak anonymous resident memory (heap and stacks, without mapped file pages), sampled.
+    anon_hwm_kib: u64,
+    cpu_secs: f64,
 }
 
 impl Proc {
+    /// Wraps a started process and samples its anonymous RSS every 50 ms while it lives.
+    fn new(child: std::process::Child, port: u16) -> Proc {
+        let peak_anon = Arc::new(Mutex::new(0));
+        let (pid, peak) = (child.id(), peak_anon.clone());
+        std::thread::spawn(move || {
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                let anon = status
+                    .lines()
+                    .find(|l| l.starts_with("RssAnon:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok());
+                match anon {
+                    Some(kib) => {
+                        let mut peak = peak.lock().unwrap();
+                        *peak = (*peak).max(kib);
+                    }
+                    None => return, // a zombie: the process has exited
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Proc { child, port, peak_anon }
+    }
+
     async fn wait_ready(&self, path: &str) {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let client = reqwest::Client::new();
@@ -328,16 +363,18 @@ impl Proc {
         panic!("{url} did not answer");
     }
 
-    /// (peak RSS in KiB, CPU seconds used so far).
-    fn usage(&self) -> (u64, f64) {
+    /// Peak memory and CPU used so far, from /proc.
+    fn usage(&self) -> Usage {
         let pid = self.child.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let kib = |field: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let fields: Vec<&str> = stat
             .rsplit_once(')')
@@ -347,7 +384,13 @@ impl Proc {
             .collect();
         let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
             + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (hwm, ticks / 100.0)
+        let mut peak = self.peak_anon.lock().unwrap();
+        *peak = (*peak).max(kib("RssAnon:"));
+        Usage {
+            hwm_kib: kib("VmHWM:"),
+            anon_hwm_kib: *peak,
+            cpu_secs: ticks / 100.0,
+        }
     }
 
     fn terminate(mut self) {
@@ -364,7 +407,7 @@ fn start_ceiling() -> Proc {
         .args(["ceiling", &port.to_string()])
         .spawn()
         .unwrap();
-    Proc { child, port }
+    Proc::new(child, port)
 }
 
 struct StoreChoice {
@@ -391,10 +434,7 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    Proc {
-        child: cmd.spawn().unwrap(),
-        port,
-    }
+    Proc::new(cmd.spawn().unwrap(), port)
 }
 
 /// Waits until the service's queue is empty (its `forwarder_queue_pending` gauge reads 0).
@@ -432,6 +472,49 @@ struct Options {
     store: String,
     quick: bool,
     out: PathBuf,
+    /// `--only ceiling,alone,intake,e2e,backlog`: run these phases (the report is then printed, not written).
+    only: Option<Vec<String>>,
+    /// `--profile DIR`: record a `perf` profile of the service during each measured phase.
+    profile: Option<PathBuf>,
+}
+
+impl Options {
+    fn wants(&self, phase: &str) -> bool {
+        self.only.as_ref().is_none_or(|o| o.iter().any(|p| p == phase))
+    }
+}
+
+/// `perf record` attached to a process while it lives (stopped with SIGINT, as perf expects).
+struct Profiler(Option<std::process::Child>);
+
+impl Profiler {
+    fn start(opts: &Options, proc_: &Proc, phase: &str) -> Profiler {
+        let Some(dir) = &opts.profile else {
+            return Profiler(None);
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let out = dir.join(format!("{}-{phase}.perf.data", opts.store));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&out)
+            .args(["-p", &proc_.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("--profile needs perf (Debian's linux-perf)");
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        println!("profiling {phase} into {}", out.display());
+        Profiler(Some(child))
+    }
+
+    fn stop(self) {
+        if let Some(mut child) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn options() -> Options {
@@ -446,6 +529,8 @@ fn options() -> Options {
         store: value("--store").unwrap_or_else(|| "sqlite".into()),
         quick: args.iter().any(|a| a == "--quick"),
         out: PathBuf::from(value("--out").unwrap_or_else(|| "bench/results".into())),
+        only: value("--only").map(|v| v.split(',').map(str::to_string).collect()),
+        profile: value("--profile").map(PathBuf::from),
     }
 }
 
@@ -475,127 +560,157 @@ async fn bench(opts: Options) {
     let dir = tempfile::tempdir().unwrap();
     let secs = if opts.quick { 3 } else { 10 };
     let e2e_webhooks: u64 = if opts.quick { 10_000 } else { 100_000 };
+    let shoppers = e2e_webhooks / STEPS as u64;
     let (sink, cdp) = start_sink().await;
     let mut report =
         json!({"store": opts.store, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)});
 
     // 1. Ceiling throughput, concurrency 64.
-    let ceiling = start_ceiling();
-    ceiling.wait_ready("/webhooks/ordercloud").await;
-    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", ceiling.port);
-    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
-    let (ceiling_tp, _) = closed_loop(&url, "ceiling", 64, u64::MAX, Duration::from_secs(secs)).await;
-    println!("ceiling        {ceiling_tp}");
-    ceiling.terminate();
+    if opts.wants("ceiling") {
+        let ceiling = start_ceiling();
+        ceiling.wait_ready("/webhooks/ordercloud").await;
+        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", ceiling.port);
+        closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+        let (ceiling_tp, _) = closed_loop(&url, "ceiling", 64, u64::MAX, Duration::from_secs(secs)).await;
+        println!("ceiling        {ceiling_tp}");
+        ceiling.terminate();
+        report["ceiling"] = ceiling_tp;
+    }
 
     // 2. Intake alone, concurrency 64: CDP refuses the key, so delivery pauses after one probe and
     //    the service does what the ceiling does plus storing (and enrichment).
-    let store = store_choice(&opts.store, dir.path(), "intake-alone");
-    sink.refusing.store(true, Ordering::Relaxed);
-    let service = start_service(&store, &cdp, &[]);
-    service.wait_ready("/health/live").await;
-    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
-    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
-    let (intake_alone, _) = closed_loop(&url, "alone", 64, u64::MAX, Duration::from_secs(secs)).await;
-    println!("intake alone   {intake_alone}");
-    let ratio = intake_alone["throughput_per_s"].as_f64().unwrap() / ceiling_tp["throughput_per_s"].as_f64().unwrap();
-    println!("intake/ceiling {ratio:.2}");
-    service.terminate();
-    sink.refusing.store(false, Ordering::Relaxed);
-
-    // 2b. Intake while delivering (as in production: the same cores deliver to CDP meanwhile).
-    let store = store_choice(&opts.store, dir.path(), "intake");
-    let service = start_service(&store, &cdp, &[]);
-    service.wait_ready("/health/ready").await;
-    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
-    closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
-    let (intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
-    println!("intake+deliv.  {intake_tp}");
-
-    // 3. Latency at fixed offered loads (1,000/s is the target point).
-    let mut curve = Vec::new();
-    let rates: &[u64] = if opts.quick {
-        &[500, 1000, 2000]
-    } else {
-        &[250, 500, 1000, 1500, 2000, 3000, 4000]
-    };
-    for rate in rates {
-        // Each point starts with an empty queue: the latency is that of the offered load alone.
-        wait_drained(service.port).await;
-        let s = open_loop(&url, &format!("open{rate}"), *rate, Duration::from_secs(secs.min(5))).await;
-        println!("open {rate:>5}/s   {s}");
-        curve.push(s);
+    if opts.wants("alone") {
+        let store = store_choice(&opts.store, dir.path(), "intake-alone");
+        sink.refusing.store(true, Ordering::Relaxed);
+        let service = start_service(&store, &cdp, &[]);
+        service.wait_ready("/health/live").await;
+        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+        closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+        let profiler = Profiler::start(&opts, &service, "alone");
+        let (intake_alone, _) = closed_loop(&url, "alone", 64, u64::MAX, Duration::from_secs(secs)).await;
+        profiler.stop();
+        println!("intake alone   {intake_alone}");
+        if let Some(ceiling) = report["ceiling"]["throughput_per_s"].as_f64() {
+            let ratio = intake_alone["throughput_per_s"].as_f64().unwrap() / ceiling;
+            println!("intake/ceiling {ratio:.2}");
+            report["intake_to_ceiling"] = json!((ratio * 100.0).round() / 100.0);
+        }
+        report["intake_alone"] = intake_alone;
+        service.terminate();
+        sink.refusing.store(false, Ordering::Relaxed);
     }
-    let (rss_kib, _) = service.usage();
-    service.terminate();
+
+    // 2b. Intake while delivering (as in production: the same cores deliver to CDP meanwhile),
+    // 3. then latency at fixed offered loads (1,000/s is the target point).
+    if opts.wants("intake") {
+        let store = store_choice(&opts.store, dir.path(), "intake");
+        let service = start_service(&store, &cdp, &[]);
+        service.wait_ready("/health/ready").await;
+        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+        closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
+        let (intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
+        println!("intake+deliv.  {intake_tp}");
+        report["intake_while_delivering"] = intake_tp;
+
+        let mut curve = Vec::new();
+        let rates: &[u64] = if opts.quick {
+            &[500, 1000, 2000]
+        } else {
+            &[250, 500, 1000, 1500, 2000, 3000, 4000]
+        };
+        for rate in rates {
+            // Each point starts with an empty queue: the latency is that of the offered load alone.
+            wait_drained(service.port).await;
+            let profiler = Profiler::start(&opts, &service, &format!("open{rate}"));
+            let s = open_loop(&url, &format!("open{rate}"), *rate, Duration::from_secs(secs.min(5))).await;
+            profiler.stop();
+            println!("open {rate:>5}/s   {s}");
+            curve.push(s);
+        }
+        let rss = service.usage();
+        service.terminate();
+        report["latency_curve"] = json!(curve);
+        report["peak_rss_mib"]["intake_and_open_loop"] = json!(rss.hwm_kib / 1024);
+        report["peak_anon_rss_mib"]["intake_and_open_loop"] = json!(rss.anon_hwm_kib / 1024);
+    }
 
     // 4. End to end: N webhooks from the first sent to the last CDP event at the sink.
-    let store = store_choice(&opts.store, dir.path(), "e2e");
-    let service = start_service(&store, &cdp, &[]);
-    service.wait_ready("/health/ready").await;
-    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
-    let shoppers = e2e_webhooks / STEPS as u64;
-    let before = sink.events.load(Ordering::Relaxed);
-    let (_, cpu_before) = service.usage();
-    let started = Instant::now();
-    let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
-    let intake_done = started.elapsed();
-    let done = wait_for_events(&sink, before + shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
-    let e2e = started.elapsed();
-    let (e2e_rss, cpu_after) = service.usage();
-    let cpu_per_1000 = (cpu_after - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
-    println!(
-        "e2e            {} webhooks: intake {:.1}s, last CDP event {:.1}s ({}), CPU {cpu_per_1000:.3}s/1000 webhooks, peak RSS {} MiB",
-        shoppers * STEPS as u64,
-        intake_done.as_secs_f64(),
-        e2e.as_secs_f64(),
-        if done { "all events" } else { "INCOMPLETE" },
-        e2e_rss / 1024
-    );
-    service.terminate();
+    if opts.wants("e2e") {
+        let store = store_choice(&opts.store, dir.path(), "e2e");
+        let service = start_service(&store, &cdp, &[]);
+        service.wait_ready("/health/ready").await;
+        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+        let before = sink.events.load(Ordering::Relaxed);
+        let cpu_before = service.usage().cpu_secs;
+        let started = Instant::now();
+        let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
+        let intake_done = started.elapsed();
+        let done = wait_for_events(&sink, before + shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
+        let e2e = started.elapsed();
+        let usage = service.usage();
+        let cpu_per_1000 = (usage.cpu_secs - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
+        println!(
+            "e2e            {} webhooks: intake {:.1}s, last CDP event {:.1}s ({}), CPU {cpu_per_1000:.3}s/1000 webhooks, peak RSS {} MiB (anonymous {} MiB)",
+            shoppers * STEPS as u64,
+            intake_done.as_secs_f64(),
+            e2e.as_secs_f64(),
+            if done { "all events" } else { "INCOMPLETE" },
+            usage.hwm_kib / 1024,
+            usage.anon_hwm_kib / 1024,
+        );
+        service.terminate();
+        report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
+            "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
+            "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
+        report["peak_rss_mib"]["end_to_end"] = json!(usage.hwm_kib / 1024);
+        report["peak_anon_rss_mib"]["end_to_end"] = json!(usage.anon_hwm_kib / 1024);
+    }
 
     // 5. Delivery rate from a backlog: queue with CDP down, then a fresh process drains it.
-    let store = store_choice(&opts.store, dir.path(), "backlog");
-    let backlog_shoppers = shoppers / 2;
-    sink.failing.store(true, Ordering::Relaxed);
-    let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
-    service.wait_ready("/health/ready").await;
-    let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
-    closed_loop(&url, "backlog", 64, backlog_shoppers, Duration::from_secs(3600)).await;
-    service.terminate();
-    sink.failing.store(false, Ordering::Relaxed);
-    let before = sink.events.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let service = start_service(&store, &cdp, &[]);
-    let drained = wait_for_events(
-        &sink,
-        before + backlog_shoppers * EVENTS_PER_SHOPPER,
-        Duration::from_secs(1800),
-    )
-    .await;
-    let drain = started.elapsed();
-    let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
-    println!(
-        "backlog        {} events in {:.1}s = {rate:.0} events/s{}",
-        backlog_shoppers * EVENTS_PER_SHOPPER,
-        drain.as_secs_f64(),
-        if drained { "" } else { " (INCOMPLETE)" }
-    );
-    let (backlog_rss, _) = service.usage();
-    service.terminate();
+    if opts.wants("backlog") {
+        let store = store_choice(&opts.store, dir.path(), "backlog");
+        let backlog_shoppers = shoppers / 2;
+        sink.failing.store(true, Ordering::Relaxed);
+        let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
+        service.wait_ready("/health/ready").await;
+        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
+        closed_loop(&url, "backlog", 64, backlog_shoppers, Duration::from_secs(3600)).await;
+        service.terminate();
+        sink.failing.store(false, Ordering::Relaxed);
+        let before = sink.events.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let service = start_service(&store, &cdp, &[]);
+        let profiler = Profiler::start(&opts, &service, "backlog");
+        let drained = wait_for_events(
+            &sink,
+            before + backlog_shoppers * EVENTS_PER_SHOPPER,
+            Duration::from_secs(1800),
+        )
+        .await;
+        let drain = started.elapsed();
+        profiler.stop();
+        let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
+        println!(
+            "backlog        {} events in {:.1}s = {rate:.0} events/s{}",
+            backlog_shoppers * EVENTS_PER_SHOPPER,
+            drain.as_secs_f64(),
+            if drained { "" } else { " (INCOMPLETE)" }
+        );
+        let usage = service.usage();
+        service.terminate();
+        report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
+            "events_per_s": rate.round(), "complete": drained});
+        report["peak_rss_mib"]["backlog"] = json!(usage.hwm_kib / 1024);
+        report["peak_anon_rss_mib"]["backlog"] = json!(usage.anon_hwm_kib / 1024);
+    }
 
-    report["ceiling"] = ceiling_tp;
-    report["intake_alone"] = intake_alone;
-    report["intake_while_delivering"] = intake_tp;
-    report["intake_to_ceiling"] = json!((ratio * 100.0).round() / 100.0);
-    report["latency_curve"] = json!(curve);
-    report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
-        "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
-        "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
-    report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
-        "events_per_s": rate.round(), "complete": drained});
-    report["peak_rss_mib"] =
-        json!({"intake_and_open_loop": rss_kib / 1024, "end_to_end": e2e_rss / 1024, "backlog": backlog_rss / 1024});
+    if opts.only.is_some() {
+        println!(
+            "partial run (--only): report not written\n{}",
+            serde_json::to_string_pretty(&report).unwrap()
+        );
+        return;
+    }
     let path = opts.out.join(format!("{}.json", opts.store));
     std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("wrote {}", path.display());

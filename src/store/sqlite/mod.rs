@@ -1,0 +1,658 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! - Every write goes through one connection owned by one thread ([`writer`]), which commits
+//!   whatever arrived while it was busy in one transaction; reads use a pool of their own (WAL
+//!   readers do not block the writer).
+//! - A batch holding a webhook commits with `synchronous = FULL` (the WAL is fsynced before the
+//!   200): one fsync per batch, however many webhooks it holds.
+//! - Delivery bookkeeping alone (claims, progress, session facts) commits with `synchronous =
+//!   NORMAL`: durable across a process crash, and made durable by the next webhook's commit; at
+//!   worst a power loss repeats a few CDP events (delivery is at least once).
+
+mod writer;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection};
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::*;
+use writer::Writer;
+
+pub struct SqliteStore {
+    /// Readers.
+    pool: SqlitePool,
+    /// The one writer.
+    writer: Writer,
+}
+
+impl SqliteStore {
+    pub async fn open(settings: &StoreSettings) -> anyhow::Result<SqliteStore> {
+        use anyhow::Context as _;
+        let busy_timeout = Duration::from_millis(settings.statement_timeout_ms.max(1000));
+        let options = SqliteConnectOptions::from_str(&settings.url)
+            .with_context(|| format!("store.url = {:?} is not a SQLite URL", settings.url))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(busy_timeout)
+            // Pages are read through a memory map instead of a pread(2) per page miss.
+            .pragma("mmap_size", "33554432");
+        let path = options.get_filename().to_path_buf();
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create the folder {} for store.url", parent.display()))?;
+            }
+        }
+        {
+            let migrator = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+                .connect_with(options.clone())
+                .await
+                .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
+            sqlx::migrate!("migrations/sqlite")
+                .run(&migrator)
+                .await
+                .context("cannot migrate the SQLite store")?;
+            migrator.close().await;
+        }
+        let writer = Writer::open(&path, busy_timeout)
+            .with_context(|| format!("cannot open the SQLite store {:?} for writing", settings.url))?;
+        // No ping before each use: a SQLite connection is a file handle, and the ping is a round trip
+        // to its worker thread for every statement.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .connect_with(options.read_only(true))
+            .await
+            .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
+        Ok(SqliteStore { pool, writer })
+    }
+}
+
+/// One webhook: its dedupe record, then its intent (unless the LogID was seen before).
+fn insert_intent(
+    conn: &Connection,
+    item: &NewIntent,
+    intent: &str,
+    secrets: Option<&str>,
+) -> Result<EnqueueOutcome, StoreError> {
+    let now = now_ms();
+    let fresh = conn
+        .prepare_cached("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")?
+        .execute(params![item.dedupe_key, now])?;
+    if fresh == 0 {
+        return Ok(EnqueueOutcome::Duplicate);
+    }
+    let dead = item.dead_reason.is_some();
+    let id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
+             next_attempt_at, last_error, created_at, updated_at, dead_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10) RETURNING id",
+        )?
+        .query_row(
+            params![
+                item.dedupe_key,
+                item.shopper_key,
+                item.intent.kind.label(),
+                intent,
+                secrets,
+                !item.needs_enrichment,
+                if dead { "dead" } else { "pending" },
+                now,
+                item.dead_reason,
+                dead.then_some(now),
+            ],
+            |r| r.get(0),
+        )?;
+    Ok(if dead {
+        EnqueueOutcome::DeadLettered(id)
+    } else {
+        EnqueueOutcome::Queued(id)
+    })
+}
+
+/// Runs one write statement and returns how many rows it changed.
+fn run(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u64, StoreError> {
+    Ok(conn.prepare_cached(sql)?.execute(params)? as u64)
+}
+
+/// A claimed row as the writer returns it; JSON is parsed outside the writer thread.
+type ClaimRow = (i64, String, String, Option<String>, Option<String>, i64, i64);
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
+        // Serialized here, on the caller's thread: the writer thread only runs SQL.
+        let intent = serde_json::to_string(&item.intent)?;
+        let secrets = if item.dead_reason.is_some() || !item.needs_enrichment {
+            None
+        } else {
+            Some(serde_json::to_string(&item.secrets)?)
+        };
+        self.writer
+            .write_durable(move |c| insert_intent(c, &item, &intent, secrets.as_deref()))
+            .await
+    }
+
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
+        let now = now_ms();
+        let claim_id = uuid::Uuid::new_v4().to_string();
+        let lease_until = now + lease.as_millis() as i64;
+        let id = claim_id.clone();
+        let rows: Vec<ClaimRow> = self
+            .writer
+            .write(move |c| {
+                // Only the head of each shopper's queue is claimable, so a shopper's intents go one
+                // at a time. Walking the queue in id order and probing for an older pending intent
+                // of the same shopper stops after `limit` heads, however long the backlog.
+                let mut stmt = c.prepare_cached(
+                    "UPDATE intents SET claim_id = ?1, lease_until = ?2, attempts = attempts + 1, updated_at = ?3 \
+                     WHERE id IN ( \
+                       SELECT i.id FROM intents i \
+                       WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?3 \
+                         AND (i.lease_until IS NULL OR i.lease_until < ?3) \
+                         AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                                         AND o.state = 'pending' AND o.id < i.id) \
+                       ORDER BY i.id LIMIT ?4) \
+                     RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
+                )?;
+                let rows = stmt.query_map(params![id, lease_until, now, limit as i64], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })?;
+                Ok(rows.collect::<Result<Vec<ClaimRow>, _>>()?)
+            })
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for (intent_id, shopper_key, intent, enrichment, progress, attempts, created_at_ms) in rows {
+            claimed.push(ClaimedIntent {
+                claim: Claim {
+                    intent_id,
+                    claim_id: claim_id.clone(),
+                },
+                shopper_key,
+                intent: serde_json::from_str(&intent)?,
+                enrichment: parse_json(enrichment)?,
+                progress: parse_json(progress)?,
+                attempts,
+                created_at_ms,
+            });
+        }
+        claimed.sort_by_key(|c| c.claim.intent_id);
+        Ok(claimed)
+    }
+
+    async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
+        let claim = claim.clone();
+        let until = now_ms() + lease.as_millis() as i64;
+        self.writer
+            .write(move |c| {
+                let rows = run(
+                    c,
+                    "UPDATE intents SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'pending'",
+                    params![until, claim.intent_id, claim.claim_id],
+                )?;
+                stale_unless_one(rows, &claim)
+            })
+            .await
+    }
+
+    async fn save_progress(&self, claim: &Claim, progress: &Value) -> Result<(), StoreError> {
+        let claim = claim.clone();
+        let progress = progress.to_string();
+        self.writer
+            .write(move |c| {
+                let rows = run(
+                    c,
+                    "UPDATE intents SET progress = ?1, updated_at = ?2 WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'",
+                    params![progress, now_ms(), claim.intent_id, claim.claim_id],
+                )?;
+                stale_unless_one(rows, &claim)
+            })
+            .await
+    }
+
+    async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
+        let claim = claim.clone();
+        self.writer
+            .write(move |c| {
+                let rows = run(
+                    c,
+                    "DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
+                    params![claim.intent_id, claim.claim_id],
+                )?;
+                stale_unless_one(rows, &claim)
+            })
+            .await
+    }
+
+    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let (claim, error) = (claim.clone(), error.to_string());
+        self.writer
+            .write(move |c| {
+                let rows = run(
+                    c,
+                    "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, lease_until = NULL, \
+                     updated_at = ?3 WHERE id = ?4 AND claim_id = ?5 AND state = 'pending'",
+                    params![at_ms, error, now_ms(), claim.intent_id, claim.claim_id],
+                )?;
+                stale_unless_one(rows, &claim)
+            })
+            .await
+    }
+
+    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
+        let (claim, reason) = (claim.clone(), reason.to_string());
+        self.writer
+            .write(move |c| {
+                let rows = run(
+                    c,
+                    "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
+                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'",
+                    params![reason, now_ms(), claim.intent_id, claim.claim_id],
+                )?;
+                stale_unless_one(rows, &claim)
+            })
+            .await
+    }
+
+    async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
+        let now = now_ms();
+        let until = now + lease.as_millis() as i64;
+        type Row = (i64, String, String, Option<String>, i64, i64);
+        let rows: Vec<Row> = self
+            .writer
+            .write(move |c| {
+                // INDEXED BY: walking every pending intent by id to find the few unenriched ones
+                // would grow with the backlog.
+                let mut stmt = c.prepare_cached(
+                    "UPDATE intents SET enrich_after = ?1, enrich_attempts = enrich_attempts + 1 WHERE id IN ( \
+                       SELECT id FROM intents INDEXED BY intents_unenriched \
+                       WHERE state = 'pending' AND enriched = 0 AND enrich_after <= ?2 ORDER BY id LIMIT ?3) \
+                     RETURNING id, shopper_key, intent, secrets, enrich_attempts, created_at",
+                )?;
+                let rows = stmt.query_map(params![until, now, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })?;
+                Ok(rows.collect::<Result<Vec<Row>, _>>()?)
+            })
+            .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (intent_id, shopper_key, intent, secrets, attempts, created_at_ms) in rows {
+            jobs.push(EnrichmentJob {
+                intent_id,
+                shopper_key,
+                intent: serde_json::from_str(&intent)?,
+                secrets: parse_json(secrets)?.unwrap_or_default(),
+                attempts,
+                created_at_ms,
+            });
+        }
+        jobs.sort_by_key(|j| j.intent_id);
+        Ok(jobs)
+    }
+
+    async fn save_enrichment(&self, intent_id: i64, enrichment: &Value) -> Result<(), StoreError> {
+        let enrichment = enrichment.to_string();
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "UPDATE intents SET enrichment = ?1, enriched = 1, secrets = NULL, updated_at = ?2 WHERE id = ?3",
+                    params![enrichment, now_ms(), intent_id],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let error = error.to_string();
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "UPDATE intents SET enrich_after = ?1, last_error = ?2, updated_at = ?3 WHERE id = ?4 AND enriched = 0",
+                    params![at_ms, error, now_ms(), intent_id],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError> {
+        let reason = reason.to_string();
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
+                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND state = 'pending'",
+                    params![reason, now_ms(), intent_id],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
+        let row = sqlx::query("SELECT state, identity FROM shoppers WHERE shopper_key = ?1")
+            .bind(shopper_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            let mut state: ShopperState = serde_json::from_str(row.get::<&str, _>("state"))?;
+            if let Some(identity) = row.get::<Option<String>, _>("identity") {
+                state.identity = Some(identity);
+            }
+            Ok(state)
+        })
+        .transpose()
+    }
+
+    async fn put_shopper(&self, shopper_key: &str, state: &ShopperState) -> Result<(), StoreError> {
+        let (key, json, identity) = (
+            shopper_key.to_string(),
+            serde_json::to_string(state)?,
+            state.identity.clone(),
+        );
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
+                     identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
+                    params![key, json, identity, now_ms()],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn put_identity(&self, shopper_key: &str, identity: &str) -> Result<(), StoreError> {
+        let (key, identity) = (shopper_key.to_string(), identity.to_string());
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, '{}', ?2, ?3) \
+                     ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at",
+                    params![key, identity, now_ms()],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
+        let row = sqlx::query("SELECT facts FROM cdp_sessions WHERE channel = ?1 AND browser_id = ?2")
+            .bind(channel)
+            .bind(browser_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        parse_json(row.map(|r| r.get("facts")))
+    }
+
+    async fn put_session(&self, facts: &SessionFacts) -> Result<(), StoreError> {
+        let json = serde_json::to_string(facts)?;
+        let facts = facts.clone();
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
+                     last_event_at = excluded.last_event_at, facts = excluded.facts",
+                    params![
+                        facts.channel,
+                        facts.browser_id,
+                        facts.shopper_key,
+                        facts.last_event_at_ms,
+                        json
+                    ],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT facts FROM cdp_sessions WHERE shopper_key = ?1 AND last_event_at >= ?2 ORDER BY last_event_at",
+        )
+        .bind(shopper_key)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>("facts")).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
+        let rows = sqlx::query("SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines WHERE order_id = ?1 ORDER BY updated_at, line_id")
+            .bind(order_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(CartLine {
+                    order_id: r.get("order_id"),
+                    line_id: r.get("line_id"),
+                    shopper_key: r.get("shopper_key"),
+                    line: serde_json::from_str(r.get::<&str, _>("line"))?,
+                    updated_at_ms: r.get("updated_at"),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_cart_line(&self, line: &CartLine) -> Result<(), StoreError> {
+        let json = line.line.to_string();
+        let (order_id, line_id, shopper_key, at) = (
+            line.order_id.clone(),
+            line.line_id.clone(),
+            line.shopper_key.clone(),
+            line.updated_at_ms,
+        );
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
+                     line = excluded.line, updated_at = excluded.updated_at",
+                    params![order_id, line_id, shopper_key, json, at],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn delete_cart_line(&self, order_id: &str, line_id: &str) -> Result<(), StoreError> {
+        let (order_id, line_id) = (order_id.to_string(), line_id.to_string());
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "DELETE FROM cart_lines WHERE order_id = ?1 AND line_id = ?2",
+                    params![order_id, line_id],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError> {
+        let order_id = order_id.to_string();
+        self.writer
+            .write(move |c| run(c, "DELETE FROM cart_lines WHERE order_id = ?1", params![order_id]).map(drop))
+            .await
+    }
+
+    async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError> {
+        let (order_id, to) = (order_id.to_string(), to_shopper.to_string());
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2",
+                    params![to, order_id],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
+             FROM intents WHERE state = 'pending' ORDER BY id LIMIT ?1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedIntent {
+                id: r.get("id"),
+                dedupe_key: r.get("dedupe_key"),
+                shopper_key: r.get("shopper_key"),
+                kind: r.get("kind"),
+                attempts: r.get("attempts"),
+                enriched: r.get("enriched"),
+                next_attempt_at_ms: r.get("next_attempt_at"),
+                last_error: r.get("last_error"),
+                created_at_ms: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, dedupe_key, shopper_key, kind, intent, last_error, attempts, created_at, dead_at FROM intents \
+             WHERE state = 'dead' AND dead_at >= ?1 ORDER BY id LIMIT ?2",
+        )
+        .bind(since_ms.unwrap_or(i64::MIN))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    id: r.get("id"),
+                    dedupe_key: r.get("dedupe_key"),
+                    shopper_key: r.get("shopper_key"),
+                    kind: r.get("kind"),
+                    intent: serde_json::from_str(r.get::<&str, _>("intent"))?,
+                    last_error: r.get("last_error"),
+                    attempts: r.get("attempts"),
+                    created_at_ms: r.get("created_at"),
+                    dead_at_ms: r.get("dead_at"),
+                })
+            })
+            .collect()
+    }
+
+    async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let ids = ids.map(<[i64]>::to_vec);
+        self.writer
+            .write(move |c| {
+                // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
+                let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = ?1, \
+                           claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
+                           enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
+                           WHERE state = 'dead' AND shopper_key <> ?2";
+                match ids {
+                    Some(ids) => {
+                        let mut total = 0;
+                        for id in ids {
+                            total += run(c, &format!("{set} AND id = ?3"), params![now, UNIDENTIFIED_SHOPPER, id])?;
+                        }
+                        Ok(total)
+                    }
+                    None => run(
+                        c,
+                        &format!("{set} AND dead_at >= ?3"),
+                        params![now, UNIDENTIFIED_SHOPPER, since_ms.unwrap_or(i64::MIN)],
+                    ),
+                }
+            })
+            .await
+    }
+
+    async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "DELETE FROM intents WHERE state = 'dead' AND dead_at < ?1",
+                    params![before_ms],
+                )
+            })
+            .await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
+                    (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \
+                    (SELECT MIN(created_at) FROM intents WHERE state = 'pending') AS oldest",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> = row.get("oldest");
+        Ok(QueueStats {
+            pending: row.get("pending"),
+            dead: row.get("dead"),
+            oldest_pending_age_ms: oldest.map(|o| (now_ms() - o).max(0)).unwrap_or(0),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if !self.writer.is_open() {
+            return Err(StoreError::Unavailable("store is closed".into()));
+        }
+        self.writer
+            .write(|c| {
+                run(
+                    c,
+                    "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
+                     ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                    params![now_ms()],
+                )
+                .map(drop)
+            })
+            .await
+    }
+
+    async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.writer
+            .write(move |c| run(c, "DELETE FROM seen_webhooks WHERE seen_at < ?1", params![before_ms]))
+            .await
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,240 @@
+//! The one SQLite writer: an OS thread that owns the write connection and commits every write
+//! that arrived while it was busy in one transaction (group commit).
+//!
+//! Callers hand it a closure and await the answer, which comes only after the commit. The thread
+//! runs statements synchronously (no hop to another thread per statement) from a cache of prepared
+//! statements, so a burst of webhooks and the delivery bookkeeping beside it cost one transaction,
+//! one WAL write and, when a webhook is in the batch, one fsync — not one of each per statement.
+//!
+//! Each closure runs inside a savepoint: one that fails is rolled back alone and answered with its
+//! error; the others in the batch still commit.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::store::StoreError;
+
+/// Most closures committed in one transaction (bounds the wait of the first one in a batch).
+const MAX_BATCH: usize = 256;
+
+/// Answers the caller once the batch's commit outcome is known.
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Runs against the connection inside the batch's transaction and returns how to answer;
+/// given `None` (the transaction could not start) it only returns the answer.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
+
+struct Work {
+    job: Job,
+    /// The caller is told "committed" only once the WAL is fsynced (`synchronous = FULL`).
+    durable: bool,
+}
+
+pub struct Writer {
+    sender: Mutex<Option<mpsc::Sender<Work>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl Writer {
+    /// Opens the write connection on `path` (the database must exist and be migrated).
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Writer, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(busy_timeout)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = 33554432;")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let (sender, receiver) = mpsc::channel::<Work>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(conn, receiver))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Writer {
+            sender: Mutex::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Runs `f` in the next batch; its answer arrives after the commit (not fsynced).
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    /// Like [`Writer::write`], but answered only once the commit is on disk (webhook intake).
+    pub async fn write_durable<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit(f, true).await
+    }
+
+    async fn submit<T, F>(&self, f: F, durable: bool) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => in_savepoint(conn, f),
+                None => Err(StoreError::Unavailable("the SQLite transaction did not start".into())),
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let _ = answer.send(match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(StoreError::Unavailable(e)),
+                });
+            })
+        });
+        let stopped = || StoreError::Unavailable("store is closed".into());
+        self.sender
+            .lock()
+            .expect("writer lock")
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Work { job, durable })
+            .map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.sender.lock().expect("writer lock").is_some()
+    }
+
+    /// Stops taking writes, commits those already queued (waiting up to 10 s) and closes.
+    pub async fn close(&self) {
+        self.sender.lock().expect("writer lock").take();
+        let thread = self.thread.lock().expect("writer thread lock").take();
+        if let Some(thread) = thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            let _ = tokio::time::timeout(Duration::from_secs(10), joined).await;
+        }
+    }
+}
+
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+    let result = f(conn);
+    if result.is_err() {
+        conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+    }
+    conn.prepare_cached("RELEASE job")?.execute([])?;
+    result
+}
+
+/// The writer thread: takes whatever is queued (up to [`MAX_BATCH`]), runs it in one transaction,
+/// commits, answers; ends when every sender is gone and the queue is empty.
+fn run(conn: Connection, receiver: mpsc::Receiver<Work>) {
+    let mut batch: Vec<Work> = Vec::with_capacity(MAX_BATCH);
+    let mut synchronous_full = false;
+    while let Ok(first) = receiver.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(work) => batch.push(work),
+                Err(_) => break,
+            }
+        }
+        // A webhook's 200 means committed to disk; bookkeeping alone commits without the fsync
+        // (made durable by the next durable commit; at worst a power loss repeats CDP events).
+        let durable = batch.iter().any(|w| w.durable);
+        let mut replies = Vec::with_capacity(batch.len());
+        let outcome = (|| -> Result<(), rusqlite::Error> {
+            if durable != synchronous_full {
+                let mode = if durable { "FULL" } else { "NORMAL" };
+                conn.execute_batch(&format!("PRAGMA synchronous = {mode}"))?;
+                synchronous_full = durable;
+            }
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            for work in batch.drain(..) {
+                replies.push((work.job)(Some(&conn)));
+            }
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
+        })();
+        let outcome = outcome.map_err(|e| {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            tracing::warn!(error = %e, "SQLite writer: batch not committed");
+            e.to_string()
+        });
+        // Jobs not run (the transaction did not start) are answered with the batch's error.
+        replies.extend(batch.drain(..).map(|work| (work.job)(None)));
+        for reply in replies {
+            reply(outcome.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_is_rolled_back_alone_and_the_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")
+            .unwrap();
+        let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1)).unwrap());
+        // Many writes at once, so that they share batches; every third fails after writing a row.
+        let mut tasks = Vec::new();
+        for v in 0..60i64 {
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                writer
+                    .write_durable(move |c| {
+                        c.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+                        if v % 3 == 0 {
+                            c.execute("INSERT INTO t (v) VALUES (?1)", [v])?; // duplicate key: fails
+                        }
+                        Ok(v)
+                    })
+                    .await
+            }));
+        }
+        let mut failed = 0;
+        for (v, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Ok(got) => assert_eq!(got, v as i64),
+                Err(_) => {
+                    assert_eq!(v % 3, 0, "write {v} should have committed");
+                    failed += 1;
+                }
+            }
+        }
+        assert_eq!(failed, 20);
+        assert_eq!(count(&path), 40, "the failing writes' first rows must be rolled back");
+        writer.close().await;
+        assert!(!writer.is_open());
+        let after = writer
+            .write(|c| Ok(c.execute("INSERT INTO t (v) VALUES (1000)", [])?))
+            .await;
+        assert!(matches!(after, Err(StoreError::Unavailable(_))), "{after:?}");
+        assert_eq!(count(&path), 40);
+    }
+}
