@@ -6,10 +6,14 @@
 //! statements, so a burst of webhooks and the delivery bookkeeping beside it cost one transaction,
 //! one WAL write and, when a webhook is in the batch, one fsync — not one of each per statement.
 //!
+//! Three threads: the writer (statements and commits), the syncer (fsyncs the WAL for webhooks
+//! before they are answered, overlapping the writer's next batch) and the checkpointer (copies the
+//! WAL into the database file every second, off the commit path).
+//!
 //! Each closure runs inside a savepoint: one that fails is rolled back alone and answered with its
 //! error; the others in the batch still commit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -31,13 +35,18 @@ type Job = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
 
 struct Work {
     job: Job,
-    /// The caller is told "committed" only once the WAL is fsynced (`synchronous = FULL`).
+    /// The caller is answered only once the WAL is fsynced after the commit.
     durable: bool,
 }
+
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Writer {
     sender: Mutex<Option<mpsc::Sender<Work>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Dropped at close: the checkpointer's signal to stop.
+    checkpointer: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -51,16 +60,32 @@ impl Writer {
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Writer, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = 33554432;")?;
+        // Checkpoints run on their own thread (below), not inside a commit of this one; the WAL
+        // file is cut back to 64 MiB when it restarts.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = 33554432; \
+             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+        )?;
         conn.set_prepared_statement_cache_capacity(64);
+        let checkpoints = Connection::open(path)?;
+        checkpoints.busy_timeout(busy_timeout)?;
+        let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_until_stopped(checkpoints, stopped))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer: {e}")))?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
         let (sender, receiver) = mpsc::channel::<Work>();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, receiver))
+            .spawn(move || run(conn, receiver, wal))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
         Ok(Writer {
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
+            checkpointer: Mutex::new(Some(stop_checkpoints)),
         })
     }
 
@@ -118,10 +143,21 @@ impl Writer {
     /// Stops taking writes, commits those already queued (waiting up to 10 s) and closes.
     pub async fn close(&self) {
         self.sender.lock().expect("writer lock").take();
+        self.checkpointer.lock().expect("checkpointer lock").take();
         let thread = self.thread.lock().expect("writer thread lock").take();
         if let Some(thread) = thread {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             let _ = tokio::time::timeout(Duration::from_secs(10), joined).await;
+        }
+    }
+}
+
+/// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`], beside the
+/// writer (a passive checkpoint waits for no one), until its stop channel closes.
+fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "SQLite checkpoint failed; the WAL grows until the next one");
         }
     }
 }
@@ -138,9 +174,17 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
 
 /// The writer thread: takes whatever is queued (up to [`MAX_BATCH`]), runs it in one transaction,
 /// commits, answers; ends when every sender is gone and the queue is empty.
-fn run(conn: Connection, receiver: mpsc::Receiver<Work>) {
+///
+/// Commits do not fsync (`synchronous = NORMAL`). Writes that must be on disk before their answer
+/// (webhooks) are answered by the syncer thread after it has fsynced the WAL, while this thread
+/// goes on with the next batch: the fsync of one batch overlaps the statements of the next.
+fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf) {
+    let (to_syncer, syncer_queue) = mpsc::channel::<Vec<Reply>>();
+    let syncer = std::thread::Builder::new()
+        .name("sqlite-sync".into())
+        .spawn(move || sync_then_answer(&wal, syncer_queue))
+        .expect("cannot start the SQLite syncer thread");
     let mut batch: Vec<Work> = Vec::with_capacity(MAX_BATCH);
-    let mut synchronous_full = false;
     while let Ok(first) = receiver.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -149,19 +193,11 @@ fn run(conn: Connection, receiver: mpsc::Receiver<Work>) {
                 Err(_) => break,
             }
         }
-        // A webhook's 200 means committed to disk; bookkeeping alone commits without the fsync
-        // (made durable by the next durable commit; at worst a power loss repeats CDP events).
-        let durable = batch.iter().any(|w| w.durable);
         let mut replies = Vec::with_capacity(batch.len());
         let outcome = (|| -> Result<(), rusqlite::Error> {
-            if durable != synchronous_full {
-                let mode = if durable { "FULL" } else { "NORMAL" };
-                conn.execute_batch(&format!("PRAGMA synchronous = {mode}"))?;
-                synchronous_full = durable;
-            }
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             for work in batch.drain(..) {
-                replies.push((work.job)(Some(&conn)));
+                replies.push(((work.job)(Some(&conn)), work.durable));
             }
             conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(())
@@ -174,7 +210,49 @@ fn run(conn: Connection, receiver: mpsc::Receiver<Work>) {
             e.to_string()
         });
         // Jobs not run (the transaction did not start) are answered with the batch's error.
-        replies.extend(batch.drain(..).map(|work| (work.job)(None)));
+        replies.extend(batch.drain(..).map(|work| ((work.job)(None), false)));
+        let mut after_sync = Vec::new();
+        for (reply, durable) in replies {
+            if durable && outcome.is_ok() {
+                after_sync.push(reply);
+            } else {
+                reply(outcome.clone());
+            }
+        }
+        if !after_sync.is_empty() {
+            if let Err(mpsc::SendError(replies)) = to_syncer.send(after_sync) {
+                for reply in replies {
+                    reply(Err("the SQLite syncer stopped".into()));
+                }
+            }
+        }
+    }
+    drop(to_syncer);
+    let _ = syncer.join();
+}
+
+/// The syncer thread: fsyncs the WAL once for every group of committed durable writes queued
+/// meanwhile, then answers them. The fsync starts after their commit returned, so it covers them
+/// (an fsync flushes the file, whichever descriptor wrote it).
+fn sync_then_answer(wal: &Path, queue: mpsc::Receiver<Vec<Reply>>) {
+    let mut file: Option<std::fs::File> = None;
+    while let Ok(first) = queue.recv() {
+        let mut replies = first;
+        while let Ok(more) = queue.try_recv() {
+            replies.extend(more);
+        }
+        let synced = (|| -> std::io::Result<()> {
+            if file.is_none() {
+                file = Some(std::fs::File::open(wal)?);
+            }
+            file.as_ref().expect("opened above").sync_data()
+        })();
+        let outcome = synced.map_err(|e| {
+            // Reopened next time: the WAL may have been replaced.
+            file = None;
+            tracing::warn!(error = %e, wal = %wal.display(), "SQLite syncer: fsync of the WAL failed");
+            format!("fsync of the SQLite WAL failed: {e}")
+        });
         for reply in replies {
             reply(outcome.clone());
         }
