@@ -1,6 +1,7 @@
-//! Group commit for intake: one writer task per store commits every webhook that arrived while the
-//! previous batch was being written in one transaction, so a burst costs one fsync (or one round
-//! trip) per batch, not one per webhook. Callers wait for their own outcome.
+//! Group commit for PostgreSQL intake (SQLite has its own writer thread, `store::sqlite::writer`):
+//! one writer task commits every webhook that arrived while the previous batch was being written in
+//! one transaction, so a burst costs one round trip per batch, not one per webhook. Callers wait for
+//! their own outcome.
 
 use std::future::Future;
 use std::sync::Mutex;
