@@ -49,12 +49,6 @@ pub struct Writer {
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
-    }
-}
-
 impl Writer {
     /// Opens the write connection on `path` (the database must exist and be migrated).
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Writer, StoreError> {
