@@ -1,6 +1,7 @@
 //! What a webhook asks the forwarder to do, as stored in a shopper's queue.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The shopper action behind a webhook.
@@ -51,8 +52,12 @@ pub enum RouteFamily {
 }
 
 /// One stored intent: everything delivery needs, without the tokens (kept apart, see [`IntentSecrets`]).
+///
+/// `B` is how the webhook's request and response bodies are held: parsed ([`Value`], what delivery
+/// reads) or as the webhook's own JSON text ([`RawIntent`], what intake stores without building a
+/// tree of them). Both serialize to the same stored JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Intent {
+pub struct Intent<B = Value> {
     pub kind: IntentKind,
     pub family: RouteFamily,
     pub verb: String,
@@ -62,8 +67,8 @@ pub struct Intent {
     pub line_item_id: Option<String>,
     /// When the shopper acted: the webhook's Date, else the time of receipt (epoch ms).
     pub occurred_at_ms: i64,
-    pub request_body: Value,
-    pub response_body: Value,
+    pub request_body: B,
+    pub response_body: B,
     /// Query parameters with any token removed.
     pub query_params: Map<String, Value>,
     /// Facts from the UserToken's claims.
@@ -73,6 +78,9 @@ pub struct Intent {
     pub anon_order_id: Option<String>,
     pub token_expires_at: Option<i64>,
 }
+
+/// An intent as intake builds it: the bodies are slices of the webhook's JSON, stored as they came.
+pub type RawIntent = Intent<Box<RawValue>>;
 
 /// Live credentials an intent needs for its OrderCloud reads; stored apart and erased once the
 /// intent has been enriched or has left the queue.

@@ -116,17 +116,23 @@ fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
 /// details (the identity is the token's `orderid`). Intake stores it right away, sparing the
 /// enrichment round; `None` when OrderCloud must be read.
 pub fn without_network(intent: &Intent) -> Option<Enrichment> {
-    let cheap = matches!(
-        intent.kind,
-        IntentKind::LinesUpserted | IntentKind::CartDeleted | IntentKind::GuestDetails
-    );
     let orderid = intent.anon_order_id.as_deref().filter(|o| !o.is_empty())?;
-    (intent.anonymous && cheap).then(|| Enrichment {
+    answerable_without_network(intent).then(|| Enrichment {
         identity: format!("anon-{orderid}"),
         order_id: intent.order_id.clone().or_else(|| Some(orderid.to_string())),
         order_currency: order_in_response(intent).and_then(|o| text(o, "/Currency")),
         ..Enrichment::default()
     })
+}
+
+/// Whether [`without_network`] answers for this intent (read from its kind and token alone, so
+/// intake can tell before parsing the bodies).
+pub fn answerable_without_network<B>(intent: &Intent<B>) -> bool {
+    let cheap = matches!(
+        intent.kind,
+        IntentKind::LinesUpserted | IntentKind::CartDeleted | IntentKind::GuestDetails
+    );
+    intent.anonymous && cheap && intent.anon_order_id.as_deref().is_some_and(|o| !o.is_empty())
 }
 
 /// Runs the reads one intent needs.

@@ -9,12 +9,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
 use super::{error, AppState};
-use crate::intent::{Intent, IntentSecrets};
+use crate::intent::{IntentSecrets, RawIntent};
 use crate::ordercloud::envelope::Webhook;
 use crate::ordercloud::routes::{classify, RouteMatch};
 use crate::ordercloud::{signature, token};
@@ -166,11 +167,10 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
     });
 
     // Register answers carry the new user's access_token: a live credential, kept with the secrets.
-    let mut response_body = std::mem::take(&mut webhook.response_body);
-    let registered_token = take_string(&mut response_body, "access_token");
-    take_string(&mut response_body, "refresh_token");
-    let mut request_body = std::mem::take(&mut webhook.request_body);
-    take_string(&mut request_body, "Password");
+    let mut response_body = std::mem::replace(&mut webhook.response_body, RawValue::NULL.to_owned());
+    let [registered_token, _refresh_token] = take_strings(&mut response_body, ["access_token", "refresh_token"]);
+    let mut request_body = std::mem::replace(&mut webhook.request_body, RawValue::NULL.to_owned());
+    take_strings(&mut request_body, ["Password"]);
 
     let claims = match webhook.user_token.as_deref() {
         None => Err(token::TokenError::Missing),
@@ -189,7 +189,7 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
     } else {
         webhook.route_param("lineItemID")
     };
-    let intent = Intent {
+    let intent = RawIntent {
         kind: route.kind,
         family: route.family,
         verb: webhook.verb.clone(),
@@ -207,7 +207,7 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
         anon_order_id: claims.orderid.clone(),
         token_expires_at: claims.exp,
     };
-    let needs_enrichment = crate::delivery::enrich::without_network(&intent).is_none();
+    let needs_enrichment = !crate::delivery::enrich::answerable_without_network(&intent);
     NewIntent {
         dedupe_key,
         shopper_key,
@@ -222,13 +222,57 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
     }
 }
 
-/// Removes a top-level field of an object, returning it when it is a string.
-fn take_string(body: &mut Value, name: &str) -> Option<String> {
-    match body {
-        Value::Object(map) => match map.remove(name) {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
-        },
+/// Removes top-level fields of an object body, returning each one's value when it is a string.
+/// The body is parsed only when it may hold one of them: most bodies are stored as they came.
+fn take_strings<const N: usize>(body: &mut Box<RawValue>, names: [&str; N]) -> [Option<String>; N] {
+    let text = body.get();
+    // A key may be spelled with escapes (`"Passw\u006frd"`); such a body is parsed too.
+    if !text.contains("\\u") && !names.iter().any(|name| text.contains(name)) {
+        return [const { None }; N];
+    }
+    let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(text) else {
+        return [const { None }; N];
+    };
+    let taken = names.map(|name| match map.remove(name) {
+        Some(Value::String(s)) => Some(s),
         _ => None,
+    });
+    *body = serde_json::value::to_raw_value(&map).expect("a JSON object serializes");
+    taken
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn take_strings_removes_secrets_and_leaves_other_bodies_as_they_came() {
+        let mut body = raw(r#"{"access_token":"tok","refresh_token":"ref","expires_in":600}"#);
+        let [access, refresh] = take_strings(&mut body, ["access_token", "refresh_token"]);
+        assert_eq!((access.as_deref(), refresh.as_deref()), (Some("tok"), Some("ref")));
+        assert_eq!(body.get(), r#"{"expires_in":600}"#);
+
+        // A key spelled with escapes is still found.
+        let mut body = raw(r#"{"Username":"jo","Passw\u006frd":"hunter2"}"#);
+        take_strings(&mut body, ["Password"]);
+        assert_eq!(body.get(), r#"{"Username":"jo"}"#);
+
+        // Bodies without the names keep their exact text (no reformatting).
+        let text = r#"{ "ID": "L1", "Quantity": 2 }"#;
+        let mut body = raw(text);
+        assert_eq!(take_strings(&mut body, ["Password"]), [None]);
+        assert_eq!(body.get(), text);
+
+        // Only top-level strings are taken; nested ones and non-objects stay.
+        let mut body = raw(r#"{"xp":{"Password":"x"},"Password":7}"#);
+        assert_eq!(take_strings(&mut body, ["Password"]), [None]);
+        assert_eq!(body.get(), r#"{"xp":{"Password":"x"}}"#);
+        let mut body = raw(r#"["Password"]"#);
+        assert_eq!(take_strings(&mut body, ["Password"]), [None]);
+        assert_eq!(body.get(), r#"["Password"]"#);
     }
 }

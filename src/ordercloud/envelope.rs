@@ -1,8 +1,12 @@
 //! The webhook envelope OrderCloud posts (WebhookPayload in the .NET SDK), parsed tolerantly:
 //! unknown fields are ignored and any field may be null.
+//!
+//! The request and response bodies are kept as the webhook's JSON text (checked, not parsed into a
+//! tree): intake stores them as they came, and delivery parses them when it reads them.
 
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// One webhook as OrderCloud sends it.
@@ -26,17 +30,14 @@ pub struct Envelope {
     pub request: Option<Message>,
     #[serde(rename = "Response", default)]
     pub response: Option<Message>,
-    #[serde(rename = "ConfigData", default)]
-    pub config_data: Value,
 }
 
-/// `Request` or `Response`: the body, and headers that OrderCloud sends as null since v1.0.169.
+/// `Request` or `Response`: the body (the headers, which OrderCloud sends as null since v1.0.169,
+/// and the envelope's ConfigData are not read).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Message {
     #[serde(rename = "Body", default)]
-    pub body: Value,
-    #[serde(rename = "Headers", default)]
-    pub headers: Value,
+    pub body: Option<Box<RawValue>>,
 }
 
 /// Why a signed body is not a webhook; the reason is short and carries no body content.
@@ -61,17 +62,19 @@ pub struct Webhook {
     pub date: Option<DateTime<FixedOffset>>,
     pub log_id: Option<String>,
     pub user_token: Option<String>,
-    pub request_body: Value,
-    pub response_body: Value,
+    /// The JSON text of `Request.Body` (`null` when absent).
+    pub request_body: Box<RawValue>,
+    /// The JSON text of `Response.Body` (`null` when absent).
+    pub response_body: Box<RawValue>,
 }
 
 impl Webhook {
     pub fn parse(body: &[u8]) -> Result<Webhook, EnvelopeError> {
-        let value: Value = serde_json::from_slice(body).map_err(|_| EnvelopeError::NotJson)?;
-        if !value.is_object() {
+        // An object, not an array read field by field into the envelope.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EnvelopeError::NotJson);
         }
-        let env: Envelope = serde_json::from_value(value).map_err(|_| EnvelopeError::NotJson)?;
+        let env: Envelope = serde_json::from_slice(body).map_err(|_| EnvelopeError::NotJson)?;
         let route = env
             .route
             .filter(|r| !r.is_empty())
@@ -92,8 +95,14 @@ impl Webhook {
             date,
             log_id: env.log_id.filter(|l| !l.is_empty()),
             user_token: env.user_token.filter(|t| !t.is_empty()),
-            request_body: env.request.map(|m| m.body).unwrap_or(Value::Null),
-            response_body: env.response.map(|m| m.body).unwrap_or(Value::Null),
+            request_body: env
+                .request
+                .and_then(|m| m.body)
+                .unwrap_or_else(|| RawValue::NULL.to_owned()),
+            response_body: env
+                .response
+                .and_then(|m| m.body)
+                .unwrap_or_else(|| RawValue::NULL.to_owned()),
         })
     }
 
@@ -138,6 +147,12 @@ mod tests {
         assert_eq!(w.route_param("BUYERID").as_deref(), Some("buyer_10"));
         assert_eq!(w.date.unwrap().timestamp_subsec_nanos(), 650_464_500);
         assert_eq!(w.log_id.as_deref(), Some("71ce120a-17d5-4833-89f6-4f9a33ddd42f"));
+        assert_eq!(
+            w.request_body.get(),
+            r#"{"Active":true}"#,
+            "bodies are kept as they came"
+        );
+        assert_eq!(w.response_body.get(), "{}");
     }
 
     #[test]
@@ -145,8 +160,20 @@ mod tests {
         let w = Webhook::parse(br#"{"Route":"v1/cart","Verb":"delete","RouteParams":null,"QueryParams":null,"Request":null,"Response":null,"Date":null}"#).unwrap();
         assert_eq!(w.verb, "DELETE");
         assert!(w.route_params.is_empty());
+        assert_eq!((w.request_body.get(), w.response_body.get()), ("null", "null"));
+        let w = Webhook::parse(br#" {"Route":"v1/cart","Verb":"DELETE","Request":{"Headers":null}}"#).unwrap();
+        assert_eq!(w.request_body.get(), "null");
         assert_eq!(Webhook::parse(b"not json").unwrap_err(), EnvelopeError::NotJson);
         assert_eq!(Webhook::parse(b"[1,2]").unwrap_err(), EnvelopeError::NotJson);
+        assert_eq!(
+            Webhook::parse(br#"["v1/cart",null,null,"PUT"]"#).unwrap_err(),
+            EnvelopeError::NotJson
+        );
+        assert_eq!(
+            Webhook::parse(br#"{"Route":"v1/cart","Verb":"PUT","Request":{"Body":{"a":}}}"#).unwrap_err(),
+            EnvelopeError::NotJson,
+            "a malformed body inside the envelope is caught"
+        );
         assert_eq!(
             Webhook::parse(br#"{"Verb":"PUT"}"#).unwrap_err(),
             EnvelopeError::Missing("Route")

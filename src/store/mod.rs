@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::StoreSettings;
-use crate::intent::{Intent, IntentSecrets};
+use crate::intent::{Intent, IntentSecrets, RawIntent};
 
 pub mod group_commit;
 pub mod postgres;
@@ -61,7 +61,8 @@ pub struct NewIntent {
     /// The webhook's LogID (or a hash of the body when OrderCloud sent none).
     pub dedupe_key: String,
     pub shopper_key: String,
-    pub intent: Intent,
+    /// Its bodies as the webhook's JSON text: stored as they came.
+    pub intent: RawIntent,
     pub secrets: IntentSecrets,
     /// `Some(reason)`: store it as a dead letter right away (e.g. no usable UserToken).
     pub dead_reason: Option<String>,

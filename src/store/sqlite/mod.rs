@@ -81,47 +81,73 @@ impl SqliteStore {
     }
 }
 
-/// One webhook: its dedupe record, then its intent (unless the LogID was seen before).
-fn insert_intent(
-    conn: &Connection,
-    item: &NewIntent,
-    intent: &str,
-    secrets: Option<&str>,
-) -> Result<EnqueueOutcome, StoreError> {
-    let now = now_ms();
-    let fresh = conn
-        .prepare_cached("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")?
-        .execute(params![item.dedupe_key, now])?;
-    if fresh == 0 {
-        return Ok(EnqueueOutcome::Duplicate);
+/// One webhook as the writer thread stores it: text and flags only, built (and the webhook's
+/// parts dropped) on the caller's thread, so that the one writer thread only runs SQL.
+struct IntentRow {
+    dedupe_key: String,
+    shopper_key: String,
+    kind: &'static str,
+    intent: String,
+    secrets: Option<String>,
+    enriched: bool,
+    dead_reason: Option<String>,
+}
+
+impl IntentRow {
+    fn new(item: NewIntent) -> Result<IntentRow, StoreError> {
+        let secrets = if item.dead_reason.is_some() || !item.needs_enrichment {
+            None
+        } else {
+            Some(serde_json::to_string(&item.secrets)?)
+        };
+        Ok(IntentRow {
+            kind: item.intent.kind.label(),
+            intent: serde_json::to_string(&item.intent)?,
+            secrets,
+            enriched: !item.needs_enrichment,
+            dedupe_key: item.dedupe_key,
+            shopper_key: item.shopper_key,
+            dead_reason: item.dead_reason,
+        })
     }
-    let dead = item.dead_reason.is_some();
-    let id: i64 = conn
-        .prepare_cached(
-            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
-             next_attempt_at, last_error, created_at, updated_at, dead_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10) RETURNING id",
-        )?
-        .query_row(
-            params![
-                item.dedupe_key,
-                item.shopper_key,
-                item.intent.kind.label(),
-                intent,
-                secrets,
-                !item.needs_enrichment,
-                if dead { "dead" } else { "pending" },
-                now,
-                item.dead_reason,
-                dead.then_some(now),
-            ],
-            |r| r.get(0),
-        )?;
-    Ok(if dead {
-        EnqueueOutcome::DeadLettered(id)
-    } else {
-        EnqueueOutcome::Queued(id)
-    })
+
+    /// Its dedupe record, then its intent (unless the LogID was seen before).
+    fn insert(&self, conn: &Connection) -> Result<EnqueueOutcome, StoreError> {
+        let now = now_ms();
+        let fresh = conn
+            .prepare_cached("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")?
+            .execute(params![self.dedupe_key, now])?;
+        if fresh == 0 {
+            return Ok(EnqueueOutcome::Duplicate);
+        }
+        let dead = self.dead_reason.is_some();
+        let id: i64 = conn
+            .prepare_cached(
+                "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
+                 next_attempt_at, last_error, created_at, updated_at, dead_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10) RETURNING id",
+            )?
+            .query_row(
+                params![
+                    self.dedupe_key,
+                    self.shopper_key,
+                    self.kind,
+                    self.intent,
+                    self.secrets,
+                    self.enriched,
+                    if dead { "dead" } else { "pending" },
+                    now,
+                    self.dead_reason,
+                    dead.then_some(now),
+                ],
+                |r| r.get(0),
+            )?;
+        Ok(if dead {
+            EnqueueOutcome::DeadLettered(id)
+        } else {
+            EnqueueOutcome::Queued(id)
+        })
+    }
 }
 
 /// Runs one write statement and returns how many rows it changed.
@@ -135,16 +161,8 @@ type ClaimRow = (i64, String, String, Option<String>, Option<String>, i64, i64);
 #[async_trait]
 impl Store for SqliteStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
-        // Serialized here, on the caller's thread: the writer thread only runs SQL.
-        let intent = serde_json::to_string(&item.intent)?;
-        let secrets = if item.dead_reason.is_some() || !item.needs_enrichment {
-            None
-        } else {
-            Some(serde_json::to_string(&item.secrets)?)
-        };
-        self.writer
-            .write_durable(move |c| insert_intent(c, &item, &intent, secrets.as_deref()))
-            .await
+        let row = IntentRow::new(item)?;
+        self.writer.write_durable(move |c| row.insert(c)).await
     }
 
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
