@@ -121,27 +121,25 @@ impl IntentRow {
             return Ok(EnqueueOutcome::Duplicate);
         }
         let dead = self.dead_reason.is_some();
-        let id: i64 = conn
-            .prepare_cached(
-                "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
-                 next_attempt_at, last_error, created_at, updated_at, dead_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10) RETURNING id",
-            )?
-            .query_row(
-                params![
-                    self.dedupe_key,
-                    self.shopper_key,
-                    self.kind,
-                    self.intent,
-                    self.secrets,
-                    self.enriched,
-                    if dead { "dead" } else { "pending" },
-                    now,
-                    self.dead_reason,
-                    dead.then_some(now),
-                ],
-                |r| r.get(0),
-            )?;
+        conn.prepare_cached(
+            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
+             next_attempt_at, last_error, created_at, updated_at, dead_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10)",
+        )?
+        .execute(params![
+            self.dedupe_key,
+            self.shopper_key,
+            self.kind,
+            self.intent,
+            self.secrets,
+            self.enriched,
+            if dead { "dead" } else { "pending" },
+            now,
+            self.dead_reason,
+            dead.then_some(now),
+        ])?;
+        // Not `RETURNING id`: SQLite would stage the answer in a temporary table per row.
+        let id = conn.last_insert_rowid();
         Ok(if dead {
             EnqueueOutcome::DeadLettered(id)
         } else {

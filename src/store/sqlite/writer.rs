@@ -8,14 +8,21 @@
 //!
 //! Three threads: the writer (statements and commits), the syncer (fsyncs the WAL for webhooks
 //! before they are answered, overlapping the writer's next batch) and the checkpointer (copies the
-//! WAL into the database file every second, off the commit path).
+//! WAL into the database file, off the commit path).
+//!
+//! The WAL is kept small. SQLite starts writing the WAL from its beginning again only once every
+//! frame in it has been copied to the database, which never happens by itself while commits keep
+//! coming (each checkpoint ends a few commits behind): under sustained load the WAL would grow
+//! without bound, and every write and read with it. So once the WAL passes [`WAL_RESTART_BYTES`],
+//! the checkpointer copies until little is left and asks the writer to copy that rest between two
+//! batches; the writer's next transaction then starts the WAL over.
 //!
 //! Each closure runs inside a savepoint: one that fails is rolled back alone and answered with its
 //! error; the others in the batch still commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,7 +47,11 @@ struct Work {
 }
 
 /// How often the checkpointer copies the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL size past which the WAL is started over (see the module documentation).
+const WAL_RESTART_BYTES: i64 = 16 << 20;
+/// What the checkpointer leaves for the writer to copy between two batches (a short pause).
+const WAL_REST_BYTES: i64 = 256 << 10;
 
 pub struct Writer {
     sender: Mutex<Option<mpsc::Sender<Work>>>,
@@ -49,13 +60,17 @@ pub struct Writer {
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
 }
 
+/// Set by the checkpointer when the WAL should start over: the writer then copies what is left
+/// of it between two batches.
+type RestartWanted = Arc<AtomicBool>;
+
 impl Writer {
     /// Opens the write connection on `path` (the database must exist and be migrated).
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Writer, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // Checkpoints run on their own thread (below), not inside a commit of this one; the WAL
-        // file is cut back to 64 MiB when it restarts.
+        // file is cut back to 64 MiB when it starts over.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = 33554432; \
              PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
@@ -64,9 +79,11 @@ impl Writer {
         let checkpoints = Connection::open(path)?;
         checkpoints.busy_timeout(busy_timeout)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let restart_wanted = RestartWanted::default();
+        let wanted = restart_wanted.clone();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_until_stopped(checkpoints, stopped))
+            .spawn(move || checkpoint_until_stopped(checkpoints, stopped, wanted))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer: {e}")))?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
@@ -74,7 +91,7 @@ impl Writer {
         let (sender, receiver) = mpsc::channel::<Work>();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, receiver, wal))
+            .spawn(move || run(conn, receiver, wal, restart_wanted))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
         Ok(Writer {
             sender: Mutex::new(Some(sender)),
@@ -147,13 +164,39 @@ impl Writer {
 }
 
 /// Copies committed WAL frames into the database file every [`CHECKPOINT_EVERY`], beside the
-/// writer (a passive checkpoint waits for no one), until its stop channel closes.
-fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>) {
+/// writer (a passive checkpoint waits for no one), until its stop channel closes. When the WAL has
+/// grown past [`WAL_RESTART_BYTES`], copies again until less than [`WAL_REST_BYTES`] is left, then
+/// asks the writer to copy that rest.
+fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>, restart_wanted: RestartWanted) {
+    let page_bytes = conn
+        .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+        .unwrap_or(4096)
+        + 24;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "SQLite checkpoint failed; the WAL grows until the next one");
+        let mut passes = 0;
+        loop {
+            let (wal_frames, copied) = match checkpoint(&conn) {
+                Ok(frames) => frames,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed; the WAL grows until the next one");
+                    break;
+                }
+            };
+            if wal_frames * page_bytes < WAL_RESTART_BYTES {
+                break;
+            }
+            passes += 1;
+            if (wal_frames - copied) * page_bytes < WAL_REST_BYTES || passes == 4 {
+                restart_wanted.store(true, Ordering::Relaxed);
+                break;
+            }
         }
     }
+}
+
+/// A passive checkpoint: (frames in the WAL, frames of them copied to the database file).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?)))
 }
 
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -172,7 +215,7 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
 /// Commits do not fsync (`synchronous = NORMAL`). Writes that must be on disk before their answer
 /// (webhooks) are answered by the syncer thread after it has fsynced the WAL, while this thread
 /// goes on with the next batch: the fsync of one batch overlaps the statements of the next.
-fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf) {
+fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf, restart_wanted: RestartWanted) {
     let (to_syncer, syncer_queue) = mpsc::channel::<Vec<Reply>>();
     let syncer = std::thread::Builder::new()
         .name("sqlite-sync".into())
@@ -218,6 +261,13 @@ fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf) {
                 for reply in replies {
                     reply(Err("the SQLite syncer stopped".into()));
                 }
+            }
+        }
+        // No write runs meanwhile, so this copies the WAL to its end, and the next transaction
+        // starts the WAL over (unless a reader still reads from it; then the next time).
+        if restart_wanted.swap(false, Ordering::Relaxed) {
+            if let Err(e) = checkpoint(&conn) {
+                tracing::warn!(error = %e, "SQLite checkpoint by the writer failed; the WAL grows until the next one");
             }
         }
     }
