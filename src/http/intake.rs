@@ -150,13 +150,23 @@ fn too_large(max: usize) -> (&'static str, &'static str, Response) {
 }
 
 /// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
-/// Takes the webhook by value: its bodies move into the intent instead of being copied.
-fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
-    let dedupe_key = webhook
-        .log_id
-        .clone()
-        .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
-    let mut query_params = std::mem::take(&mut webhook.query_params);
+/// Takes the webhook by value: its parts move into the intent instead of being copied.
+fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
+    let direction = webhook.route_param("direction");
+    let order_id = webhook.route_param("orderID");
+    let line_item_id = webhook.route_param(if route.bundle { "bundleItemID" } else { "lineItemID" });
+    let Webhook {
+        route: route_text,
+        verb,
+        mut query_params,
+        date,
+        log_id,
+        user_token,
+        mut request_body,
+        mut response_body,
+        ..
+    } = webhook;
+    let dedupe_key = log_id.unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
     let anon_key = query_params
         .keys()
         .find(|k| k.eq_ignore_ascii_case("anonUserToken"))
@@ -167,12 +177,10 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
     });
 
     // Register answers carry the new user's access_token: a live credential, kept with the secrets.
-    let mut response_body = std::mem::replace(&mut webhook.response_body, RawValue::NULL.to_owned());
     let [registered_token, _refresh_token] = take_strings(&mut response_body, ["access_token", "refresh_token"]);
-    let mut request_body = std::mem::replace(&mut webhook.request_body, RawValue::NULL.to_owned());
     take_strings(&mut request_body, ["Password"]);
 
-    let claims = match webhook.user_token.as_deref() {
+    let claims = match user_token.as_deref() {
         None => Err(token::TokenError::Missing),
         Some(t) => token::decode_claims(t),
     };
@@ -184,20 +192,15 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
         ),
     };
     let claims = claims.unwrap_or_default();
-    let line_item_id = if route.bundle {
-        webhook.route_param("bundleItemID")
-    } else {
-        webhook.route_param("lineItemID")
-    };
     let intent = RawIntent {
         kind: route.kind,
         family: route.family,
-        verb: webhook.verb.clone(),
-        route: webhook.route.clone(),
-        direction: webhook.route_param("direction"),
-        order_id: webhook.route_param("orderID"),
+        verb,
+        route: route_text,
+        direction,
+        order_id,
         line_item_id,
-        occurred_at_ms: webhook.date.map(|d| d.timestamp_millis()).unwrap_or_else(now_ms),
+        occurred_at_ms: date.map(|d| d.timestamp_millis()).unwrap_or_else(now_ms),
         request_body,
         response_body,
         query_params,
@@ -213,7 +216,7 @@ fn new_intent(mut webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIn
         shopper_key,
         intent,
         secrets: IntentSecrets {
-            user_token: webhook.user_token.clone(),
+            user_token,
             anon_user_token,
             registered_token,
         },
