@@ -9,6 +9,7 @@
 //! Usage: cargo bench --bench load -- [--store sqlite|postgres] [--quick] [--out DIR]
 //!        [--only ceiling,alone,intake,e2e,backlog] [--profile DIR]
 //! PostgreSQL comes from BENCH_DATABASE_URL or TEST_DATABASE_URL (a fresh schema per run).
+//! BENCH_SERVICE_BIN names another build of the service to run (A/B comparisons of a change).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -421,7 +422,10 @@ struct StoreChoice {
 
 fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc {
     let port = free_port();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"));
+    // BENCH_SERVICE_BIN runs another build of the service against the same load generator (A/B runs).
+    let bin =
+        std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder").into());
+    let mut cmd = std::process::Command::new(bin);
     cmd.env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY)
         .env("FORWARDER__ORDERCLOUD__API_URLS", "http://127.0.0.1:1")
