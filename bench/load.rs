@@ -422,7 +422,6 @@ struct StoreChoice {
 
 fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc {
     let port = free_port();
-    // BENCH_SERVICE_BIN runs another build of the service against the same load generator (A/B runs).
     let bin =
         std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder").into());
     let mut cmd = std::process::Command::new(bin);
