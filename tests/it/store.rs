@@ -154,3 +154,71 @@ async fn a_batch_with_the_same_key_twice_stores_it_once() {
     assert_eq!(store.pending(10).await.unwrap().len(), 1);
     store.close().await;
 }
+
+/// SQLite keys GUID LogIDs by their 16 bytes (migration 0004 converts those stored before as text):
+/// a redelivery is recognised whichever way its LogID was stored, and in either letter case.
+#[tokio::test]
+async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path());
+    let path = dir.path().join("guid-keys.db");
+    (settings.store.url, settings.store.schema) = (format!("sqlite://{}", path.display()), None);
+    let store = store::open(&settings.store).await.unwrap();
+    let old_guid = "71CE120A-17D5-4833-89F6-4F9A33DDD42F";
+    let old_other = "sha256:00ff";
+    {
+        // Keys as a version before 0004 stored them, then that migration run over them.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        for key in [old_guid, old_other] {
+            conn.execute("INSERT INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, 0)", [key])
+                .unwrap();
+        }
+        conn.execute_batch(include_str!("../../migrations/sqlite/0004_guid_dedupe_keys.sql"))
+            .unwrap();
+        let types: Vec<String> = conn
+            .prepare("SELECT typeof(dedupe_key) FROM seen_webhooks ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            types,
+            ["blob", "text"],
+            "the GUID converted, the other key left as text"
+        );
+    }
+    for key in [old_guid.to_lowercase().as_str(), old_other] {
+        assert_eq!(
+            store.enqueue(intent("s1", key)).await.unwrap(),
+            EnqueueOutcome::Duplicate,
+            "{key} was seen before the migration"
+        );
+    }
+    let new_guid = "0b7f8c3e-5d2a-4e61-9c0f-2a4b6d8e1f37";
+    assert!(matches!(
+        store.enqueue(intent("s1", new_guid)).await.unwrap(),
+        EnqueueOutcome::Queued(_)
+    ));
+    for redelivery in [new_guid.to_string(), new_guid.to_uppercase()] {
+        assert_eq!(
+            store.enqueue(intent("s1", &redelivery)).await.unwrap(),
+            EnqueueOutcome::Duplicate
+        );
+    }
+    // A LogID that is not a GUID is keyed by its text, exactly.
+    assert!(matches!(
+        store.enqueue(intent("s1", "log-7")).await.unwrap(),
+        EnqueueOutcome::Queued(_)
+    ));
+    assert_eq!(
+        store.enqueue(intent("s1", "log-7")).await.unwrap(),
+        EnqueueOutcome::Duplicate
+    );
+    assert!(matches!(
+        store.enqueue(intent("s1", "LOG-7")).await.unwrap(),
+        EnqueueOutcome::Queued(_)
+    ));
+    assert_eq!(store.pending(10).await.unwrap().len(), 3);
+    store.close().await;
+}
