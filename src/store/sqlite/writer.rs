@@ -81,9 +81,10 @@ impl Writer {
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
         let restart_wanted = RestartWanted::default();
         let wanted = restart_wanted.clone();
+        let database = path.to_path_buf();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_until_stopped(checkpoints, stopped, wanted))
+            .spawn(move || checkpoint_until_stopped(checkpoints, &database, stopped, wanted))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer: {e}")))?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
@@ -167,7 +168,16 @@ impl Writer {
 /// writer (a passive checkpoint waits for no one), until its stop channel closes. When the WAL has
 /// grown past [`WAL_RESTART_BYTES`], copies again until less than [`WAL_REST_BYTES`] is left, then
 /// asks the writer to copy that rest.
-fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>, restart_wanted: RestartWanted) {
+///
+/// Before asking, it fsyncs the database file: the checkpoint that copies the last frame fsyncs it
+/// too (before the WAL may start over), and that fsync, of everything copied since the last one,
+/// would otherwise stall the writer, and every webhook waiting on it, for milliseconds.
+fn checkpoint_until_stopped(
+    conn: Connection,
+    database: &Path,
+    stop: mpsc::Receiver<()>,
+    restart_wanted: RestartWanted,
+) {
     let page_bytes = conn
         .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
         .unwrap_or(4096)
@@ -187,6 +197,9 @@ fn checkpoint_until_stopped(conn: Connection, stop: mpsc::Receiver<()>, restart_
             }
             passes += 1;
             if (wal_frames - copied) * page_bytes < WAL_REST_BYTES || passes == 4 {
+                if let Err(e) = std::fs::File::open(database).and_then(|f| f.sync_data()) {
+                    tracing::warn!(error = %e, "SQLite checkpointer: fsync of the database file failed");
+                }
                 restart_wanted.store(true, Ordering::Relaxed);
                 break;
             }
