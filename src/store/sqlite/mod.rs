@@ -9,6 +9,7 @@
 //!   NORMAL`): durable across a process crash, and made durable by the next webhook's fsync; at
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
 
+mod seen;
 mod writer;
 
 use std::str::FromStr;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::*;
+use seen::{SeenKey, SeenKeys};
 use writer::Writer;
 
 pub struct SqliteStore {
@@ -28,6 +30,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// The one writer.
     writer: Writer,
+    /// The LogID dedupe (used on the writer thread).
+    seen: Arc<SeenKeys>,
 }
 
 impl SqliteStore {
@@ -79,7 +83,8 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
-        Ok(SqliteStore { pool, writer })
+        let seen = Arc::new(SeenKeys::new(writer.failed_batches()));
+        Ok(SqliteStore { pool, writer, seen })
     }
 }
 
@@ -87,8 +92,8 @@ impl SqliteStore {
 /// parts dropped) on the caller's thread, so that the one writer thread only runs SQL.
 struct IntentRow {
     dedupe_key: String,
-    /// `dedupe_key` as `seen_webhooks` keys it (see [`seen_key`]).
-    seen_key: rusqlite::types::Value,
+    /// `dedupe_key` as the dedupe stores it.
+    seen_key: SeenKey,
     shopper_key: String,
     kind: &'static str,
     intent: String,
@@ -109,7 +114,7 @@ impl IntentRow {
             intent: to_json_text(&item.intent)?,
             secrets,
             enriched: !item.needs_enrichment,
-            seen_key: seen_key(&item.dedupe_key),
+            seen_key: SeenKey::new(&item.dedupe_key),
             dedupe_key: item.dedupe_key,
             shopper_key: item.shopper_key,
             dead_reason: item.dead_reason,
@@ -117,14 +122,11 @@ impl IntentRow {
     }
 
     /// Its dedupe record, then its intent (unless the LogID was seen before).
-    fn insert(&self, conn: &Connection) -> Result<EnqueueOutcome, StoreError> {
+    fn insert(&self, conn: &Connection, seen: &SeenKeys) -> Result<EnqueueOutcome, StoreError> {
         let now = now_ms();
-        let fresh = conn
-            .prepare_cached("INSERT OR IGNORE INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, ?2)")?
-            .execute(params![self.seen_key, now])?;
-        if fresh == 0 {
+        let Some(seen_row) = seen.check_and_store(conn, &self.seen_key, now)? else {
             return Ok(EnqueueOutcome::Duplicate);
-        }
+        };
         let dead = self.dead_reason.is_some();
         conn.prepare_cached(
             "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
@@ -145,22 +147,12 @@ impl IntentRow {
         ])?;
         // Not `RETURNING id`: SQLite would stage the answer in a temporary table per row.
         let id = conn.last_insert_rowid();
+        seen.remember(conn, self.seen_key.clone(), seen_row, now)?;
         Ok(if dead {
             EnqueueOutcome::DeadLettered(id)
         } else {
             EnqueueOutcome::Queued(id)
         })
-    }
-}
-
-/// How `seen_webhooks` keys a webhook: a LogID in OrderCloud's GUID form as its 16 bytes (less than
-/// half the 36 characters: the index, one random leaf per webhook, stays smaller, splits less often
-/// and caches better), anything else as its text. Text and blobs never compare equal in SQLite,
-/// and migration 0004 converted the GUID keys stored before.
-fn seen_key(dedupe_key: &str) -> rusqlite::types::Value {
-    match uuid::Uuid::try_parse(dedupe_key) {
-        Ok(guid) if dedupe_key.len() == 36 => rusqlite::types::Value::Blob(guid.as_bytes().to_vec()),
-        _ => rusqlite::types::Value::Text(dedupe_key.to_string()),
     }
 }
 
@@ -187,9 +179,10 @@ impl Store for SqliteStore {
         let row = IntentRow::new(item)?;
         // The row comes back to be freed here: memory freed on the thread that allocated it costs
         // less than on the writer's (glibc), and the writer is the one thread every webhook waits for.
+        let seen = self.seen.clone();
         let (outcome, row) = self
             .writer
-            .write_durable(move |c| row.insert(c).map(|outcome| (outcome, row)))
+            .write_durable(move |c| row.insert(c, &seen).map(|outcome| (outcome, row)))
             .await?;
         drop(row);
         Ok(outcome)

@@ -21,7 +21,7 @@
 //! error; the others in the batch still commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -58,6 +58,8 @@ pub struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Dropped at close: the checkpointer's signal to stop.
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
+    /// Batches that did not commit, counted once each is answered.
+    failed_batches: Arc<AtomicU64>,
 }
 
 /// Set by the checkpointer when the WAL should start over: the writer then copies what is left
@@ -90,15 +92,24 @@ impl Writer {
         wal.push("-wal");
         let wal = PathBuf::from(wal);
         let (sender, receiver) = mpsc::channel::<Work>();
+        let failed_batches = Arc::new(AtomicU64::new(0));
+        let failed = failed_batches.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, receiver, wal, restart_wanted))
+            .spawn(move || run(conn, receiver, wal, restart_wanted, &failed))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
         Ok(Writer {
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
             checkpointer: Mutex::new(Some(stop_checkpoints)),
+            failed_batches,
         })
+    }
+
+    /// The count of batches that did not commit: state kept beside the database by the closures
+    /// (in memory) is stale once it changes.
+    pub fn failed_batches(&self) -> Arc<AtomicU64> {
+        self.failed_batches.clone()
     }
 
     /// Runs `f` in the next batch; its answer arrives after the commit (not fsynced).
@@ -228,7 +239,13 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, S
 /// Commits do not fsync (`synchronous = NORMAL`). Writes that must be on disk before their answer
 /// (webhooks) are answered by the syncer thread after it has fsynced the WAL, while this thread
 /// goes on with the next batch: the fsync of one batch overlaps the statements of the next.
-fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf, restart_wanted: RestartWanted) {
+fn run(
+    conn: Connection,
+    receiver: mpsc::Receiver<Work>,
+    wal: PathBuf,
+    restart_wanted: RestartWanted,
+    failed_batches: &AtomicU64,
+) {
     let (to_syncer, syncer_queue) = mpsc::channel::<Vec<Reply>>();
     let syncer = std::thread::Builder::new()
         .name("sqlite-sync".into())
@@ -257,6 +274,7 @@ fn run(conn: Connection, receiver: mpsc::Receiver<Work>, wal: PathBuf, restart_w
                 let _ = conn.execute_batch("ROLLBACK");
             }
             tracing::warn!(error = %e, "SQLite writer: batch not committed");
+            failed_batches.fetch_add(1, Ordering::Release);
             e.to_string()
         });
         // Jobs not run (the transaction did not start) are answered with the batch's error.
