@@ -46,9 +46,9 @@ impl SqliteStore {
             .busy_timeout(busy_timeout)
             // Pages are read through a memory map instead of a pread(2) per page miss.
             .pragma("mmap_size", "33554432")
-            // For a new file: a webhook's dedupe key and queue entry land on random pages of their
-            // indexes, and every page a commit touches is written whole to the WAL, two system calls
-            // a page. 2 KiB pages hold a webhook's intent in one overflow page and write a third
+            // For a new file: a webhook's queue entry lands on a random page of its index (its
+            // dedupe key does not: see `seen`), and every page a commit touches is written whole to
+            // the WAL, two system calls a page. 2 KiB pages hold a webhook's intent in one overflow page and write a third
             // fewer pages than 1 KiB, and half the bytes of the default 4 KiB (measured: about 10 %
             // less CPU per webhook at intake than either).
             .page_size(2048);
