@@ -26,6 +26,7 @@ use ordercloud_cdp_forwarder::config::Secret;
 use ordercloud_cdp_forwarder::ordercloud::envelope::Webhook;
 use ordercloud_cdp_forwarder::ordercloud::{routes, signature};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 const KEY: &str = "bench-hash-key";
 const LINES_PER_ORDER: usize = 4;
@@ -49,9 +50,16 @@ fn jwt(order_id: &str) -> String {
     )
 }
 
+/// Order IDs as OrderCloud generates them (22 URL-safe characters, random-looking), derived from
+/// the run and the shopper so that a shopper's webhooks agree. Numbered IDs would put concurrent
+/// shoppers' queue entries side by side in the store's indexes; OrderCloud's scatter them.
+fn order_id(run: &str, shopper: u64) -> String {
+    URL_SAFE_NO_PAD.encode(&Sha256::digest(format!("{run}-{shopper}").as_bytes())[..16])
+}
+
 /// Webhook `step` of shopper `shopper` in run `run` (a line create, or the submit), about 2 KB.
 fn webhook(run: &str, shopper: u64, step: usize) -> Vec<u8> {
-    let order = format!("{run}-{shopper}");
+    let order = order_id(run, shopper);
     let token = jwt(&order);
     let date = "2026-11-22T10:15:30.1234567+00:00";
     let log_id = uuid::Uuid::new_v4().to_string();
