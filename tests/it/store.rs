@@ -222,3 +222,39 @@ async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migratio
     assert_eq!(store.pending(10).await.unwrap().len(), 3);
     store.close().await;
 }
+
+/// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
+#[tokio::test]
+async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first() {
+    let (_dir, store) = open().await;
+    store.enqueue(intent("s1", "first")).await.unwrap();
+    let first = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+    store.dead_letter(&first.claim, "CDP said 400").await.unwrap();
+    // The queue is empty now: these two start another.
+    store.enqueue(intent("s1", "second")).await.unwrap();
+    store.enqueue(intent("s1", "third")).await.unwrap();
+    store.enqueue(intent("s2", "other")).await.unwrap();
+    store
+        .replay_dead_letters(Some(&[first.claim.intent_id]), None)
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    loop {
+        let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        let s1: Vec<_> = claimed.iter().filter(|c| c.shopper_key == "s1").collect();
+        assert!(s1.len() <= 1, "one intent of s1 at a time");
+        for c in &claimed {
+            if c.shopper_key == "s1" {
+                order.push(c.claim.intent_id);
+            }
+            store.ack(&c.claim).await.unwrap();
+        }
+    }
+    assert_eq!(order.len(), 3);
+    assert_eq!(order[0], first.claim.intent_id, "the replayed intent first");
+    assert!(order[1] < order[2], "then the others in their order");
+    store.close().await;
+}

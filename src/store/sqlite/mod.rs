@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -128,10 +128,16 @@ impl IntentRow {
             return Ok(EnqueueOutcome::Duplicate);
         };
         let dead = self.dead_reason.is_some();
+        let id = next_intent_id(conn)?;
+        let queue = if dead {
+            id
+        } else {
+            join_queue(conn, &self.shopper_key, id)?
+        };
         conn.prepare_cached(
-            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
+            "INSERT INTO intents (id, queue_id, dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
              next_attempt_at, last_error, created_at, updated_at, dead_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10)",
+             VALUES (?11, ?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10)",
         )?
         .execute(params![
             self.dedupe_key,
@@ -144,9 +150,9 @@ impl IntentRow {
             now,
             self.dead_reason,
             dead.then_some(now),
+            id,
+            queue,
         ])?;
-        // Not `RETURNING id`: SQLite would stage the answer in a temporary table per row.
-        let id = conn.last_insert_rowid();
         seen.remember(conn, self.seen_key.clone(), seen_row, now)?;
         Ok(if dead {
             EnqueueOutcome::DeadLettered(id)
@@ -154,6 +160,39 @@ impl IntentRow {
             EnqueueOutcome::Queued(id)
         })
     }
+}
+
+/// The id the next intent gets (intents ids are never reused: AUTOINCREMENT keeps the highest in
+/// `sqlite_sequence`). Known before the insert, it can number the queue the intent starts.
+fn next_intent_id(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'intents'), 0) + 1")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// The queue that pending intent `id` of `shopper` joins: the shopper's current one while it still
+/// holds a pending intent, else a new one numbered `id`. So every pending intent of a shopper is in
+/// one queue, and a queue's entries in the claims' index sit where its first intent was stored (in
+/// time order, not scattered by the shopper key). Reads only, unless a queue starts.
+fn join_queue(conn: &Connection, shopper: &str, id: i64) -> Result<i64, StoreError> {
+    let current: Option<i64> = conn
+        .prepare_cached("SELECT queue_id FROM shopper_queues WHERE shopper_key = ?1")?
+        .query_row(params![shopper], |r| r.get(0))
+        .optional()?;
+    if let Some(queue) = current {
+        let live = conn
+            .prepare_cached("SELECT 1 FROM intents WHERE queue_id = ?1 AND state = 'pending'")?
+            .exists(params![queue])?;
+        if live {
+            return Ok(queue);
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO shopper_queues (shopper_key, queue_id) VALUES (?1, ?2) \
+         ON CONFLICT (shopper_key) DO UPDATE SET queue_id = excluded.queue_id",
+    )?
+    .execute(params![shopper, id])?;
+    Ok(id)
 }
 
 /// JSON text in a buffer sized once (an intent is mostly the webhook's bodies, already text), not
@@ -205,7 +244,7 @@ impl Store for SqliteStore {
                        SELECT i.id FROM intents i \
                        WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?3 \
                          AND (i.lease_until IS NULL OR i.lease_until < ?3) \
-                         AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                         AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
                                          AND o.state = 'pending' AND o.id < i.id) \
                        ORDER BY i.id LIMIT ?4) \
                      RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
@@ -622,25 +661,42 @@ impl Store for SqliteStore {
         let ids = ids.map(<[i64]>::to_vec);
         self.writer
             .write(move |c| {
-                // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
+                // Replayed intents keep their id and join their shopper's current queue, so they
+                // rejoin it in their original place (ahead of anything newer).
                 let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = ?1, \
                            claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
                            enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
                            WHERE state = 'dead' AND shopper_key <> ?2";
+                let returning = "RETURNING id, shopper_key";
+                let mut replayed: Vec<(i64, String)> = Vec::new();
+                let mut collect = |sql: String, params: &[&dyn rusqlite::ToSql]| -> Result<(), StoreError> {
+                    let mut stmt = c.prepare_cached(&sql)?;
+                    let rows = stmt.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    for row in rows {
+                        replayed.push(row?);
+                    }
+                    Ok(())
+                };
                 match ids {
                     Some(ids) => {
-                        let mut total = 0;
                         for id in ids {
-                            total += run(c, &format!("{set} AND id = ?3"), params![now, UNIDENTIFIED_SHOPPER, id])?;
+                            collect(
+                                format!("{set} AND id = ?3 {returning}"),
+                                params![now, UNIDENTIFIED_SHOPPER, id],
+                            )?;
                         }
-                        Ok(total)
                     }
-                    None => run(
-                        c,
-                        &format!("{set} AND dead_at >= ?3"),
+                    None => collect(
+                        format!("{set} AND dead_at >= ?3 {returning}"),
                         params![now, UNIDENTIFIED_SHOPPER, since_ms.unwrap_or(i64::MIN)],
-                    ),
+                    )?,
                 }
+                replayed.sort();
+                for (id, shopper) in &replayed {
+                    let queue = join_queue(c, shopper, *id)?;
+                    run(c, "UPDATE intents SET queue_id = ?1 WHERE id = ?2", params![queue, id])?;
+                }
+                Ok(replayed.len() as u64)
             })
             .await
     }
@@ -692,12 +748,72 @@ impl Store for SqliteStore {
 
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.writer
-            .write(move |c| run(c, "DELETE FROM seen_webhooks WHERE seen_at < ?1", params![before_ms]))
+            .write(move |c| {
+                // Shoppers' queues that have emptied (a new one starts with their next webhook).
+                run(
+                    c,
+                    "DELETE FROM shopper_queues WHERE NOT EXISTS (SELECT 1 FROM intents \
+                     WHERE intents.queue_id = shopper_queues.queue_id AND intents.state = 'pending')",
+                    [],
+                )?;
+                run(c, "DELETE FROM seen_webhooks WHERE seen_at < ?1", params![before_ms])
+            })
             .await
     }
 
     async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    /// Migration 0006 puts each shopper's pending intents in one queue, numbered by the oldest.
+    #[test]
+    fn the_queue_migration_numbers_each_shoppers_pending_intents_by_the_oldest() {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in [
+            include_str!("../../../migrations/sqlite/0001_initial.sql"),
+            include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
+            include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
+            include_str!("../../../migrations/sqlite/0004_guid_dedupe_keys.sql"),
+            include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
+        ] {
+            conn.execute_batch(sql).unwrap();
+        }
+        for (id, shopper, state) in [
+            (1, "s1", "dead"),
+            (2, "s1", "pending"),
+            (3, "s2", "pending"),
+            (4, "s1", "pending"),
+        ] {
+            conn.execute(
+                "INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, state, next_attempt_at, created_at, \
+                 updated_at) VALUES (?1, ?1, ?2, 'k', '{}', ?3, 0, 0, 0)",
+                rusqlite::params![id, shopper, state],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"))
+            .unwrap();
+        let queues: Vec<(i64, i64)> = conn
+            .prepare("SELECT id, queue_id FROM intents ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(queues, [(1, 1), (2, 2), (3, 3), (4, 2)]);
+        let current: Vec<(String, i64)> = conn
+            .prepare("SELECT shopper_key, queue_id FROM shopper_queues ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(current, [("s1".to_string(), 2), ("s2".to_string(), 3)]);
     }
 }
