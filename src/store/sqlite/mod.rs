@@ -771,19 +771,29 @@ impl Store for SqliteStore {
 mod tests {
     use rusqlite::Connection;
 
+    /// The SQLite migrations, in order.
+    const MIGRATIONS: [&str; 6] = [
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
+        include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
+        include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
+        include_str!("../../../migrations/sqlite/0004_guid_dedupe_keys.sql"),
+        include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
+        include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"),
+    ];
+
+    /// An in-memory database with the first `migrations` of the store's schema applied.
+    pub(super) fn database(migrations: usize) -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..migrations] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn
+    }
+
     /// Migration 0006 puts each shopper's pending intents in one queue, numbered by the oldest.
     #[test]
     fn the_queue_migration_numbers_each_shoppers_pending_intents_by_the_oldest() {
-        let conn = Connection::open_in_memory().unwrap();
-        for sql in [
-            include_str!("../../../migrations/sqlite/0001_initial.sql"),
-            include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
-            include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
-            include_str!("../../../migrations/sqlite/0004_guid_dedupe_keys.sql"),
-            include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
-        ] {
-            conn.execute_batch(sql).unwrap();
-        }
+        let conn = database(5);
         for (id, shopper, state) in [
             (1, "s1", "dead"),
             (2, "s1", "pending"),
@@ -797,8 +807,7 @@ mod tests {
             )
             .unwrap();
         }
-        conn.execute_batch(include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"))
-            .unwrap();
+        conn.execute_batch(MIGRATIONS[5]).unwrap();
         let queues: Vec<(i64, i64)> = conn
             .prepare("SELECT id, queue_id FROM intents ORDER BY id")
             .unwrap()

@@ -173,22 +173,8 @@ impl SeenKeys {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::database;
     use super::*;
-
-    /// An in-memory database with the store's schema.
-    fn database() -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        for sql in [
-            include_str!("../../../migrations/sqlite/0001_initial.sql"),
-            include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
-            include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
-            include_str!("../../../migrations/sqlite/0004_guid_dedupe_keys.sql"),
-            include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
-        ] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn
-    }
 
     fn guid(i: u128) -> SeenKey {
         SeenKey::new(&uuid::Uuid::from_u128(i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)).to_string())
@@ -212,7 +198,7 @@ mod tests {
 
     #[test]
     fn keys_are_recognised_before_during_and_after_a_merge_and_after_a_restart() {
-        let conn = database();
+        let conn = database(6);
         let seen = SeenKeys::new(Arc::default());
         let total = (MERGE_AT + MERGE_AT / MERGE_PER_WEBHOOK + 100) as u128;
         for i in 0..total {
@@ -249,7 +235,7 @@ mod tests {
 
     #[test]
     fn keys_of_a_batch_that_did_not_commit_are_forgotten() {
-        let conn = database();
+        let conn = database(6);
         let failures = Arc::new(AtomicU64::new(0));
         let seen = SeenKeys::new(failures.clone());
         assert!(store(&seen, &conn, &guid(1)));
