@@ -58,7 +58,7 @@ pub struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Dropped at close: the checkpointer's signal to stop.
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
-    /// Batches that did not commit, counted once each is answered.
+    /// Batches that did not commit, counted before the next batch runs.
     failed_batches: Arc<AtomicU64>,
 }
 
