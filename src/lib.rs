@@ -67,6 +67,7 @@ impl Application {
         let (stop_tx, _) = tokio::sync::watch::channel(false);
 
         let housekeeping = tokio::spawn(housekeeping(store.clone(), settings.clone(), stop_tx.subscribe()));
+        let metrics_upkeep = tokio::spawn(telemetry::metrics_upkeep(stop_tx.subscribe()));
         let deps = delivery::Deps::new(
             settings.clone(),
             store.clone(),
@@ -92,6 +93,7 @@ impl Application {
                 for worker in workers {
                     let _ = worker.await;
                 }
+                let _ = metrics_upkeep.await;
                 store.close().await;
                 return match result {
                     Ok(Ok(())) => Ok(()),
@@ -121,6 +123,7 @@ impl Application {
         };
         tokio::join!(drain_server, drain_workers);
         let _ = housekeeping.await;
+        let _ = metrics_upkeep.await;
         store.close().await;
         info!("stopped");
         Ok(())
