@@ -8,6 +8,11 @@
 //! each following webhook: neighbouring keys share leaves, so a merged key costs a fraction of a
 //! page. A key is looked up in memory, then in `seen_webhooks`.
 //!
+//! That fraction is the index's leaves over [`MERGE_AT`]: a 2 KiB leaf holds about 65 keys, so once
+//! `seen_webhooks` holds more than about 65 × [`MERGE_AT`] keys (a million: a week's retention at
+//! under two webhooks a second), each merged key lands on a leaf of its own, as a direct insert
+//! would — later, in key order, and never more than one page a key (BENCHMARKS.md).
+//!
 //! Memory mirrors `seen_recent`, which is the truth: it is loaded at start, and loaded again after
 //! any batch that did not commit (its keys may have been remembered but not stored). All of this
 //! runs on the writer thread, inside the writer's transactions.
