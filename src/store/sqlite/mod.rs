@@ -9,6 +9,7 @@
 //!   NORMAL`): durable across a process crash, and made durable by the next webhook's fsync; at
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
 
+mod filter;
 mod seen;
 mod writer;
 
@@ -83,6 +84,11 @@ impl SqliteStore {
             .await
             .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
         let seen = Arc::new(SeenKeys::new(writer.failed_batches()));
+        let loading = seen.clone();
+        writer
+            .write(move |c| loading.load(c))
+            .await
+            .context("cannot load the LogIDs seen")?;
         Ok(SqliteStore { pool, writer, seen })
     }
 }

@@ -6,7 +6,9 @@
 //! last page) and remembered in memory. Once [`MERGE_AT`] keys are remembered, they are merged
 //! into `seen_webhooks` (the keyed index, pruned by age) in key order, [`MERGE_PER_WEBHOOK`] with
 //! each following webhook: neighbouring keys share leaves, so a merged key costs a fraction of a
-//! page. A key is looked up in memory, then in `seen_webhooks`.
+//! page. A key is looked up in memory, then in a Bloom filter of `seen_webhooks` ([`KeyFilter`],
+//! built from the table at start and again, larger, when full), then, when the filter says "maybe",
+//! in `seen_webhooks` itself.
 //!
 //! That fraction is the index's leaves over [`MERGE_AT`]: a 2 KiB leaf holds about 65 keys, so once
 //! `seen_webhooks` holds more than about 65 × [`MERGE_AT`] keys (a million: a week's retention at
@@ -24,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::types::{ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection};
 
+use super::filter::KeyFilter;
 use crate::store::StoreError;
 
 /// Remembered keys that start a merge.
@@ -91,6 +94,8 @@ struct Memory {
     merging_seen_at: i64,
     /// `writer_failures` when memory last matched `seen_recent`; `None`: load it again.
     in_sync_at: Option<u64>,
+    /// Every key in `seen_webhooks` (and some no longer there); `None`: build it.
+    filter: Option<KeyFilter>,
 }
 
 impl SeenKeys {
@@ -109,9 +114,10 @@ impl SeenKeys {
         if memory.recent.contains(key) || memory.merging.contains(key) {
             return Ok(None);
         }
-        let known = conn
-            .prepare_cached("SELECT 1 FROM seen_webhooks WHERE dedupe_key = ?1")?
-            .exists(params![key])?;
+        let known = memory.filter.as_ref().is_none_or(|f| f.may_contain(key))
+            && conn
+                .prepare_cached("SELECT 1 FROM seen_webhooks WHERE dedupe_key = ?1")?
+                .exists(params![key])?;
         if known {
             return Ok(None);
         }
@@ -147,6 +153,9 @@ impl SeenKeys {
         for _ in 0..MERGE_PER_WEBHOOK {
             let Some(key) = memory.merging.pop_first() else { break };
             insert.execute(params![key, memory.merging_seen_at])?;
+            if let Some(filter) = &mut memory.filter {
+                filter.insert(&key);
+            }
         }
         if memory.merging.is_empty() {
             conn.prepare_cached("DELETE FROM seen_recent WHERE rowid <= ?1")?
@@ -155,8 +164,12 @@ impl SeenKeys {
         Ok(())
     }
 
-    /// Loads memory from `seen_recent` at first use and after a batch that did not commit.
+    /// Loads memory from `seen_recent` at first use and after a batch that did not commit, and
+    /// builds the filter when there is none or it is full.
     fn sync(&self, memory: &mut Memory, conn: &Connection) -> Result<(), StoreError> {
+        if memory.filter.as_ref().is_none_or(KeyFilter::is_full) {
+            memory.filter = Some(Self::build_filter(conn)?);
+        }
         let failures = self.writer_failures.load(Ordering::Acquire);
         if memory.in_sync_at == Some(failures) {
             return Ok(());
@@ -167,12 +180,31 @@ impl SeenKeys {
         while let Some(row) = rows.next()? {
             recent.insert(SeenKey::from_sql(row.get_ref(0)?)?);
         }
+        // The filter stays: keys a rolled-back merge put in it only make "maybe" likelier.
         *memory = Memory {
             recent,
             in_sync_at: Some(failures),
+            filter: memory.filter.take(),
             ..Memory::default()
         };
         Ok(())
+    }
+
+    /// Loads memory (and builds the filter) now rather than at the first webhook: reading a
+    /// week of LogIDs takes a fraction of a second per million.
+    pub fn load(&self, conn: &Connection) -> Result<(), StoreError> {
+        self.sync(&mut self.memory.lock().expect("seen keys lock"), conn)
+    }
+
+    fn build_filter(conn: &Connection) -> Result<KeyFilter, StoreError> {
+        let keys: i64 = conn.query_row("SELECT COUNT(*) FROM seen_webhooks", [], |r| r.get(0))?;
+        let mut filter = KeyFilter::for_keys(keys.max(0) as u64);
+        let mut stmt = conn.prepare("SELECT dedupe_key FROM seen_webhooks")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            filter.insert(&SeenKey::from_sql(row.get_ref(0)?)?);
+        }
+        Ok(filter)
     }
 }
 
@@ -236,6 +268,27 @@ mod tests {
             assert!(!store(&restarted, &conn, &guid(i)), "key {i} after a restart");
         }
         assert!(store(&restarted, &conn, &guid(total)));
+    }
+
+    /// The filter answers for `seen_webhooks`: a new key does not read the index, so a key written
+    /// there behind the filter's back (nothing does so) is found only once the filter is built again,
+    /// as at every start.
+    #[test]
+    fn new_keys_are_answered_by_the_filter_without_reading_the_index() {
+        let conn = database(6);
+        let behind_the_back = |key: SeenKey| {
+            let sql = "INSERT INTO seen_webhooks (dedupe_key, seen_at) VALUES (?1, 1000)";
+            conn.execute(sql, params![key]).unwrap()
+        };
+        let seen = SeenKeys::new(Arc::default());
+        seen.load(&conn).unwrap();
+        behind_the_back(guid(7));
+        assert!(store(&seen, &conn, &guid(7)), "taken for new: the index was not read");
+        behind_the_back(guid(9));
+        let restarted = SeenKeys::new(Arc::default());
+        restarted.load(&conn).unwrap();
+        assert!(!store(&restarted, &conn, &guid(9)), "the rebuilt filter knows the key");
+        assert!(store(&restarted, &conn, &guid(8)));
     }
 
     #[test]
