@@ -188,6 +188,10 @@ async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migratio
             "the GUID converted, the other key left as text"
         );
     }
+    // Opened again, as a new version starts over a file an older one wrote (the LogID filter is
+    // built from the table at start).
+    store.close().await;
+    let store = store::open(&settings.store).await.unwrap();
     for key in [old_guid.to_lowercase().as_str(), old_other] {
         assert_eq!(
             store.enqueue(intent("s1", key)).await.unwrap(),
