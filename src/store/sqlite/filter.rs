@@ -21,8 +21,7 @@ pub(super) struct KeyFilter {
     bits: Vec<u64>,
     /// Bit count minus one (a power of two).
     mask: u64,
-    /// Keys it was sized for, and keys added.
-    capacity: u64,
+    /// Keys added.
     added: u64,
 }
 
@@ -35,7 +34,6 @@ impl KeyFilter {
         KeyFilter {
             bits: vec![0; (bits / 64) as usize],
             mask: bits - 1,
-            capacity: bits / BITS_PER_KEY,
             added: 0,
         }
     }
@@ -55,7 +53,8 @@ impl KeyFilter {
 
     /// More keys added than it was sized for (below its largest size): build it again, larger.
     pub fn is_full(&self) -> bool {
-        self.added > self.capacity && self.mask + 1 < MAX_BITS
+        let (bits, capacity) = (self.mask + 1, (self.mask + 1) / BITS_PER_KEY);
+        self.added > capacity && bits < MAX_BITS
     }
 
     /// The bits a key sets: `h1 + i·h2` for two hashes (GUIDs are random: their halves serve).
