@@ -388,21 +388,12 @@ impl Proc {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let mut peak = self.peak_anon.lock().unwrap();
         *peak = (*peak).max(kib("RssAnon:"));
         Usage {
             hwm_kib: kib("VmHWM:"),
             anon_hwm_kib: *peak,
-            cpu_secs: ticks / 100.0,
+            cpu_secs: process_cpu_secs(&format!("/proc/{pid}/stat")),
         }
     }
 
@@ -487,10 +478,60 @@ fn best_throughput(runs: &[Value]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// CPU seconds used so far by this process (the load generator and the CDP sink) and by the whole
+/// machine (all cores, from /proc/stat), to tell how the two cores were shared in a run.
+fn cpu_now() -> (f64, f64) {
+    let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // user nice system idle iowait irq softirq steal: busy is everything but idle and iowait.
+    let busy: f64 = machine
+        .lines()
+        .next()
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(8)
+                .enumerate()
+                .filter(|(i, _)| *i != 3 && *i != 4)
+                .filter_map(|(_, v)| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    (process_cpu_secs("/proc/self/stat"), busy / 100.0)
+}
+
+/// User and system CPU seconds of a process, from its `/proc/<pid>/stat`.
+fn process_cpu_secs(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 /// CPU seconds per 1,000 requests of a closed-loop run.
 fn cpu_per_1000(cpu_secs: f64, summary: &Value) -> Value {
     let requests = summary["requests"].as_f64().unwrap_or(0.0).max(1.0);
     json!((cpu_secs / requests * 1000.0 * 1000.0).round() / 1000.0)
+}
+
+/// One closed-loop round (concurrency 64) against `server`, with the CPU each side used per 1,000
+/// webhooks (the server's, the load generator's) and how busy the machine's cores were.
+async fn measured_round(server: &Proc, run: &str, duration: Duration) -> Value {
+    let (server_before, (own_before, busy_before)) = (server.usage().cpu_secs, cpu_now());
+    let started = Instant::now();
+    let (mut s, _) = closed_loop(&server.url(), run, 64, u64::MAX, duration).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (own_after, busy_after) = cpu_now();
+    s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(server.usage().cpu_secs - server_before, &s);
+    s["load_generator_cpu_seconds_per_1000"] = cpu_per_1000(own_after - own_before, &s);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    s["machine_busy"] = json!(((busy_after - busy_before) / elapsed / cores * 100.0).round() / 100.0);
+    s
 }
 
 async fn wait_for_events(sink: &Sink, expected: u64, limit: Duration) -> bool {
@@ -624,24 +665,13 @@ async fn bench(opts: Options) {
     }
     for round in 0..rounds {
         if let Some(ceiling) = &ceiling {
-            let cpu_before = ceiling.usage().cpu_secs;
-            let (mut s, _) = closed_loop(&ceiling.url(), "ceiling", 64, u64::MAX, Duration::from_secs(secs)).await;
-            s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(ceiling.usage().cpu_secs - cpu_before, &s);
+            let s = measured_round(ceiling, "ceiling", Duration::from_secs(secs)).await;
             println!("ceiling        {s}");
             ceiling_runs.push(s);
         }
         if let Some(service) = &alone {
             let profiler = Profiler::start(&opts, service, &format!("alone{round}"));
-            let cpu_before = service.usage().cpu_secs;
-            let (mut s, _) = closed_loop(
-                &service.url(),
-                &format!("alone{round}"),
-                64,
-                u64::MAX,
-                Duration::from_secs(secs),
-            )
-            .await;
-            s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(service.usage().cpu_secs - cpu_before, &s);
+            let s = measured_round(service, &format!("alone{round}"), Duration::from_secs(secs)).await;
             profiler.stop();
             println!("intake alone   {s}");
             alone_runs.push(s);
