@@ -43,6 +43,24 @@ async fn open() -> (tempfile::TempDir, store::DynStore) {
     (dir, store)
 }
 
+/// Heads claimed until none is left, each acknowledged at once: the intent ids in claim order.
+/// Fails if two intents of one shopper are claimable together.
+async fn drain_in_claim_order(store: &store::DynStore) -> Vec<(String, i64)> {
+    let mut order = Vec::new();
+    loop {
+        let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
+        if claimed.is_empty() {
+            return order;
+        }
+        for c in &claimed {
+            let same = claimed.iter().filter(|o| o.shopper_key == c.shopper_key).count();
+            assert_eq!(same, 1, "two intents of {} claimable at once", c.shopper_key);
+            order.push((c.shopper_key.clone(), c.claim.intent_id));
+            store.ack(&c.claim).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn only_the_head_of_each_shoppers_queue_is_claimed() {
     let (_dir, store) = open().await;
@@ -242,23 +260,50 @@ async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first() {
         .replay_dead_letters(Some(&[first.claim.intent_id]), None)
         .await
         .unwrap();
-    let mut order = Vec::new();
-    loop {
-        let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
-        if claimed.is_empty() {
-            break;
-        }
-        let s1: Vec<_> = claimed.iter().filter(|c| c.shopper_key == "s1").collect();
-        assert!(s1.len() <= 1, "one intent of s1 at a time");
-        for c in &claimed {
-            if c.shopper_key == "s1" {
-                order.push(c.claim.intent_id);
-            }
-            store.ack(&c.claim).await.unwrap();
-        }
-    }
+    let order: Vec<i64> = drain_in_claim_order(&store)
+        .await
+        .into_iter()
+        .filter(|(shopper, _)| shopper == "s1")
+        .map(|(_, id)| id)
+        .collect();
     assert_eq!(order.len(), 3);
     assert_eq!(order[0], first.claim.intent_id, "the replayed intent first");
     assert!(order[1] < order[2], "then the others in their order");
     store.close().await;
+}
+
+/// The `dead-letters` command opens the store beside the running service: a dead letter it replays
+/// joins the queue the service holds for that shopper, and the service, which keeps its shoppers'
+/// queues in memory (SQLite), still sends that shopper's intents one at a time afterwards.
+#[tokio::test]
+async fn a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in_one_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(dir.path());
+    let service = store::open(&settings.store).await.unwrap();
+    service.enqueue(intent("s1", "first")).await.unwrap();
+    let first = service.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+    service.dead_letter(&first.claim, "CDP said 400").await.unwrap();
+    service.enqueue(intent("s1", "second")).await.unwrap();
+
+    let command = store::open(&settings.store).await.unwrap();
+    assert_eq!(
+        command
+            .replay_dead_letters(Some(&[first.claim.intent_id]), None)
+            .await
+            .unwrap(),
+        1
+    );
+    command.close().await;
+
+    // The replayed intent goes first; once it is acknowledged, "second" is still pending, so the
+    // next webhook of s1 must queue behind it rather than start a queue of its own.
+    let head = service.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(head.len(), 1);
+    assert_eq!(head[0].claim.intent_id, first.claim.intent_id);
+    service.ack(&head[0].claim).await.unwrap();
+    service.enqueue(intent("s1", "third")).await.unwrap();
+    let order = drain_in_claim_order(&service).await;
+    assert_eq!(order.len(), 2, "{order:?}");
+    assert!(order[0].1 < order[1].1, "second, then third: {order:?}");
+    service.close().await;
 }

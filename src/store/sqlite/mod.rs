@@ -10,6 +10,7 @@
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
 
 mod filter;
+mod queues;
 mod seen;
 mod writer;
 
@@ -23,6 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::*;
+use queues::Queues;
 use seen::{SeenKey, SeenKeys};
 use writer::Writer;
 
@@ -33,6 +35,8 @@ pub struct SqliteStore {
     writer: Writer,
     /// The LogID dedupe (used on the writer thread).
     seen: Arc<SeenKeys>,
+    /// Shoppers' queues and the next intent id (used on the writer thread).
+    queues: Arc<Queues>,
 }
 
 impl SqliteStore {
@@ -83,13 +87,22 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
-        let seen = Arc::new(SeenKeys::new(writer.failed_batches()));
-        let loading = seen.clone();
+        let seen = Arc::new(SeenKeys::new(writer.invalidations()));
+        let queues = Arc::new(Queues::new(writer.invalidations()));
+        let (loading_seen, loading_queues) = (seen.clone(), queues.clone());
         writer
-            .write(move |c| loading.load(c))
+            .write(move |c| {
+                loading_seen.load(c)?;
+                loading_queues.load(c)
+            })
             .await
-            .context("cannot load the LogIDs seen")?;
-        Ok(SqliteStore { pool, writer, seen })
+            .context("cannot load the LogIDs seen and the shoppers' queues")?;
+        Ok(SqliteStore {
+            pool,
+            writer,
+            seen,
+            queues,
+        })
     }
 }
 
@@ -127,18 +140,14 @@ impl IntentRow {
     }
 
     /// Its dedupe record, then its intent (unless the LogID was seen before).
-    fn insert(&self, conn: &Connection, seen: &SeenKeys) -> Result<EnqueueOutcome, StoreError> {
+    fn insert(&self, conn: &Connection, seen: &SeenKeys, queues: &Queues) -> Result<EnqueueOutcome, StoreError> {
         let now = now_ms();
         let Some(seen_row) = seen.check_and_store(conn, &self.seen_key, now)? else {
             return Ok(EnqueueOutcome::Duplicate);
         };
         let dead = self.dead_reason.is_some();
-        let id = next_intent_id(conn)?;
-        let queue = if dead {
-            id
-        } else {
-            join_queue(conn, &self.shopper_key, id)?
-        };
+        let (id, shoppers_queue) = queues.place(conn, &self.shopper_key)?;
+        let queue = if dead { id } else { shoppers_queue };
         conn.prepare_cached(
             "INSERT INTO intents (id, queue_id, dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
              next_attempt_at, last_error, created_at, updated_at, dead_at) \
@@ -159,45 +168,13 @@ impl IntentRow {
             queue,
         ])?;
         seen.remember(conn, self.seen_key.clone(), seen_row, now)?;
+        queues.stored(id, &self.shopper_key, (!dead).then_some(queue));
         Ok(if dead {
             EnqueueOutcome::DeadLettered(id)
         } else {
             EnqueueOutcome::Queued(id)
         })
     }
-}
-
-/// The id the next intent gets (intents ids are never reused: AUTOINCREMENT keeps the highest in
-/// `sqlite_sequence`). Known before the insert, it can number the queue the intent starts.
-fn next_intent_id(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'intents'), 0) + 1")?
-        .query_row([], |r| r.get(0))?)
-}
-
-/// The queue that pending intent `id` of `shopper` joins: the shopper's current one while it still
-/// holds a pending intent, else a new one numbered `id`. So every pending intent of a shopper is in
-/// one queue, and a queue's entries in the claims' index sit where its first intent was stored (in
-/// time order, not scattered by the shopper key). Reads only, unless a queue starts.
-fn join_queue(conn: &Connection, shopper: &str, id: i64) -> Result<i64, StoreError> {
-    let current: Option<i64> = conn
-        .prepare_cached("SELECT queue_id FROM shopper_queues WHERE shopper_key = ?1")?
-        .query_row(params![shopper], |r| r.get(0))
-        .optional()?;
-    if let Some(queue) = current {
-        let live = conn
-            .prepare_cached("SELECT 1 FROM intents WHERE queue_id = ?1 AND state = 'pending'")?
-            .exists(params![queue])?;
-        if live {
-            return Ok(queue);
-        }
-    }
-    conn.prepare_cached(
-        "INSERT INTO shopper_queues (shopper_key, queue_id) VALUES (?1, ?2) \
-         ON CONFLICT (shopper_key) DO UPDATE SET queue_id = excluded.queue_id",
-    )?
-    .execute(params![shopper, id])?;
-    Ok(id)
 }
 
 /// JSON text in a buffer sized once (an intent is mostly the webhook's bodies, already text), not
@@ -207,6 +184,12 @@ fn to_json_text(intent: &RawIntent) -> Result<String, StoreError> {
     let mut text = Vec::with_capacity(bodies + 1024);
     serde_json::to_writer(&mut text, intent)?;
     Ok(String::from_utf8(text).expect("serde_json writes UTF-8"))
+}
+
+/// Runs a statement that takes a pending intent out of its queue (`... RETURNING shopper_key`) and
+/// returns the intent's shopper, if a row matched.
+fn leave_queue(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<String>, StoreError> {
+    Ok(conn.prepare_cached(sql)?.query_row(params, |r| r.get(0)).optional()?)
 }
 
 /// Runs one write statement and returns how many rows it changed.
@@ -223,10 +206,10 @@ impl Store for SqliteStore {
         let row = IntentRow::new(item)?;
         // The row comes back to be freed here: memory freed on the thread that allocated it costs
         // less than on the writer's (glibc), and the writer is the one thread every webhook waits for.
-        let seen = self.seen.clone();
+        let (seen, queues) = (self.seen.clone(), self.queues.clone());
         let (outcome, row) = self
             .writer
-            .write_durable(move |c| row.insert(c, &seen).map(|outcome| (outcome, row)))
+            .write_durable(move |c| row.insert(c, &seen, &queues).map(|outcome| (outcome, row)))
             .await?;
         drop(row);
         Ok(outcome)
@@ -319,14 +302,17 @@ impl Store for SqliteStore {
 
     async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
         let claim = claim.clone();
+        let queues = self.queues.clone();
         self.writer
             .write(move |c| {
-                let rows = run(
+                let shopper = leave_queue(
                     c,
-                    "DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
+                    "DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending' RETURNING shopper_key",
                     params![claim.intent_id, claim.claim_id],
                 )?;
-                stale_unless_one(rows, &claim)
+                stale_unless_one(shopper.is_some() as u64, &claim)?;
+                queues.left(&shopper.unwrap_or_default());
+                Ok(())
             })
             .await
     }
@@ -348,15 +334,19 @@ impl Store for SqliteStore {
 
     async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
         let (claim, reason) = (claim.clone(), reason.to_string());
+        let queues = self.queues.clone();
         self.writer
             .write(move |c| {
-                let rows = run(
+                let shopper = leave_queue(
                     c,
                     "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'",
+                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND claim_id = ?4 AND state = 'pending' \
+                     RETURNING shopper_key",
                     params![reason, now_ms(), claim.intent_id, claim.claim_id],
                 )?;
-                stale_unless_one(rows, &claim)
+                stale_unless_one(shopper.is_some() as u64, &claim)?;
+                queues.left(&shopper.unwrap_or_default());
+                Ok(())
             })
             .await
     }
@@ -427,15 +417,19 @@ impl Store for SqliteStore {
 
     async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError> {
         let reason = reason.to_string();
+        let queues = self.queues.clone();
         self.writer
             .write(move |c| {
-                run(
+                let shopper = leave_queue(
                     c,
                     "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND state = 'pending'",
+                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND state = 'pending' RETURNING shopper_key",
                     params![reason, now_ms(), intent_id],
-                )
-                .map(drop)
+                )?;
+                if let Some(shopper) = shopper {
+                    queues.left(&shopper);
+                }
+                Ok(())
             })
             .await
     }
@@ -664,6 +658,7 @@ impl Store for SqliteStore {
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
         let now = now_ms();
         let ids = ids.map(<[i64]>::to_vec);
+        let queues = self.queues.clone();
         self.writer
             .write(move |c| {
                 // Replayed intents keep their id and join their shopper's current queue, so they
@@ -698,7 +693,7 @@ impl Store for SqliteStore {
                 }
                 replayed.sort();
                 for (id, shopper) in &replayed {
-                    let queue = join_queue(c, shopper, *id)?;
+                    let queue = queues.rejoin(c, shopper, *id)?;
                     run(c, "UPDATE intents SET queue_id = ?1 WHERE id = ?2", params![queue, id])?;
                 }
                 Ok(replayed.len() as u64)
@@ -753,16 +748,7 @@ impl Store for SqliteStore {
 
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.writer
-            .write(move |c| {
-                // Shoppers' queues that have emptied (a new one starts with their next webhook).
-                run(
-                    c,
-                    "DELETE FROM shopper_queues WHERE NOT EXISTS (SELECT 1 FROM intents \
-                     WHERE intents.queue_id = shopper_queues.queue_id AND intents.state = 'pending')",
-                    [],
-                )?;
-                run(c, "DELETE FROM seen_webhooks WHERE seen_at < ?1", params![before_ms])
-            })
+            .write(move |c| run(c, "DELETE FROM seen_webhooks WHERE seen_at < ?1", params![before_ms]))
             .await
     }
 
@@ -777,13 +763,14 @@ mod tests {
     use rusqlite::Connection;
 
     /// The SQLite migrations, in order.
-    const MIGRATIONS: [&str; 6] = [
+    const MIGRATIONS: [&str; 7] = [
         include_str!("../../../migrations/sqlite/0001_initial.sql"),
         include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
         include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
         include_str!("../../../migrations/sqlite/0004_guid_dedupe_keys.sql"),
         include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
         include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"),
+        include_str!("../../../migrations/sqlite/0007_queues_in_memory.sql"),
     ];
 
     /// An in-memory database with the first `migrations` of the store's schema applied.

@@ -16,7 +16,8 @@
 //! would — later, in key order, and never more than one page a key (BENCHMARKS.md).
 //!
 //! Memory mirrors `seen_recent`, which is the truth: it is loaded at start, and loaded again after
-//! any batch that did not commit (its keys may have been remembered but not stored). All of this
+//! any batch that did not commit (its keys may have been remembered but not stored) or after another
+//! connection committed (the writer's invalidations). All of this
 //! runs on the writer thread, inside the writer's transactions.
 
 use std::collections::BTreeSet;
@@ -77,8 +78,8 @@ impl ToSql for SeenKey {
 
 pub(super) struct SeenKeys {
     memory: Mutex<Memory>,
-    /// The writer's count of batches that did not commit.
-    writer_failures: Arc<AtomicU64>,
+    /// The writer's count of times memory may have gone stale ([`super::writer::Writer::invalidations`]).
+    invalidations: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -92,17 +93,17 @@ struct Memory {
     /// When the merge started: the `seen_at` of every key it merges, so that they land in key
     /// order in the age index too (a key is kept a little longer than its retention, never less).
     merging_seen_at: i64,
-    /// `writer_failures` when memory last matched `seen_recent`; `None`: load it again.
+    /// `invalidations` when memory last matched `seen_recent`; `None`: load it again.
     in_sync_at: Option<u64>,
     /// Every key in `seen_webhooks` (and some no longer there); `None`: build it.
     filter: Option<KeyFilter>,
 }
 
 impl SeenKeys {
-    pub fn new(writer_failures: Arc<AtomicU64>) -> SeenKeys {
+    pub fn new(invalidations: Arc<AtomicU64>) -> SeenKeys {
         SeenKeys {
             memory: Mutex::new(Memory::default()),
-            writer_failures,
+            invalidations,
         }
     }
 
@@ -164,14 +165,14 @@ impl SeenKeys {
         Ok(())
     }
 
-    /// Loads memory from `seen_recent` at first use and after a batch that did not commit, and
+    /// Loads memory from `seen_recent` at first use and whenever it may be stale, and
     /// builds the filter when there is none or it is full.
     fn sync(&self, memory: &mut Memory, conn: &Connection) -> Result<(), StoreError> {
         if memory.filter.as_ref().is_none_or(KeyFilter::is_full) {
             memory.filter = Some(Self::build_filter(conn)?);
         }
-        let failures = self.writer_failures.load(Ordering::Acquire);
-        if memory.in_sync_at == Some(failures) {
+        let invalidations = self.invalidations.load(Ordering::Acquire);
+        if memory.in_sync_at == Some(invalidations) {
             return Ok(());
         }
         let mut recent = BTreeSet::new();
@@ -183,7 +184,7 @@ impl SeenKeys {
         // The filter stays: keys a rolled-back merge put in it only make "maybe" likelier.
         *memory = Memory {
             recent,
-            in_sync_at: Some(failures),
+            in_sync_at: Some(invalidations),
             filter: memory.filter.take(),
             ..Memory::default()
         };

@@ -58,8 +58,9 @@ pub struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Dropped at close: the checkpointer's signal to stop.
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
-    /// Batches that did not commit, counted before the next batch runs.
-    failed_batches: Arc<AtomicU64>,
+    /// Times what is kept in memory beside the database may have gone stale, counted before the
+    /// next batch runs: see [`Writer::invalidations`].
+    invalidations: Arc<AtomicU64>,
 }
 
 /// Set by the checkpointer when the WAL should start over: the writer then copies what is left
@@ -92,24 +93,26 @@ impl Writer {
         wal.push("-wal");
         let wal = PathBuf::from(wal);
         let (sender, receiver) = mpsc::channel::<Work>();
-        let failed_batches = Arc::new(AtomicU64::new(0));
-        let failed = failed_batches.clone();
+        let invalidations = Arc::new(AtomicU64::new(0));
+        let invalidated = invalidations.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, receiver, wal, restart_wanted, &failed))
+            .spawn(move || run(conn, receiver, wal, restart_wanted, &invalidated))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
         Ok(Writer {
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
             checkpointer: Mutex::new(Some(stop_checkpoints)),
-            failed_batches,
+            invalidations,
         })
     }
 
-    /// The count of batches that did not commit: state kept beside the database by the closures
-    /// (in memory) is stale once it changes.
-    pub fn failed_batches(&self) -> Arc<AtomicU64> {
-        self.failed_batches.clone()
+    /// A count that grows whenever state kept in memory beside the database by the closures may
+    /// have gone stale: a batch did not commit (its closures' changes to memory were not stored),
+    /// or another connection committed (another process on the same file, such as the
+    /// `dead-letters` command). Such state is loaded again once the count has changed.
+    pub fn invalidations(&self) -> Arc<AtomicU64> {
+        self.invalidations.clone()
     }
 
     /// Runs `f` in the next batch; its answer arrives after the commit (not fsynced).
@@ -273,7 +276,7 @@ fn run(
     receiver: mpsc::Receiver<Work>,
     wal: PathBuf,
     restart_wanted: RestartWanted,
-    failed_batches: &AtomicU64,
+    invalidations: &AtomicU64,
 ) {
     let (to_syncer, syncer_queue) = mpsc::channel::<Vec<Reply>>();
     let syncer = std::thread::Builder::new()
@@ -281,6 +284,7 @@ fn run(
         .spawn(move || sync_then_answer(&wal, syncer_queue))
         .expect("cannot start the SQLite syncer thread");
     let mut batch: Vec<Work> = Vec::with_capacity(MAX_BATCH);
+    let mut data_version = None;
     while let Ok(first) = receiver.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -292,6 +296,13 @@ fn run(
         let mut replies = Vec::with_capacity(batch.len());
         let outcome = (|| -> Result<(), rusqlite::Error> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            // Changes only when another connection has committed since the last batch.
+            let now: i64 = conn
+                .prepare_cached("PRAGMA data_version")?
+                .query_row([], |r| r.get(0))?;
+            if data_version.replace(now).is_some_and(|before| before != now) {
+                invalidations.fetch_add(1, Ordering::Release);
+            }
             for work in batch.drain(..) {
                 replies.push(((work.job)(Some(&conn)), work.durable));
             }
@@ -303,7 +314,7 @@ fn run(
                 let _ = conn.execute_batch("ROLLBACK");
             }
             tracing::warn!(error = %e, "SQLite writer: batch not committed");
-            failed_batches.fetch_add(1, Ordering::Release);
+            invalidations.fetch_add(1, Ordering::Release);
             e.to_string()
         });
         // Jobs not run (the transaction did not start) are answered with the batch's error.
@@ -430,6 +441,48 @@ mod tests {
             largest < 3 * WAL_RESTART_BYTES as u64,
             "the WAL reached {largest} bytes before starting over"
         );
+        // Neither the checkpoints nor the WAL starting over count as another connection's commit.
+        assert_eq!(writer.invalidations().load(Ordering::Acquire), 0);
+        writer.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_connections_commit_invalidates_memory_before_the_next_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)")
+            .unwrap();
+        let writer = Writer::open(&path, Duration::from_secs(1)).unwrap();
+        let invalidations = writer.invalidations();
+        // The count as a write in the next batch sees it.
+        async fn seen_by_a_write(writer: &Writer, invalidations: Arc<AtomicU64>) -> u64 {
+            writer
+                .write(move |c| {
+                    c.execute("INSERT INTO t (v) VALUES (1)", [])?;
+                    Ok(invalidations.load(Ordering::Acquire))
+                })
+                .await
+                .unwrap()
+        }
+        assert_eq!(seen_by_a_write(&writer, invalidations.clone()).await, 0);
+        assert_eq!(
+            seen_by_a_write(&writer, invalidations.clone()).await,
+            0,
+            "the writer's own commits do not count"
+        );
+        // Another process (say, the dead-letters command) commits to the same file.
+        Connection::open(&path)
+            .unwrap()
+            .execute("INSERT INTO t (v) VALUES (2)", [])
+            .unwrap();
+        assert_eq!(
+            seen_by_a_write(&writer, invalidations.clone()).await,
+            1,
+            "counted before the next batch's writes run"
+        );
+        assert_eq!(seen_by_a_write(&writer, invalidations).await, 1);
         writer.close().await;
     }
 
