@@ -53,7 +53,13 @@ pub(super) async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
         let store = &deps.store;
         let result = match enrich(deps, &job).await {
             Ok(enrichment) => {
-                let mut r = store.put_identity(&job.shopper_key, &enrichment.identity).await;
+                // Kept for a registered shopper's later intents, which may carry nothing naming them;
+                // an anonymous shopper's identity is in every one of its tokens (`anon-<orderid>`).
+                let mut r = if job.intent.anonymous {
+                    Ok(())
+                } else {
+                    store.put_identity(&job.shopper_key, &enrichment.identity).await
+                };
                 if let (Ok(()), Some(link)) = (&r, &enrichment.link) {
                     r = store
                         .put_identity(&link.registered_shopper_key, &link.registered_identity)
