@@ -51,6 +51,19 @@ fn cpu_by_thread() -> BTreeMap<String, f64> {
     by_name
 }
 
+/// (bytes written, write calls) so far by this process, from /proc/self/io: the WAL's frames and
+/// the checkpoints' copies, mostly.
+fn writes() -> (f64, f64) {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field("wchar:"), field("syscw:"))
+}
+
 fn settings(kind: &str, dir: &std::path::Path) -> Settings {
     let mut s = Settings::default();
     s.ordercloud.hash_keys = vec![Secret::new(KEY)];
@@ -150,11 +163,11 @@ fn main() {
         let app = router(state);
         for round in 0..rounds {
             let batch = Arc::new(signed_webhooks(&format!("round{round}"), shoppers));
-            let before = cpu_by_thread();
+            let (before, writes_before) = (cpu_by_thread(), writes());
             let started = Instant::now();
             feed(app.clone(), batch).await;
             let elapsed = started.elapsed().as_secs_f64();
-            let after = cpu_by_thread();
+            let (after, writes_after) = (cpu_by_thread(), writes());
             // The last submits' enrichment (a few dozen) runs before the next round, uncounted.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let sent = (shoppers * STEPS as u64) as f64;
@@ -171,7 +184,9 @@ fn main() {
             println!(
                 "{}",
                 json!({"store": kind, "round": round, "webhooks": sent, "seconds": (elapsed * 100.0).round() / 100.0,
-                       "cpu_us_per_webhook": us_per_webhook(total), "by_thread": threads})
+                       "cpu_us_per_webhook": us_per_webhook(total), "by_thread": threads,
+                       "bytes_written_per_webhook": ((writes_after.0 - writes_before.0) / sent).round(),
+                       "write_calls_per_webhook": ((writes_after.1 - writes_before.1) / sent * 10.0).round() / 10.0})
             );
         }
         let _ = stop.send(true);
