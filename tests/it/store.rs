@@ -307,3 +307,58 @@ async fn a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in
     assert!(order[0].1 < order[1].1, "second, then third: {order:?}");
     service.close().await;
 }
+
+/// An intent waiting for its OrderCloud reads is handed to one enrichment job at a time: again
+/// only once its lease has run out or it was given back for a retry (which counts the attempt),
+/// and never once its enrichment is saved; then it can be delivered, with the enrichment.
+#[tokio::test]
+async fn enrichment_jobs_are_leased_retried_and_settled() {
+    let (_dir, store) = open().await;
+    let mut item = intent("s1", "needs-reads");
+    item.needs_enrichment = true;
+    let EnqueueOutcome::Queued(id) = store.enqueue(item).await.unwrap() else {
+        panic!("queued")
+    };
+    let lease = Duration::from_secs(30);
+    let jobs = store.claim_enrichment(10, lease).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| (j.intent_id, j.attempts)).collect::<Vec<_>>(),
+        [(id, 1)]
+    );
+    assert!(store.claim_enrichment(10, lease).await.unwrap().is_empty(), "leased");
+    assert!(
+        store.claim(10, lease).await.unwrap().is_empty(),
+        "not deliverable before its reads"
+    );
+
+    store
+        .retry_enrichment(id, store::now_ms() - 1, "OrderCloud unavailable")
+        .await
+        .unwrap();
+    let jobs = store.claim_enrichment(10, Duration::from_millis(50)).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| (j.intent_id, j.attempts)).collect::<Vec<_>>(),
+        [(id, 2)]
+    );
+    // A job that never reports back: its lease runs out and the intent is handed out again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let jobs = store.claim_enrichment(10, lease).await.unwrap();
+        if !jobs.is_empty() {
+            break jobs;
+        }
+        assert!(std::time::Instant::now() < deadline, "the lease never ran out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(again[0].intent_id, id);
+
+    store
+        .save_enrichment(id, &json!({"identity": "anon-o1"}))
+        .await
+        .unwrap();
+    assert!(store.claim_enrichment(10, Duration::ZERO).await.unwrap().is_empty());
+    let claimed = store.claim(10, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].enrichment, Some(json!({"identity": "anon-o1"})));
+    store.close().await;
+}

@@ -14,7 +14,9 @@ mod queues;
 mod seen;
 mod writer;
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,6 +39,10 @@ pub struct SqliteStore {
     seen: Arc<SeenKeys>,
     /// Shoppers' queues and the next intent id (used on the writer thread).
     queues: Arc<Queues>,
+    /// Intents whose enrichment is under way, and until when (epoch ms). One process serves the
+    /// file, so a lease needs no row written: only the writer thread reads or changes this, in the
+    /// same order as the rows it guards.
+    enrichment_leases: Arc<Mutex<HashMap<i64, i64>>>,
 }
 
 impl SqliteStore {
@@ -102,6 +108,7 @@ impl SqliteStore {
             writer,
             seen,
             queues,
+            enrichment_leases: Arc::default(),
         })
     }
 }
@@ -354,22 +361,34 @@ impl Store for SqliteStore {
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         let now = now_ms();
         let until = now + lease.as_millis() as i64;
+        let leases = self.enrichment_leases.clone();
         type Row = (i64, String, String, Option<String>, i64, i64);
         let rows: Vec<Row> = self
             .writer
             .write(move |c| {
+                let mut leases = leases.lock().expect("enrichment leases lock");
+                leases.retain(|_, until| *until > now);
                 // INDEXED BY: walking every pending intent by id to find the few unenriched ones
-                // would grow with the backlog.
+                // would grow with the backlog. Leased intents are among the oldest: read past them.
                 let mut stmt = c.prepare_cached(
-                    "UPDATE intents SET enrich_after = ?1, enrich_attempts = enrich_attempts + 1 WHERE id IN ( \
-                       SELECT id FROM intents INDEXED BY intents_unenriched \
-                       WHERE state = 'pending' AND enriched = 0 AND enrich_after <= ?2 ORDER BY id LIMIT ?3) \
-                     RETURNING id, shopper_key, intent, secrets, enrich_attempts, created_at",
+                    "SELECT id, shopper_key, intent, secrets, enrich_attempts, created_at \
+                     FROM intents INDEXED BY intents_unenriched \
+                     WHERE state = 'pending' AND enriched = 0 AND enrich_after <= ?1 ORDER BY id LIMIT ?2",
                 )?;
-                let rows = stmt.query_map(params![until, now, limit as i64], |r| {
+                let rows = stmt.query_map(params![now, (limit + leases.len()) as i64], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })?;
-                Ok(rows.collect::<Result<Vec<Row>, _>>()?)
+                let mut free = Vec::with_capacity(limit);
+                for row in rows {
+                    let row: Row = row?;
+                    if free.len() < limit && !leases.contains_key(&row.0) {
+                        free.push(row);
+                    }
+                }
+                for row in &free {
+                    leases.insert(row.0, until);
+                }
+                Ok(free)
             })
             .await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -379,7 +398,8 @@ impl Store for SqliteStore {
                 shopper_key,
                 intent: serde_json::from_str(&intent)?,
                 secrets: parse_json(secrets)?.unwrap_or_default(),
-                attempts,
+                // This attempt, counted in the row only if it fails (retry_enrichment).
+                attempts: attempts + 1,
                 created_at_ms,
             });
         }
@@ -389,35 +409,40 @@ impl Store for SqliteStore {
 
     async fn save_enrichment(&self, intent_id: i64, enrichment: &Value) -> Result<(), StoreError> {
         let enrichment = enrichment.to_string();
+        let leases = self.enrichment_leases.clone();
         self.writer
             .write(move |c| {
                 run(
                     c,
                     "UPDATE intents SET enrichment = ?1, enriched = 1, secrets = NULL, updated_at = ?2 WHERE id = ?3",
                     params![enrichment, now_ms(), intent_id],
-                )
-                .map(drop)
+                )?;
+                leases.lock().expect("enrichment leases lock").remove(&intent_id);
+                Ok(())
             })
             .await
     }
 
     async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError> {
         let error = error.to_string();
+        let leases = self.enrichment_leases.clone();
         self.writer
             .write(move |c| {
                 run(
                     c,
-                    "UPDATE intents SET enrich_after = ?1, last_error = ?2, updated_at = ?3 WHERE id = ?4 AND enriched = 0",
+                    "UPDATE intents SET enrich_after = ?1, enrich_attempts = enrich_attempts + 1, last_error = ?2, \
+                     updated_at = ?3 WHERE id = ?4 AND enriched = 0",
                     params![at_ms, error, now_ms(), intent_id],
-                )
-                .map(drop)
+                )?;
+                leases.lock().expect("enrichment leases lock").remove(&intent_id);
+                Ok(())
             })
             .await
     }
 
     async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError> {
         let reason = reason.to_string();
-        let queues = self.queues.clone();
+        let (queues, leases) = (self.queues.clone(), self.enrichment_leases.clone());
         self.writer
             .write(move |c| {
                 let shopper = leave_queue(
@@ -429,6 +454,7 @@ impl Store for SqliteStore {
                 if let Some(shopper) = shopper {
                     queues.left(&shopper);
                 }
+                leases.lock().expect("enrichment leases lock").remove(&intent_id);
                 Ok(())
             })
             .await
