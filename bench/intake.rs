@@ -79,8 +79,11 @@ fn settings(kind: &str, dir: &std::path::Path) -> Settings {
     s
 }
 
+/// One shopper's webhooks in order, each with its signature.
+type Shopper = Vec<(Vec<u8>, String)>;
+
 /// The webhooks of `shoppers` shoppers, signed, in each shopper's order.
-fn signed_webhooks(run: &str, shoppers: u64) -> Vec<Vec<(Vec<u8>, String)>> {
+fn signed_webhooks(run: &str, shoppers: u64) -> Vec<Shopper> {
     (0..shoppers)
         .map(|shopper| {
             (0..STEPS)
@@ -95,7 +98,7 @@ fn signed_webhooks(run: &str, shoppers: u64) -> Vec<Vec<(Vec<u8>, String)>> {
 }
 
 /// Sends every shopper's webhooks through the router, `CONCURRENCY` shoppers at a time.
-async fn feed(app: axum::Router, shoppers: Arc<Vec<Vec<(Vec<u8>, String)>>>) {
+async fn feed(app: axum::Router, shoppers: Arc<Vec<Shopper>>) {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
