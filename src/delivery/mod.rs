@@ -162,8 +162,11 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             break;
         }
         if let Some(wait) = deps.paused_for() {
-            if !idle(&deps, &mut stop, wait.min(poll * 10)).await {
-                break;
+            // New intents change nothing while CDP refuses the key, only the probe's time does:
+            // not woken by each webhook.
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(poll * 10)) => {}
+                _ = stop.wait_for(|s| *s) => break,
             }
             continue;
         }
