@@ -74,10 +74,11 @@ impl Writer {
         conn.busy_timeout(busy_timeout)?;
         // Checkpoints run on their own thread (below), not inside a commit of this one; the WAL
         // file is cut back to 64 MiB when it starts over.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = 33554432; \
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = {}; \
              PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
-        )?;
+            super::MMAP_BYTES
+        ))?;
         conn.set_prepared_statement_cache_capacity(64);
         let checkpoints = Connection::open(path)?;
         checkpoints.busy_timeout(busy_timeout)?;
