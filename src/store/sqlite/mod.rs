@@ -32,8 +32,8 @@ use writer::Writer;
 
 /// Pages in the file's first 16 MiB are read through a memory map instead of a pread(2) each:
 /// the whole of a store that keeps up with its webhooks. Each connection maps it, and the pages it
-/// touches count in the process's resident memory, so the map stays small (32 MiB took a quarter
-/// of the service's peak RSS in the bench's end-to-end run and read no faster: BENCHMARKS.md).
+/// touches count in the process's resident memory, so the map stays small (32 MiB was half of
+/// the service's peak RSS in the bench's end-to-end run and read no faster: BENCHMARKS.md).
 const MMAP_BYTES: u64 = 16 << 20;
 
 pub struct SqliteStore {
