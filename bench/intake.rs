@@ -23,6 +23,8 @@ use ordercloud_cdp_forwarder::{delivery, health, store};
 use serde_json::json;
 use tower::ServiceExt as _;
 
+#[path = "procfs.rs"]
+mod procfs;
 #[path = "workload.rs"]
 mod workload;
 use workload::{webhook, KEY, STEPS};
@@ -37,16 +39,7 @@ fn cpu_by_thread() -> BTreeMap<String, f64> {
     };
     for task in tasks.flatten() {
         let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *by_name.entry(name.trim().to_string()).or_insert(0.0) += ticks / 100.0;
+        *by_name.entry(name.trim().to_string()).or_insert(0.0) += procfs::cpu_secs(task.path().join("stat"));
     }
     by_name
 }

@@ -25,6 +25,8 @@ use ordercloud_cdp_forwarder::ordercloud::envelope::Webhook;
 use ordercloud_cdp_forwarder::ordercloud::{routes, signature};
 use serde_json::{json, Value};
 
+#[path = "procfs.rs"]
+mod procfs;
 #[path = "workload.rs"]
 mod workload;
 use workload::{webhook, KEY, STEPS};
@@ -324,7 +326,7 @@ impl Proc {
         Usage {
             hwm_kib: kib("VmHWM:"),
             anon_hwm_kib: *peak,
-            cpu_secs: process_cpu_secs(&format!("/proc/{pid}/stat")),
+            cpu_secs: procfs::cpu_secs(format!("/proc/{pid}/stat")),
         }
     }
 
@@ -427,21 +429,7 @@ fn cpu_now() -> (f64, f64) {
                 .sum()
         })
         .unwrap_or(0.0);
-    (process_cpu_secs("/proc/self/stat"), busy / 100.0)
-}
-
-/// User and system CPU seconds of a process, from its `/proc/<pid>/stat`.
-fn process_cpu_secs(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    (procfs::cpu_secs("/proc/self/stat"), busy / 100.0)
 }
 
 /// CPU seconds per 1,000 requests of a closed-loop run.
