@@ -321,9 +321,9 @@ impl Store for SqliteStore {
                     c,
                     "DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending' RETURNING shopper_key",
                     params![claim.intent_id, claim.claim_id],
-                )?;
-                stale_unless_one(shopper.is_some() as u64, &claim)?;
-                queues.left(&shopper.unwrap_or_default());
+                )?
+                .ok_or(StoreError::StaleClaim(claim.intent_id))?;
+                queues.left(&shopper);
                 Ok(())
             })
             .await
@@ -355,9 +355,9 @@ impl Store for SqliteStore {
                      claim_id = NULL, lease_until = NULL WHERE id = ?3 AND claim_id = ?4 AND state = 'pending' \
                      RETURNING shopper_key",
                     params![reason, now_ms(), claim.intent_id, claim.claim_id],
-                )?;
-                stale_unless_one(shopper.is_some() as u64, &claim)?;
-                queues.left(&shopper.unwrap_or_default());
+                )?
+                .ok_or(StoreError::StaleClaim(claim.intent_id))?;
+                queues.left(&shopper);
                 Ok(())
             })
             .await

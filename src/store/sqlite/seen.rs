@@ -17,8 +17,8 @@
 //!
 //! Memory mirrors `seen_recent`, which is the truth: it is loaded at start, and loaded again after
 //! any batch that did not commit (its keys may have been remembered but not stored) or after another
-//! connection committed (the writer's invalidations). All of this
-//! runs on the writer thread, inside the writer's transactions.
+//! connection committed (the writer's invalidations). All of this runs on the writer thread, inside
+//! the writer's transactions.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
