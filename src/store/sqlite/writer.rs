@@ -379,6 +379,14 @@ fn sync_then_answer(wal: &Path, queue: mpsc::Receiver<Vec<Reply>>) {
 mod tests {
     use super::*;
 
+    /// A database file in a new folder (kept while the folder lives), set up with `sql`.
+    fn database_file(sql: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        (dir, path)
+    }
+
     fn count(path: &Path) -> i64 {
         Connection::open(path)
             .unwrap()
@@ -401,13 +409,7 @@ mod tests {
     /// growing: the checkpointer copies and settles it, the writer finishes between two batches.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_starts_over_under_sustained_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let setup = Connection::open(&path).unwrap();
-        setup
-            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v BLOB NOT NULL)")
-            .unwrap();
-        drop(setup);
+        let (dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v BLOB NOT NULL)");
         let wal = dir.path().join("w.db-wal");
         let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1)).unwrap());
         let first = wal_generation(&wal);
@@ -449,12 +451,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_connections_commit_invalidates_memory_before_the_next_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)")
-            .unwrap();
+        let (_dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)");
         let writer = Writer::open(&path, Duration::from_secs(1)).unwrap();
         let invalidations = writer.invalidations();
         // The count as a write in the next batch sees it.
@@ -489,12 +486,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_write_is_rolled_back_alone_and_the_batch_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY)")
-            .unwrap();
+        let (_dir, path) = database_file("CREATE TABLE t (v INTEGER PRIMARY KEY)");
         let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1)).unwrap());
         // Many writes at once, so that they share batches; every third fails after writing a row.
         let mut tasks = Vec::new();
