@@ -140,7 +140,10 @@ fn main() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let settings = Arc::new(settings(&kind, dir.path()));
-        let store = store::open(&settings.store).await.unwrap();
+        let role = store::Role::Service {
+            takeover: settings.delivery.takeover(),
+        };
+        let store = store::open(&settings.store, role).await.unwrap();
         let state = AppState {
             settings: settings.clone(),
             store: store.clone(),

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -58,6 +59,12 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
 }
 
+impl ServerSettings {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
@@ -74,6 +81,12 @@ pub struct OrderCloudSettings {
     pub hash_keys: Vec<Secret>,
     pub api_urls: Vec<String>,
     pub request_timeout_ms: u64,
+}
+
+impl OrderCloudSettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
 }
 
 impl Default for OrderCloudSettings {
@@ -205,6 +218,15 @@ impl CdpSettings {
         }
     }
 
+    /// How long a session may be idle before the forwarder treats it as closed: the point of
+    /// sale's timeout less the safety margin.
+    pub fn session_idle(&self) -> Duration {
+        Duration::from_secs(
+            self.session_timeout_secs
+                .saturating_sub(self.session_safety_margin_secs),
+        )
+    }
+
     /// Channel and point of sale for the OrderCloud API client `client_id`.
     pub fn channel_for(&self, client_id: Option<&str>) -> (&str, &str) {
         client_id
@@ -225,6 +247,18 @@ pub struct StoreSettings {
     pub connect_timeout_ms: u64,
     /// How long a LogID is remembered for deduplication.
     pub dedupe_retention_secs: u64,
+}
+
+impl StoreSettings {
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn dedupe_retention(&self) -> Duration {
+        Duration::from_secs(self.dedupe_retention_secs)
+    }
 }
 
 impl Default for StoreSettings {
@@ -254,6 +288,36 @@ pub struct DeliverySettings {
     pub poll_interval_ms: u64,
     /// After CDP refuses the client key (401/403): first wait before probing again; doubles up to 10×.
     pub auth_pause_secs: u64,
+    /// PostgreSQL: a claim whose replica has missed its heartbeats for this long is taken over.
+    pub takeover_secs: u64,
+}
+
+impl DeliverySettings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn initial_backoff(&self) -> Duration {
+        Duration::from_millis(self.initial_backoff_ms)
+    }
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+    /// An intent still failing after this long becomes a dead letter.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(self.max_age_secs)
+    }
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
+    }
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn auth_pause(&self) -> Duration {
+        Duration::from_secs(self.auth_pause_secs.max(1))
+    }
+    pub fn takeover(&self) -> Duration {
+        Duration::from_secs(self.takeover_secs)
+    }
 }
 
 impl Default for DeliverySettings {
@@ -267,6 +331,7 @@ impl Default for DeliverySettings {
             lease_secs: 60,
             poll_interval_ms: 200,
             auth_pause_secs: 30,
+            takeover_secs: 10,
         }
     }
 }
@@ -499,6 +564,12 @@ impl Settings {
         }
         if d.max_age_secs == 0 {
             errors.push("delivery.max_age_secs must be above 0, e.g. 86400".into());
+        }
+        if d.takeover_secs < 4 {
+            errors.push(format!(
+                "delivery.takeover_secs ({}) must be at least 4 (replicas heartbeat every 2 s), e.g. 10",
+                d.takeover_secs
+            ));
         }
         if d.lease_secs * 1000 <= d.request_timeout_ms {
             errors.push(format!(

@@ -1,6 +1,7 @@
 //! Dead-letter operations shared by the CLI (`dead-letters …`) and the admin API (`/admin/dead-letters`).
 
-use crate::store::{now_ms, DeadLetter, DynStore, StoreError};
+use crate::domain::now_ms;
+use crate::store::{DeadLetter, DynStore, StoreError};
 
 /// Which dead letters to put back in their shoppers' queues.
 #[derive(Debug, Clone, PartialEq, Eq)]

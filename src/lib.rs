@@ -5,9 +5,9 @@ pub mod cdp;
 pub mod config;
 pub mod dead_letters;
 pub mod delivery;
+pub mod domain;
 pub mod health;
 pub mod http;
-pub mod intent;
 pub mod ordercloud;
 pub mod planner;
 pub mod store;
@@ -35,7 +35,10 @@ pub struct Application {
 impl Application {
     /// Opens the store and binds `server.listen` (port 0 picks a free port; see [`Self::local_addr`]).
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let store = store::open(&settings.store).await?;
+        let role = store::Role::Service {
+            takeover: settings.delivery.takeover(),
+        };
+        let store = store::open(&settings.store, role).await?;
         let listener = TcpListener::bind(&settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;
@@ -106,7 +109,7 @@ impl Application {
         info!("shutting down: no new webhooks accepted; deliveries in flight finish or release their claims");
         let _ = stop_tx.send(true);
         // The server drains its requests while the delivery loops finish theirs, under one deadline.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(settings.server.shutdown_timeout_secs);
+        let deadline = tokio::time::Instant::now() + settings.server.shutdown_timeout();
         let drain_server = async {
             if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
                 warn!("requests still in flight at the shutdown deadline");
@@ -132,9 +135,9 @@ impl Application {
 
 /// Periodic upkeep: forgets dedupe records past their retention.
 async fn housekeeping(store: DynStore, settings: Arc<Settings>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let retention_ms = (settings.store.dedupe_retention_secs as i64).saturating_mul(1000);
+    let retention_ms = settings.store.dedupe_retention().as_millis() as i64;
     loop {
-        if let Err(e) = store.prune_dedupe(store::now_ms() - retention_ms).await {
+        if let Err(e) = store.prune_dedupe(domain::now_ms() - retention_ms).await {
             warn!(error = %e, "cannot prune dedupe records");
         }
         tokio::select! {

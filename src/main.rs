@@ -122,7 +122,8 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
         }
     };
     let result: anyhow::Result<()> = runtime().block_on(async move {
-        let store = ordercloud_cdp_forwarder::store::open(&settings.store).await?;
+        let store =
+            ordercloud_cdp_forwarder::store::open(&settings.store, ordercloud_cdp_forwarder::store::Role::Tool).await?;
         let parse = |t: &str| dead_letters::parse_time(t).map_err(anyhow::Error::msg);
         let outcome = match command {
             DeadLetterCommand::List { json, since, limit } => {

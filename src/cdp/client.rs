@@ -1,5 +1,9 @@
 //! The Stream API client: one pooled keep-alive HTTP client; answers classified in one place
 //! ([`classify`], the "retry logic" seam), apart from the sending code.
+//!
+//! Redirects are never followed: a 3xx would re-send the event (and the client key in it) to
+//! wherever it points, or turn the POST into a GET whose 2xx would count as delivered. A 3xx is a
+//! configuration error instead: delivery pauses and readiness names the redirect.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +11,7 @@ use serde_json::Value;
 use tracing::info;
 
 use crate::config::{CdpSettings, Secret, Transport};
+use crate::domain::BrowserId;
 
 /// What an answer from CDP means for the intent.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,10 +28,22 @@ pub enum Outcome {
     Retry { after: Option<Duration>, reason: String },
 }
 
-/// Classifies an answer: status, `Retry-After` header, body.
-pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome {
+/// The headers of an answer that [`classify`] reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerHeaders<'a> {
+    pub retry_after: Option<&'a str>,
+    pub location: Option<&'a str>,
+}
+
+/// Classifies an answer: status, `Retry-After` and `Location` headers, body.
+pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome {
     let message = || error_message(body).unwrap_or_else(|| format!("HTTP {status}"));
     match status {
+        300..=399 => Outcome::Config(format!(
+            "CDP answered HTTP {status} redirecting to {}: the forwarder follows no redirect; \
+             set cdp.region or cdp.base_url to the host that serves the Stream API",
+            headers.location.map(without_query).unwrap_or_else(|| "nowhere".into())
+        )),
         200..=299 => match serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| v.get("status").cloned())
@@ -42,11 +59,17 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Outcome 
             message()
         )),
         408 | 429 | 500..=599 => Outcome::Retry {
-            after: retry_after.and_then(parse_retry_after),
+            after: headers.retry_after.and_then(parse_retry_after),
             reason: format!("CDP answered HTTP {status}: {}", message()),
         },
         _ => Outcome::Permanent(format!("CDP answered HTTP {status}: {}", message())),
     }
+}
+
+/// A URL as it may be shown: scheme, host and path, no query (it could carry a key).
+pub fn without_query(url: &str) -> String {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    url[..end].chars().take(200).collect()
 }
 
 /// CDP's `error_msg` (or `message`), shortened.
@@ -84,6 +107,7 @@ impl CdpClient {
         let http = reqwest::Client::builder()
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
             .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
@@ -97,14 +121,15 @@ impl CdpClient {
         })
     }
 
-    /// Mints a browser id with `browser/create` (locally in dry run).
-    pub async fn create_browser(&self) -> Result<String, Outcome> {
+    /// Mints a browser id with `browser/create` (locally in dry run), within `timeout`.
+    pub async fn create_browser(&self, timeout: Duration) -> Result<String, Outcome> {
         if self.dry_run {
             return Ok(format!("dry-run-{}", uuid::Uuid::new_v4()));
         }
         let request = self
             .http
             .get(format!("{}/v1.2/browser/create.json", self.host))
+            .timeout(timeout)
             .query(&[("client_key", self.client_key.expose()), ("message", "{}")]);
         let started = Instant::now();
         let result = request.send().await;
@@ -112,16 +137,20 @@ impl CdpClient {
             .record(started.elapsed().as_secs_f64());
         let response = result.map_err(transport_error)?;
         let status = response.status().as_u16();
-        let retry_after = header(&response, "retry-after");
+        let (retry_after, location) = (header(&response, "retry-after"), header(&response, "location"));
         let body = response.bytes().await.map_err(transport_error)?;
-        match classify(status, retry_after.as_deref(), &body) {
+        let headers = AnswerHeaders {
+            retry_after: retry_after.as_deref(),
+            location: location.as_deref(),
+        };
+        match classify(status, headers, &body) {
             Outcome::Done => serde_json::from_slice::<Value>(&body)
                 .ok()
-                .and_then(|v| v.get("ref").and_then(Value::as_str).map(str::to_string))
-                .filter(|r| !r.is_empty())
+                .and_then(|v| v.get("ref").and_then(Value::as_str).and_then(BrowserId::parse))
+                .map(BrowserId::into_string)
                 .ok_or_else(|| Outcome::Retry {
                     after: None,
-                    reason: "browser/create answered without a ref".into(),
+                    reason: "browser/create answered without a usable ref".into(),
                 }),
             Outcome::BrowserUnknown => Err(Outcome::Config(
                 "browser/create answered 404: check cdp.region or cdp.base_url".into(),
@@ -130,8 +159,8 @@ impl CdpClient {
         }
     }
 
-    /// Sends one event (logs it instead in dry run).
-    pub async fn send(&self, event: &Value, event_type: &'static str) -> Outcome {
+    /// Sends one event (logs it instead in dry run); gives up after `timeout`.
+    pub async fn send(&self, event: &Value, event_type: &'static str, timeout: Duration) -> Outcome {
         if self.dry_run {
             info!(event = %event, "dry run: CDP event not sent");
             return Outcome::Done;
@@ -150,7 +179,7 @@ impl CdpClient {
             ]),
         };
         let started = Instant::now();
-        let result = request.send().await;
+        let result = request.timeout(timeout).send().await;
         metrics::histogram!("forwarder_cdp_request_duration_seconds", "event" => event_type)
             .record(started.elapsed().as_secs_f64());
         let response = match result {
@@ -158,9 +187,13 @@ impl CdpClient {
             Err(e) => return transport_error(e),
         };
         let status = response.status().as_u16();
-        let retry_after = header(&response, "retry-after");
+        let (retry_after, location) = (header(&response, "retry-after"), header(&response, "location"));
+        let headers = AnswerHeaders {
+            retry_after: retry_after.as_deref(),
+            location: location.as_deref(),
+        };
         match response.bytes().await {
-            Ok(body) => classify(status, retry_after.as_deref(), &body),
+            Ok(body) => classify(status, headers, &body),
             Err(e) => transport_error(e),
         }
     }
@@ -193,37 +226,61 @@ fn transport_error(e: reqwest::Error) -> Outcome {
 mod tests {
     use super::*;
 
+    const NONE: AnswerHeaders<'static> = AnswerHeaders {
+        retry_after: None,
+        location: None,
+    };
+
     #[test]
     fn answers_are_classified_in_one_place() {
         assert_eq!(
-            classify(201, None, br#"{"status":"OK","version":"1.2"}"#),
+            classify(201, NONE, br#"{"status":"OK","version":"1.2"}"#),
             Outcome::Done
         );
-        assert_eq!(classify(200, None, b""), Outcome::Done);
+        assert_eq!(classify(200, NONE, b""), Outcome::Done);
         assert!(matches!(
-            classify(201, None, br#"{"status":"ERROR"}"#),
+            classify(201, NONE, br#"{"status":"ERROR"}"#),
             Outcome::Permanent(_)
         ));
-        assert_eq!(classify(404, None, b"{}"), Outcome::BrowserUnknown);
+        assert_eq!(classify(404, NONE, b"{}"), Outcome::BrowserUnknown);
         assert_eq!(
-            classify(400, None, br#"{"error_msg":"type is missing"}"#),
+            classify(400, NONE, br#"{"error_msg":"type is missing"}"#),
             Outcome::Permanent("CDP answered HTTP 400: type is missing".into())
         );
-        assert!(matches!(classify(401, None, b""), Outcome::Config(_)));
-        assert!(matches!(classify(403, None, b""), Outcome::Config(_)));
+        assert!(matches!(classify(401, NONE, b""), Outcome::Config(_)));
+        assert!(matches!(classify(403, NONE, b""), Outcome::Config(_)));
         for status in [408, 429, 500, 502, 503, 504] {
             assert!(
-                matches!(classify(status, None, b""), Outcome::Retry { after: None, .. }),
+                matches!(classify(status, NONE, b""), Outcome::Retry { after: None, .. }),
                 "{status}"
             );
         }
-        assert!(matches!(classify(415, None, b""), Outcome::Permanent(_)));
+        assert!(matches!(classify(415, NONE, b""), Outcome::Permanent(_)));
+    }
+
+    #[test]
+    fn a_redirect_is_a_configuration_error_that_names_where_without_the_query() {
+        for status in [301, 302, 307, 308] {
+            let headers = AnswerHeaders {
+                retry_after: None,
+                location: Some("https://elsewhere.example/v1.2/events?client_key=secret"),
+            };
+            let Outcome::Config(reason) = classify(status, headers, b"") else {
+                panic!("{status} is not a configuration error")
+            };
+            assert!(reason.contains("https://elsewhere.example/v1.2/events"), "{reason}");
+            assert!(!reason.contains("secret"), "{reason}");
+        }
     }
 
     #[test]
     fn retry_after_in_seconds_or_as_a_date() {
+        let seven = AnswerHeaders {
+            retry_after: Some("7"),
+            location: None,
+        };
         assert_eq!(
-            classify(429, Some("7"), b""),
+            classify(429, seven, b""),
             Outcome::Retry {
                 after: Some(Duration::from_secs(7)),
                 reason: "CDP answered HTTP 429: HTTP 429".into()

@@ -3,5 +3,5 @@
 pub mod client;
 pub mod events;
 
-pub use client::{classify, CdpClient, Outcome};
+pub use client::{classify, AnswerHeaders, CdpClient, Outcome};
 pub use events::{Event, EventKind, Identifier, OrderItem, OrderPayload, Product, SessionRef};

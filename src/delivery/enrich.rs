@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Deps;
-use crate::intent::{Intent, IntentKind, RouteFamily};
+use crate::domain::intent::{Intent, IntentKind, RouteFamily};
+use crate::domain::now_ms;
 use crate::ordercloud::client::OrderCloudError;
 use crate::ordercloud::token;
 use crate::planner::Profile;
-use crate::store::{now_ms, EnrichmentJob};
+use crate::store::EnrichmentJob;
 
 /// What enrichment found, stored as JSON with the intent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -15,11 +15,12 @@ use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
 use super::{error, AppState};
-use crate::intent::{IntentSecrets, RawIntent};
+use crate::domain::intent::{IntentSecrets, RawIntent};
+use crate::domain::now_ms;
 use crate::ordercloud::envelope::Webhook;
 use crate::ordercloud::routes::{classify, RouteMatch};
 use crate::ordercloud::{signature, token};
-use crate::store::{now_ms, EnqueueOutcome, NewIntent, UNIDENTIFIED_SHOPPER};
+use crate::store::{EnqueueOutcome, NewIntent, UNIDENTIFIED_SHOPPER};
 
 pub(super) async fn receive(
     State(app): State<AppState>,

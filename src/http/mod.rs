@@ -50,15 +50,21 @@ async fn ready(State(app): State<AppState>) -> Response {
         problems.push(format!("store: {e}"));
     }
     problems.extend(app.health.problems());
-    if problems.is_empty() {
-        Json(json!({"status": "ready"})).into_response()
+    let warnings = app.health.warnings();
+    let mut body = if problems.is_empty() {
+        json!({"status": "ready"})
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reasons": problems})),
-        )
-            .into_response()
+        json!({"status": "not ready", "reasons": problems})
+    };
+    if !warnings.is_empty() {
+        body["warnings"] = json!(warnings);
     }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -1,11 +1,15 @@
 //! OrderCloud reads made with a shopper's own token: `GET v1/me`, the cart, an order's lines.
-//! Only hosts listed in `ordercloud.api_urls` are ever called (the token's `aud` is not trusted).
+//! Only hosts listed in `ordercloud.api_urls` are ever called (the token's `aud` is not trusted),
+//! and no redirect is followed (it would carry the shopper's token to wherever it points).
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::config::OrderCloudSettings;
+use crate::health::Health;
 
 /// OrderCloud's page size limit.
 const PAGE_SIZE: u32 = 100;
@@ -24,30 +28,39 @@ pub enum OrderCloudError {
     Transient(String),
     #[error("OrderCloud answered HTTP {0}")]
     Permanent(u16),
+    /// A configuration error: retried (it may be fixed), and shown by readiness.
+    #[error("OrderCloud at {from} answered HTTP {status} redirecting to {to}: the forwarder follows no redirect; list the host that serves the API in ordercloud.api_urls")]
+    Redirected { from: String, status: u16, to: String },
 }
 
 impl OrderCloudError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, OrderCloudError::Transient(_))
+        matches!(self, OrderCloudError::Transient(_) | OrderCloudError::Redirected { .. })
     }
 }
 
 pub struct OrderCloudClient {
     http: reqwest::Client,
     api_urls: Vec<String>,
+    /// Told of redirects (a configuration error, shown by readiness until a call succeeds).
+    health: Health,
+    redirected: AtomicBool,
 }
 
 impl OrderCloudClient {
-    pub fn new(settings: &OrderCloudSettings) -> anyhow::Result<OrderCloudClient> {
-        let timeout = Duration::from_millis(settings.request_timeout_ms);
+    pub fn new(settings: &OrderCloudSettings, health: Health) -> anyhow::Result<OrderCloudClient> {
+        let timeout = settings.request_timeout();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(OrderCloudClient {
             http,
             api_urls: settings.api_urls.iter().map(|u| normalize(u)).collect(),
+            health,
+            redirected: AtomicBool::new(false),
         })
     }
 
@@ -137,6 +150,16 @@ impl OrderCloudClient {
                         .json::<Value>()
                         .await
                         .map_err(|e| OrderCloudError::Transient(format!("unreadable answer: {}", e.without_url()))),
+                    300..=399 => Err(OrderCloudError::Redirected {
+                        from: base.to_string(),
+                        status,
+                        to: response
+                            .headers()
+                            .get("location")
+                            .and_then(|v| v.to_str().ok())
+                            .map(crate::cdp::client::without_query)
+                            .unwrap_or_else(|| "nowhere".into()),
+                    }),
                     401 | 403 => Err(OrderCloudError::Unauthorized(status)),
                     404 => Err(OrderCloudError::NotFound),
                     408 | 429 | 500..=599 => Err(OrderCloudError::Transient(format!("HTTP {status}"))),
@@ -144,11 +167,20 @@ impl OrderCloudClient {
                 }
             }
         };
+        match &outcome {
+            Err(e @ OrderCloudError::Redirected { .. }) => {
+                self.health.warn("ordercloud", e.to_string());
+                self.redirected.store(true, Ordering::Relaxed);
+            }
+            Ok(_) if self.redirected.swap(false, Ordering::Relaxed) => self.health.clear("ordercloud"),
+            _ => {}
+        }
         let label = match &outcome {
             Ok(_) => "ok",
             Err(OrderCloudError::Unauthorized(_)) => "unauthorized",
             Err(OrderCloudError::NotFound) => "not_found",
             Err(OrderCloudError::Transient(_)) => "transient",
+            Err(OrderCloudError::Redirected { .. }) => "redirect",
             Err(_) => "error",
         };
         metrics::counter!("forwarder_ordercloud_calls_total", "call" => call, "outcome" => label).increment(1);
@@ -172,7 +204,7 @@ mod tests {
 
     #[test]
     fn only_configured_hosts_are_called() {
-        let client = OrderCloudClient::new(&OrderCloudSettings::default()).unwrap();
+        let client = OrderCloudClient::new(&OrderCloudSettings::default(), Health::default()).unwrap();
         assert_eq!(
             client.base_for(Some("https://api.ordercloud.io/")).unwrap(),
             "https://api.ordercloud.io"

@@ -1,7 +1,7 @@
 //! Route classification: which webhooks concern carts and orders, and what they mean.
 //! Routes are OrderCloud's templates (`v1/orders/{direction}/{orderID}/lineitems`), matched exactly.
 
-use crate::intent::{IntentKind, RouteFamily};
+use crate::domain::intent::{IntentKind, RouteFamily};
 
 /// What a webhook's route and verb mean for the forwarder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

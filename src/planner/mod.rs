@@ -66,6 +66,67 @@ pub struct OtherSession {
     pub must_link: bool,
 }
 
+/// Everything one intent's plan depends on, gathered before planning (`delivery::gather`): the
+/// planner is called once with it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Situation {
+    /// Lines created or changed: the order's lines and those the intent touched.
+    LinesUpserted {
+        session: SessionState,
+        lines: Vec<Line>,
+        touched: Vec<Line>,
+    },
+    /// A line removed: the lines that remain.
+    LineDeleted {
+        session: SessionState,
+        remaining: Vec<Line>,
+    },
+    CartDeleted {
+        session: SessionState,
+    },
+    GuestDetails {
+        session: SessionState,
+    },
+    Submitted {
+        session: SessionState,
+        order: OrderFacts,
+        lines: Vec<Line>,
+        others: Vec<OtherSession>,
+    },
+    /// An anonymous shopper became a registered one; `target` is the registered shopper's own
+    /// session, when they have one apart from the anonymous one.
+    Linked {
+        anonymous: SessionState,
+        target: Option<SessionState>,
+        lines: Vec<Line>,
+    },
+}
+
+/// The CDP events for a situation, in the order they must reach CDP.
+pub fn plan(ctx: &Context, situation: &Situation) -> Vec<Event> {
+    match situation {
+        Situation::LinesUpserted {
+            session,
+            lines,
+            touched,
+        } => plan_lines_upserted(ctx, session, lines, touched),
+        Situation::LineDeleted { session, remaining } => plan_line_deleted(ctx, session, remaining),
+        Situation::CartDeleted { session } => plan_cart_deleted(ctx, session),
+        Situation::GuestDetails { session } => plan_identify(ctx, session),
+        Situation::Submitted {
+            session,
+            order,
+            lines,
+            others,
+        } => plan_submit(ctx, session, order, lines, others),
+        Situation::Linked {
+            anonymous,
+            target,
+            lines,
+        } => plan_link(ctx, anonymous, target.as_ref(), lines),
+    }
+}
+
 impl Context<'_> {
     fn event(&self, session: &SessionRef, kind: EventKind) -> Event {
         Event {

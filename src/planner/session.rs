@@ -1,11 +1,10 @@
-//! What a CDP session holds, as the forwarder tracks it: the view the planner reads, and how each
-//! acknowledged event changes it. CDP closes a session after the point of sale's idle timeout; the
-//! forwarder treats it as closed a safety margin earlier.
+//! What a CDP session holds, as the planner sees it: the stored [`SessionFacts`] at a moment. The
+//! forwarder treats a session as closed a safety margin before CDP's idle timeout.
 
 use std::collections::BTreeMap;
 
-use crate::cdp::{Event, EventKind, SessionRef};
-use crate::store::{ItemFingerprint, SessionFacts};
+use crate::cdp::SessionRef;
+use crate::domain::{ItemFingerprint, SessionFacts};
 
 /// A session as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +31,7 @@ impl SessionState {
     /// The view of stored facts at `now_ms`, given the effective idle timeout.
     pub fn from_facts(session: SessionRef, facts: Option<&SessionFacts>, now_ms: i64, idle_ms: i64) -> SessionState {
         match facts {
-            Some(f) if now_ms - f.last_event_at_ms < idle_ms => SessionState {
+            Some(f) if f.is_open(now_ms, idle_ms) => SessionState {
                 session,
                 items: f.items.clone(),
                 identified_as: f.identified_as.clone(),
@@ -40,44 +39,5 @@ impl SessionState {
             },
             _ => SessionState::fresh(session),
         }
-    }
-}
-
-/// Updates stored facts after CDP acknowledged `event` at `now_ms`.
-pub fn apply(facts: &mut SessionFacts, event: &Event, now_ms: i64, idle_ms: i64) {
-    if now_ms - facts.last_event_at_ms >= idle_ms {
-        // The previous session closed: this event opened a new, empty one.
-        facts.items.clear();
-        facts.identified_as = None;
-    }
-    facts.last_event_at_ms = now_ms;
-    match &event.kind {
-        EventKind::Identity { identifiers, .. } => {
-            facts.identified_as = identifiers.first().map(|i| i.id.clone());
-        }
-        EventKind::Add { product } => {
-            facts.items.insert(
-                product.item_id.clone(),
-                ItemFingerprint {
-                    quantity: product.quantity,
-                    price: product.price,
-                },
-            );
-        }
-        // CHECKOUT converts the session's cart into an order; CLEAR_CART empties it.
-        EventKind::ClearCart | EventKind::Checkout { .. } => facts.items.clear(),
-        EventKind::Confirm { .. } | EventKind::OrderCheckout { .. } => {}
-    }
-}
-
-/// Facts for a session the forwarder has not sent to yet.
-pub fn new_facts(session: &SessionRef, shopper_key: &str) -> SessionFacts {
-    SessionFacts {
-        channel: session.channel.clone(),
-        browser_id: session.browser_id.clone(),
-        shopper_key: shopper_key.to_string(),
-        last_event_at_ms: i64::MIN / 2,
-        items: BTreeMap::new(),
-        identified_as: None,
     }
 }

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::*;
 use crate::config::ItemIdSource;
-use crate::store::ItemFingerprint;
+use crate::domain::ItemFingerprint;
 
 fn cdp() -> CdpSettings {
     CdpSettings {
@@ -257,14 +257,14 @@ fn link_into_an_existing_session_replays_the_cart_and_clears_the_anonymous_one()
 
 #[test]
 fn session_facts_follow_acknowledged_events() {
-    use crate::planner::session::{apply, new_facts};
+    use crate::domain::SessionFacts;
     let cdp = cdp();
     let ctx = ctx(&cdp);
     let state = SessionState::fresh(session("b1"));
-    let mut facts = new_facts(&state.session, "shopper");
+    let mut facts = SessionFacts::new(&state.session, "shopper");
     let idle = 1_000;
     for e in plan_lines_upserted(&ctx, &state, &[line("L1", "P1", 2, 4.0)], &[line("L1", "P1", 2, 4.0)]) {
-        apply(&mut facts, &e, 10_000, idle);
+        facts.acknowledge(&e, 10_000, idle);
     }
     assert_eq!(facts.identified_as.as_deref(), Some("buyer1-user1"));
     assert_eq!(facts.items["P1"].quantity, 2);
@@ -275,7 +275,7 @@ fn session_facts_follow_acknowledged_events() {
         !later.open && later.items.is_empty(),
         "past the idle timeout the session is closed"
     );
-    apply(&mut facts, &plan_cart_deleted(&ctx, &view)[0], 10_600, idle);
+    facts.acknowledge(&plan_cart_deleted(&ctx, &view)[0], 10_600, idle);
     assert!(facts.items.is_empty());
 }
 

@@ -12,16 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::StoreSettings;
-use crate::intent::{Intent, IntentSecrets, RawIntent};
+use crate::domain::intent::{Intent, IntentSecrets, RawIntent};
+use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
-
-/// Current time in epoch milliseconds, the unit of every stored time.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 /// The queue key of webhooks without a usable shopper (they go straight to the dead letters).
 pub const UNIDENTIFIED_SHOPPER: &str = "unidentified";
@@ -30,7 +26,8 @@ pub const UNIDENTIFIED_SHOPPER: &str = "unidentified";
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// The claim was taken over by another worker (its lease expired): do not act on it.
+    /// The claim was taken over by another worker (its lease expired, or its replica stopped
+    /// heartbeating), or the intent left the queue: do not act on it. Nothing was written.
     #[error("claim {0} is no longer held")]
     StaleClaim(i64),
     #[error("stored data is corrupt: {0}")]
@@ -78,7 +75,8 @@ pub enum EnqueueOutcome {
     Duplicate,
 }
 
-/// Proof that a worker holds an intent. Stale claims are refused by every write.
+/// Proof that a worker holds an intent (for delivery, or for its enrichment). Every write made
+/// under a claim is refused once another worker holds the intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub intent_id: i64,
@@ -93,21 +91,67 @@ pub struct ClaimedIntent {
     pub intent: Intent,
     /// What enrichment stored (its shape belongs to the delivery module).
     pub enrichment: Option<Value>,
-    /// Events of this intent already acknowledged by CDP (shape owned by delivery).
-    pub progress: Option<Value>,
+    /// The planned events of this intent, when a plan was stored (shape owned by delivery)...
+    pub plan: Option<Value>,
+    /// ...and how many of them CDP acknowledged.
+    pub sent: usize,
+    /// This claim included.
     pub attempts: i64,
     pub created_at_ms: i64,
 }
 
-/// An intent waiting for its OrderCloud reads.
+/// An intent waiting for its OrderCloud reads, claimed for them.
 #[derive(Debug, Clone)]
 pub struct EnrichmentJob {
-    pub intent_id: i64,
+    pub claim: Claim,
     pub shopper_key: String,
     pub intent: Intent,
     pub secrets: IntentSecrets,
+    /// This attempt included.
     pub attempts: i64,
     pub created_at_ms: i64,
+}
+
+/// One write a delivery makes while it holds its claim. [`Store::apply`] makes a list of them
+/// atomically, and only while the claim is held.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// The intent's planned events (JSON), or `None` to forget a plan that no longer holds.
+    Plan(Option<Value>),
+    /// How many planned events CDP acknowledged.
+    Sent(usize),
+    /// What a CDP session holds now.
+    Session(SessionFacts),
+    /// A shopper's record (identity, details, CDP browsers).
+    Shopper {
+        key: String,
+        state: ShopperState,
+    },
+    /// A cart line as last seen.
+    CartLine(CartLine),
+    DeleteCartLine {
+        order_id: String,
+        line_id: String,
+    },
+    DeleteCart {
+        order_id: String,
+    },
+    /// Moves the record of an order's lines to another shopper (anonymous order transfer).
+    MoveCart {
+        order_id: String,
+        to_shopper: String,
+    },
+}
+
+/// How a claimed intent leaves the worker's hands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// Done: the intent leaves the queue.
+    Ack,
+    /// Try again at `at_ms` (epoch ms); the claim is released.
+    Retry { at_ms: i64, error: String },
+    /// Gives up: the intent becomes a dead letter with `reason`, and the shopper's next intent may go.
+    Dead { reason: String },
 }
 
 /// A dead letter, for operators.
@@ -138,60 +182,6 @@ pub struct QueuedIntent {
     pub created_at_ms: i64,
 }
 
-/// What the delivery worker remembers per shopper.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ShopperState {
-    /// `<BuyerID>-<UserID>` or `anon-<orderid>`, once resolved.
-    pub identity: Option<String>,
-    #[serde(default)]
-    pub email: Option<String>,
-    #[serde(default)]
-    pub firstname: Option<String>,
-    #[serde(default)]
-    pub lastname: Option<String>,
-    #[serde(default)]
-    pub phone: Option<String>,
-    /// The CDP browser id used per channel.
-    #[serde(default)]
-    pub browsers: std::collections::BTreeMap<String, String>,
-    /// Identities this shopper was linked from (anonymous → registered).
-    #[serde(default)]
-    pub linked_from: Vec<String>,
-}
-
-/// What the forwarder knows of one CDP session (channel + browser id).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SessionFacts {
-    pub channel: String,
-    pub browser_id: String,
-    pub shopper_key: String,
-    /// When CDP last acknowledged an event of this session (epoch ms).
-    pub last_event_at_ms: i64,
-    /// item_ids ADDed in this session and not cleared since, with the quantity and price last sent.
-    #[serde(default)]
-    pub items: std::collections::BTreeMap<String, ItemFingerprint>,
-    /// The identity sent in an IDENTITY event of this session, if any.
-    pub identified_as: Option<String>,
-}
-
-/// The quantity and unit price CDP holds for one item_id of a session's cart.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct ItemFingerprint {
-    pub quantity: i64,
-    pub price: f64,
-}
-
-/// A cart line as last seen, so that later events can be built without OrderCloud.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CartLine {
-    pub order_id: String,
-    pub line_id: String,
-    pub shopper_key: String,
-    /// The LineItem JSON as OrderCloud returned it.
-    pub line: Value,
-    pub updated_at_ms: i64,
-}
-
 /// Queue figures for health and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
@@ -207,44 +197,42 @@ pub trait Store: Send + Sync + 'static {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError>;
 
     /// Claims the oldest pending intent of up to `limit` shoppers that have none in flight,
-    /// skipping shoppers whose head waits for a retry or for enrichment.
+    /// skipping shoppers whose head waits for a retry or for enrichment. A claim whose lease
+    /// expired, or whose replica stopped heartbeating (PostgreSQL), is taken over. A row that
+    /// cannot be decoded is dead-lettered on its own with the reason and not returned.
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError>;
     /// Extends a held lease while a long intent runs.
     async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError>;
-    /// Records events acknowledged so far inside the intent's sequence.
-    async fn save_progress(&self, claim: &Claim, progress: &Value) -> Result<(), StoreError>;
-    /// Done: the intent leaves the queue.
-    async fn ack(&self, claim: &Claim) -> Result<(), StoreError>;
-    /// Try again at `at_ms` (epoch ms); the claim is released.
-    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError>;
-    /// Gives up: the intent becomes a dead letter with `reason`, and the shopper's next intent may go.
-    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError>;
+    /// Applies `writes` in order and then `settle`, atomically, if `claim` still holds the intent;
+    /// [`StoreError::StaleClaim`] and nothing written otherwise.
+    async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError>;
+    /// Until when this process's claims are safe from takeover by another replica, whatever their
+    /// leases say (PostgreSQL: the last heartbeat that reached the database plus
+    /// `delivery.takeover_secs`). `None`: no other process takes claims over (SQLite).
+    fn claims_safe_until(&self) -> Option<std::time::Instant> {
+        None
+    }
 
-    /// Intents whose OrderCloud reads have not run yet, leased for `lease`.
+    /// Intents whose OrderCloud reads have not run yet, each claimed for `lease`.
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError>;
-    /// Stores enrichment results (and erases the intent's tokens).
-    async fn save_enrichment(&self, intent_id: i64, enrichment: &Value) -> Result<(), StoreError>;
-    /// Enrichment failed for now: try again at `at_ms`.
-    async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError>;
-    /// Enrichment failed for good: dead-letter the intent (only when still pending).
-    async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError>;
+    /// Stores enrichment results, erases the intent's tokens and records resolved identities
+    /// (`(shopper_key, identity)`), if `claim` still holds the job.
+    async fn save_enrichment(
+        &self,
+        claim: &Claim,
+        enrichment: &Value,
+        identities: &[(String, String)],
+    ) -> Result<(), StoreError>;
+    /// Enrichment failed for now: try again at `at_ms` (the attempt is counted).
+    async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError>;
+    /// Enrichment failed for good: dead-letter the intent.
+    async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError>;
 
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError>;
-    async fn put_shopper(&self, shopper_key: &str, state: &ShopperState) -> Result<(), StoreError>;
-    /// Sets only the resolved identity (enrichment runs beside delivery and must not clobber it).
-    async fn put_identity(&self, shopper_key: &str, identity: &str) -> Result<(), StoreError>;
-
     async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError>;
-    async fn put_session(&self, facts: &SessionFacts) -> Result<(), StoreError>;
     /// Sessions of a shopper whose last event is at or after `since_ms`.
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError>;
-
     async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError>;
-    async fn put_cart_line(&self, line: &CartLine) -> Result<(), StoreError>;
-    async fn delete_cart_line(&self, order_id: &str, line_id: &str) -> Result<(), StoreError>;
-    async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError>;
-    /// Moves the record of an order's lines to another shopper (anonymous order transfer).
-    async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError>;
 
     /// Pending intents, oldest first.
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError>;
@@ -260,16 +248,44 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError>;
     /// Flushes and closes; later calls fail.
     async fn close(&self);
+
+    /// Done: the intent leaves the queue.
+    async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
+        self.apply(claim, Vec::new(), Some(Settle::Ack)).await
+    }
+    /// Try again at `at_ms` (epoch ms); the claim is released.
+    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let error = error.to_string();
+        self.apply(claim, Vec::new(), Some(Settle::Retry { at_ms, error }))
+            .await
+    }
+    /// Gives up: the intent becomes a dead letter with `reason`.
+    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
+        let reason = reason.to_string();
+        self.apply(claim, Vec::new(), Some(Settle::Dead { reason })).await
+    }
 }
 
 pub type DynStore = Arc<dyn Store>;
 
+/// Who opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The service: takes delivery claims. SQLite: holds the file's lock (one serving process per
+    /// file) and releases every claim left by a process that died. PostgreSQL: registers the
+    /// replica and heartbeats, so its claims are taken over `takeover` after its heartbeats stop
+    /// (`delivery.takeover_secs`), and it takes over those of replicas silent for as long.
+    Service { takeover: Duration },
+    /// An operator's command (`dead-letters …`) beside a running service: no lock, no claims.
+    Tool,
+}
+
 /// Opens the store named by `store.url`, creating and migrating it as needed.
-pub async fn open(settings: &StoreSettings) -> anyhow::Result<DynStore> {
+pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<DynStore> {
     if settings.url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(settings).await?))
+        Ok(Arc::new(sqlite::SqliteStore::open(settings, role).await?))
     } else {
-        Ok(Arc::new(postgres::PostgresStore::open(settings).await?))
+        Ok(Arc::new(postgres::PostgresStore::open(settings, role).await?))
     }
 }
 
@@ -277,6 +293,70 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -
     text.map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(StoreError::from)
+}
+
+/// A claimed row as a backend reads it, before its JSON is decoded.
+pub(crate) struct ClaimedRow {
+    pub id: i64,
+    pub shopper_key: String,
+    pub intent: String,
+    pub enrichment: Option<String>,
+    pub plan: Option<String>,
+    pub sent: i64,
+    pub attempts: i64,
+    pub created_at_ms: i64,
+}
+
+/// Decodes claimed rows, oldest first. A row that cannot be read back (corrupt, or nested deeper
+/// than any webhook intake accepts) comes back apart with the reason, to be dead-lettered on its
+/// own while the rest of the batch is delivered.
+pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<ClaimedIntent>, Vec<(Claim, String)>) {
+    let mut claimed = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for row in rows {
+        let claim = Claim {
+            intent_id: row.id,
+            claim_id: claim_id.to_string(),
+        };
+        let decoded = (|| -> Result<_, serde_json::Error> {
+            Ok((
+                serde_json::from_str::<Intent>(&row.intent)?,
+                row.enrichment.as_deref().map(serde_json::from_str).transpose()?,
+                row.plan.as_deref().map(serde_json::from_str).transpose()?,
+            ))
+        })();
+        match decoded {
+            Ok((intent, enrichment, plan)) => claimed.push(ClaimedIntent {
+                claim,
+                shopper_key: row.shopper_key,
+                intent,
+                enrichment,
+                plan,
+                sent: row.sent.max(0) as usize,
+                attempts: row.attempts,
+                created_at_ms: row.created_at_ms,
+            }),
+            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+        }
+    }
+    claimed.sort_by_key(|c| c.claim.intent_id);
+    (claimed, unreadable)
+}
+
+/// Dead-letters the rows [`decode_claimed`] could not read, each on its own.
+pub(crate) async fn dead_letter_unreadable(store: &dyn Store, unreadable: Vec<(Claim, String)>) {
+    for (claim, reason) in unreadable {
+        tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
+        metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
+        if let Err(e) = store.dead_letter(&claim, &reason).await {
+            tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
+        }
+    }
+}
+
+/// An intent's stored JSON as operators see it: parsed when it can be, else its text.
+pub(crate) fn intent_for_operators(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
 pub(crate) fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {

@@ -4,11 +4,15 @@
 //! - intake batches (group commit) insert with one statement per table, and take a transaction-level
 //!   advisory lock per shopper so that a shopper's intents get ids in commit order on every replica;
 //! - the dedupe key is a primary key: the losing insert of two replicas is a duplicate;
-//! - migrations run at start under sqlx's advisory lock, so replicas starting together do not race.
+//! - migrations run at start under sqlx's advisory lock, so replicas starting together do not race;
+//! - replicas register and heartbeat ([`Heartbeat`]); a claim records its replica, and the claim of
+//!   a replica silent for `delivery.takeover_secs` is taken over without waiting for its lease.
+//!   Leases and heartbeats are judged by the database's clock (`forwarder_now_ms()`).
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -22,6 +26,80 @@ use super::*;
 pub struct PostgresStore {
     pool: PgPool,
     writer: GroupCommit,
+    /// The service's registration (`None` for operators' commands, which take no claims).
+    heartbeat: Option<Heartbeat>,
+    /// A replica silent this long loses its claims.
+    takeover: Duration,
+}
+
+/// How often a replica tells the database it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// A replica's registration: a row in `replicas` whose `heartbeat_at` a task keeps fresh.
+struct Heartbeat {
+    replica_id: String,
+    /// The last heartbeat that reached the database, as a local instant taken before it was sent
+    /// (so never later than the database's own time of it).
+    last: Arc<Mutex<Instant>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    async fn start(pool: &PgPool) -> Result<Heartbeat, StoreError> {
+        let replica_id = uuid::Uuid::new_v4().to_string();
+        // Rows of replicas gone for a day are of no use to anyone.
+        sqlx::query("DELETE FROM replicas WHERE heartbeat_at < forwarder_now_ms() - 86400000")
+            .execute(pool)
+            .await?;
+        let sent = Instant::now();
+        beat(pool, &replica_id).await?;
+        let last = Arc::new(Mutex::new(sent));
+        let (pool, id, beaten) = (pool.clone(), replica_id.clone(), last.clone());
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let sent = Instant::now();
+                match beat(&pool, &id).await {
+                    Ok(()) => *beaten.lock().expect("heartbeat lock") = sent,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replica heartbeat failed: claims stop before they could be taken over")
+                    }
+                }
+            }
+        });
+        Ok(Heartbeat { replica_id, last, task })
+    }
+}
+
+impl Drop for Heartbeat {
+    /// A store dropped without `close` (a replica killed, as far as the database can tell) stops
+    /// heartbeating: its claims are taken over once `delivery.takeover_secs` have passed.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn beat(pool: &PgPool, replica_id: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO replicas (id, started_at, heartbeat_at) VALUES ($1, forwarder_now_ms(), forwarder_now_ms()) \
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+    )
+    .bind(replica_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// SQL: the claim of row `alias` is live (its lease runs and its replica heartbeats). `$takeover`
+/// is the parameter holding `delivery.takeover_secs` in milliseconds.
+fn live_claim(alias: &str, takeover: &str) -> String {
+    format!(
+        "({alias}.claim_id IS NOT NULL AND {alias}.lease_until >= forwarder_now_ms() \
+         AND ({alias}.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = {alias}.replica_id \
+         AND r.heartbeat_at >= forwarder_now_ms() - {takeover})))"
+    )
 }
 
 /// A schema name safe to quote into DDL and `search_path`.
@@ -33,7 +111,7 @@ fn valid_schema(schema: &str) -> bool {
 }
 
 impl PostgresStore {
-    pub async fn open(settings: &StoreSettings) -> anyhow::Result<PostgresStore> {
+    pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<PostgresStore> {
         let mut options = PgConnectOptions::from_str(&settings.url)
             .with_context(|| {
                 format!(
@@ -52,7 +130,7 @@ impl PostgresStore {
                 valid_schema(schema),
                 "store.schema = {schema:?}: use letters, digits and underscores only"
             );
-            let mut conn = tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), options.connect())
+            let mut conn = tokio::time::timeout(settings.connect_timeout(), options.connect())
                 .await
                 .context("timed out connecting to PostgreSQL")?
                 .context("cannot connect to PostgreSQL (store.url)")?;
@@ -65,7 +143,7 @@ impl PostgresStore {
         }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
-            .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .acquire_timeout(settings.connect_timeout())
             .test_before_acquire(true)
             .connect_with(options)
             .await
@@ -74,12 +152,28 @@ impl PostgresStore {
             .run(&pool)
             .await
             .context("cannot migrate the PostgreSQL store")?;
+        let (heartbeat, takeover) = match role {
+            Role::Service { takeover } => (
+                Some(
+                    Heartbeat::start(&pool)
+                        .await
+                        .context("cannot register the replica in PostgreSQL")?,
+                ),
+                takeover,
+            ),
+            Role::Tool => (None, Duration::from_secs(10)),
+        };
         let writer_pool = pool.clone();
         let writer = GroupCommit::start(move |items| {
             let pool = writer_pool.clone();
             async move { insert_batch(&pool, &items).await }
         });
-        Ok(PostgresStore { pool, writer })
+        Ok(PostgresStore {
+            pool,
+            writer,
+            heartbeat,
+            takeover,
+        })
     }
 }
 
@@ -178,21 +272,6 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .collect())
 }
 
-fn claimed_from(row: &sqlx::postgres::PgRow, claim_id: &str) -> Result<ClaimedIntent, StoreError> {
-    Ok(ClaimedIntent {
-        claim: Claim {
-            intent_id: row.get("id"),
-            claim_id: claim_id.to_string(),
-        },
-        shopper_key: row.get("shopper_key"),
-        intent: serde_json::from_str(row.get::<&str, _>("intent"))?,
-        enrichment: parse_json(row.get("enrichment"))?,
-        progress: parse_json(row.get("progress"))?,
-        attempts: row.get("attempts"),
-        created_at_ms: row.get("created_at"),
-    })
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
@@ -202,106 +281,147 @@ impl Store for PostgresStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
-        // Only the head of each shopper's queue is a candidate (no older pending intent of the same
-        // shopper); walking in id order stops after `limit` heads. SKIP LOCKED lets replicas claim side
-        // by side, and the lease condition is re-checked on the row's latest version when locking.
-        let rows = sqlx::query(
-            "UPDATE intents SET claim_id = $1, lease_until = $2, attempts = attempts + 1, updated_at = $3 \
-             WHERE id IN ( \
-               SELECT i.id FROM intents i \
-               WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $3 \
-                 AND (i.lease_until IS NULL OR i.lease_until < $3) \
-                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
-                                 AND o.state = 'pending' AND o.id < i.id) \
-               ORDER BY i.id LIMIT $4 \
-               FOR UPDATE SKIP LOCKED) \
-             RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
-        )
-        .bind(&claim_id)
-        .bind(now + lease.as_millis() as i64)
+        let takeover = self.takeover.as_millis() as i64;
+        let mut tx = self.pool.begin().await?;
+        // Candidates: the head of each shopper's queue whose claim, if any, is no longer live. A
+        // transaction-level advisory lock per shopper makes concurrent claimers of one shopper take
+        // turns; the losers skip it.
+        let candidates: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT i.id FROM intents i \
+             WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $1 \
+               AND NOT {live} \
+               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                               AND o.state = 'pending' AND o.id < i.id) \
+               AND pg_try_advisory_xact_lock(hashtextextended(i.shopper_key, 7306)) \
+             ORDER BY i.id LIMIT $2",
+            live = live_claim("i", "$3")
+        ))
         .bind(now)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .bind(takeover)
+        .fetch_all(&mut *tx)
         .await?;
-        let mut claimed = rows
+        if candidates.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        // Checked again in a statement that starts after the locks were taken, so it sees every
+        // claim committed before (a replayed dead letter, older than an intent in flight, waits).
+        let rows = sqlx::query(&format!(
+            "UPDATE intents i SET claim_id = $1, replica_id = $2, lease_until = forwarder_now_ms() + $3, \
+                 attempts = attempts + 1, updated_at = $4 \
+             WHERE i.id = ANY($5) AND i.state = 'pending' AND NOT {live_i} \
+               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
+                               AND o.id < i.id) \
+               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
+                               AND o.id <> i.id AND {live_o}) \
+             RETURNING id, shopper_key, intent, enrichment, progress, sent, attempts, created_at",
+            live_i = live_claim("i", "$6"),
+            live_o = live_claim("o", "$6")
+        ))
+        .bind(&claim_id)
+        .bind(self.heartbeat.as_ref().map(|h| h.replica_id.as_str()))
+        .bind(lease.as_millis() as i64)
+        .bind(now)
+        .bind(&candidates)
+        .bind(takeover)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let rows = rows
             .iter()
-            .map(|r| claimed_from(r, &claim_id))
-            .collect::<Result<Vec<_>, _>>()?;
-        claimed.sort_by_key(|c| c.claim.intent_id);
+            .map(|r| ClaimedRow {
+                id: r.get("id"),
+                shopper_key: r.get("shopper_key"),
+                intent: r.get("intent"),
+                enrichment: r.get("enrichment"),
+                plan: r.get("progress"),
+                sent: r.get("sent"),
+                attempts: r.get("attempts"),
+                created_at_ms: r.get("created_at"),
+            })
+            .collect();
+        let (claimed, unreadable) = decode_claimed(rows, &claim_id);
+        dead_letter_unreadable(self, unreadable).await;
         Ok(claimed)
     }
 
     async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
-        let rows =
-            sqlx::query("UPDATE intents SET lease_until = $1 WHERE id = $2 AND claim_id = $3 AND state = 'pending'")
-                .bind(now_ms() + lease.as_millis() as i64)
+        let rows = sqlx::query(
+            "UPDATE intents SET lease_until = forwarder_now_ms() + $1 \
+             WHERE id = $2 AND claim_id = $3 AND state = 'pending'",
+        )
+        .bind(lease.as_millis() as i64)
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        stale_unless_one(rows, claim)
+    }
+
+    async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The row stays locked until commit: a takeover waits, then finds the claim changed or not.
+        let held =
+            sqlx::query("SELECT 1 FROM intents WHERE id = $1 AND claim_id = $2 AND state = 'pending' FOR UPDATE")
                 .bind(claim.intent_id)
                 .bind(&claim.claim_id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        stale_unless_one(rows, claim)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if held.is_none() {
+            return Err(StoreError::StaleClaim(claim.intent_id));
+        }
+        for write in writes {
+            run_write(&mut tx, claim.intent_id, write).await?;
+        }
+        match settle {
+            None => {}
+            Some(Settle::Ack) => {
+                sqlx::query("DELETE FROM intents WHERE id = $1")
+                    .bind(claim.intent_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Some(Settle::Retry { at_ms, error }) => {
+                sqlx::query(
+                    "UPDATE intents SET next_attempt_at = $1, last_error = $2, claim_id = NULL, lease_until = NULL, \
+                     replica_id = NULL, updated_at = $3 WHERE id = $4",
+                )
+                .bind(at_ms)
+                .bind(error)
+                .bind(now_ms())
+                .bind(claim.intent_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(Settle::Dead { reason }) => {
+                sqlx::query(
+                    "UPDATE intents SET state = 'dead', last_error = $1, dead_at = $2, updated_at = $2, secrets = NULL, \
+                     claim_id = NULL, lease_until = NULL, replica_id = NULL WHERE id = $3",
+                )
+                .bind(reason)
+                .bind(now_ms())
+                .bind(claim.intent_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
-    async fn save_progress(&self, claim: &Claim, progress: &Value) -> Result<(), StoreError> {
-        let rows = sqlx::query(
-            "UPDATE intents SET progress = $1, updated_at = $2 WHERE id = $3 AND claim_id = $4 AND state = 'pending'",
-        )
-        .bind(progress.to_string())
-        .bind(now_ms())
-        .bind(claim.intent_id)
-        .bind(&claim.claim_id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        stale_unless_one(rows, claim)
-    }
-
-    async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
-        let rows = sqlx::query("DELETE FROM intents WHERE id = $1 AND claim_id = $2 AND state = 'pending'")
-            .bind(claim.intent_id)
-            .bind(&claim.claim_id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        stale_unless_one(rows, claim)
-    }
-
-    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        let rows = sqlx::query(
-            "UPDATE intents SET next_attempt_at = $1, last_error = $2, claim_id = NULL, lease_until = NULL, updated_at = $3 \
-             WHERE id = $4 AND claim_id = $5 AND state = 'pending'",
-        )
-        .bind(at_ms)
-        .bind(error)
-        .bind(now_ms())
-        .bind(claim.intent_id)
-        .bind(&claim.claim_id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        stale_unless_one(rows, claim)
-    }
-
-    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
-        let rows = sqlx::query(
-            "UPDATE intents SET state = 'dead', last_error = $1, dead_at = $2, updated_at = $2, secrets = NULL, \
-             claim_id = NULL, lease_until = NULL WHERE id = $3 AND claim_id = $4 AND state = 'pending'",
-        )
-        .bind(reason)
-        .bind(now_ms())
-        .bind(claim.intent_id)
-        .bind(&claim.claim_id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        stale_unless_one(rows, claim)
+    fn claims_safe_until(&self) -> Option<Instant> {
+        self.heartbeat
+            .as_ref()
+            .map(|h| *h.last.lock().expect("heartbeat lock") + self.takeover)
     }
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         let now = now_ms();
+        let claim_id = uuid::Uuid::new_v4().to_string();
         let rows = sqlx::query(
-            "UPDATE intents SET enrich_after = $1, enrich_attempts = enrich_attempts + 1 WHERE id IN ( \
+            "UPDATE intents SET enrich_after = $1, enrich_claim = $4 WHERE id IN ( \
                SELECT id FROM intents WHERE state = 'pending' AND NOT enriched AND enrich_after <= $2 \
                ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
              RETURNING id, shopper_key, intent, secrets, enrich_attempts, created_at",
@@ -309,59 +429,107 @@ impl Store for PostgresStore {
         .bind(now + lease.as_millis() as i64)
         .bind(now)
         .bind(limit as i64)
+        .bind(&claim_id)
         .fetch_all(&self.pool)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
-            jobs.push(EnrichmentJob {
+            let claim = Claim {
                 intent_id: row.get("id"),
-                shopper_key: row.get("shopper_key"),
-                intent: serde_json::from_str(row.get::<&str, _>("intent"))?,
-                secrets: parse_json(row.get("secrets"))?.unwrap_or_default(),
-                attempts: row.get("enrich_attempts"),
-                created_at_ms: row.get("created_at"),
-            });
+                claim_id: claim_id.clone(),
+            };
+            let decoded = serde_json::from_str(row.get::<&str, _>("intent"))
+                .map_err(StoreError::from)
+                .and_then(|intent| Ok((intent, parse_json(row.get("secrets"))?.unwrap_or_default())));
+            match decoded {
+                Ok((intent, secrets)) => jobs.push(EnrichmentJob {
+                    claim,
+                    shopper_key: row.get("shopper_key"),
+                    intent,
+                    secrets,
+                    // This attempt, counted in the row only if it fails (retry_enrichment).
+                    attempts: row.get::<i64, _>("enrich_attempts") + 1,
+                    created_at_ms: row.get("created_at"),
+                }),
+                Err(e) => {
+                    let reason = format!("the stored intent cannot be read back: {e}");
+                    tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
+                    metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
+                    if let Err(e) = self.dead_letter_enrichment(&claim, &reason).await {
+                        tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
+                    }
+                }
+            }
         }
-        jobs.sort_by_key(|j| j.intent_id);
+        jobs.sort_by_key(|j| j.claim.intent_id);
         Ok(jobs)
     }
 
-    async fn save_enrichment(&self, intent_id: i64, enrichment: &Value) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE intents SET enrichment = $1, enriched = TRUE, secrets = NULL, updated_at = $2 WHERE id = $3",
+    async fn save_enrichment(
+        &self,
+        claim: &Claim,
+        enrichment: &Value,
+        identities: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE intents SET enrichment = $1, enriched = TRUE, secrets = NULL, enrich_claim = NULL, updated_at = $2 \
+             WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending'",
         )
         .bind(enrichment.to_string())
         .bind(now_ms())
-        .bind(intent_id)
-        .execute(&self.pool)
-        .await?;
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        stale_unless_one(rows, claim)?;
+        for (key, identity) in identities {
+            sqlx::query(
+                "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, '{}', $2, $3) \
+                 ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at",
+            )
+            .bind(key)
+            .bind(identity)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
-    async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE intents SET enrich_after = $1, last_error = $2, updated_at = $3 WHERE id = $4 AND NOT enriched",
+    async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let rows = sqlx::query(
+            "UPDATE intents SET enrich_after = $1, enrich_attempts = enrich_attempts + 1, last_error = $2, \
+             enrich_claim = NULL, updated_at = $3 \
+             WHERE id = $4 AND enrich_claim = $5 AND NOT enriched AND state = 'pending'",
         )
         .bind(at_ms)
         .bind(error)
         .bind(now_ms())
-        .bind(intent_id)
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        stale_unless_one(rows, claim)
     }
 
-    async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError> {
-        sqlx::query(
+    async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
+        let rows = sqlx::query(
             "UPDATE intents SET state = 'dead', last_error = $1, dead_at = $2, updated_at = $2, secrets = NULL, \
-             claim_id = NULL, lease_until = NULL WHERE id = $3 AND state = 'pending'",
+             claim_id = NULL, lease_until = NULL, replica_id = NULL, enrich_claim = NULL \
+             WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending'",
         )
         .bind(reason)
         .bind(now_ms())
-        .bind(intent_id)
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        stale_unless_one(rows, claim)
     }
 
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
@@ -379,34 +547,6 @@ impl Store for PostgresStore {
         .transpose()
     }
 
-    async fn put_shopper(&self, shopper_key: &str, state: &ShopperState) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
-             identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
-        )
-        .bind(shopper_key)
-        .bind(serde_json::to_string(state)?)
-        .bind(&state.identity)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn put_identity(&self, shopper_key: &str, identity: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, '{}', $2, $3) \
-             ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at",
-        )
-        .bind(shopper_key)
-        .bind(identity)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
         let row = sqlx::query("SELECT facts FROM cdp_sessions WHERE channel = $1 AND browser_id = $2")
             .bind(channel)
@@ -414,22 +554,6 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await?;
         parse_json(row.map(|r| r.get("facts")))
-    }
-
-    async fn put_session(&self, facts: &SessionFacts) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
-             last_event_at = excluded.last_event_at, facts = excluded.facts",
-        )
-        .bind(&facts.channel)
-        .bind(&facts.browser_id)
-        .bind(&facts.shopper_key)
-        .bind(facts.last_event_at_ms)
-        .bind(serde_json::to_string(facts)?)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
@@ -464,48 +588,6 @@ impl Store for PostgresStore {
                 })
             })
             .collect()
-    }
-
-    async fn put_cart_line(&self, line: &CartLine) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, line = excluded.line, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(&line.order_id)
-        .bind(&line.line_id)
-        .bind(&line.shopper_key)
-        .bind(line.line.to_string())
-        .bind(line.updated_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_cart_line(&self, order_id: &str, line_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM cart_lines WHERE order_id = $1 AND line_id = $2")
-            .bind(order_id)
-            .bind(line_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM cart_lines WHERE order_id = $1")
-            .bind(order_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE cart_lines SET shopper_key = $1 WHERE order_id = $2")
-            .bind(to_shopper)
-            .bind(order_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
@@ -548,7 +630,7 @@ impl Store for PostgresStore {
                     dedupe_key: r.get("dedupe_key"),
                     shopper_key: r.get("shopper_key"),
                     kind: r.get("kind"),
-                    intent: serde_json::from_str(r.get::<&str, _>("intent"))?,
+                    intent: intent_for_operators(r.get("intent")),
                     last_error: r.get("last_error"),
                     attempts: r.get("attempts"),
                     created_at_ms: r.get("created_at"),
@@ -562,8 +644,8 @@ impl Store for PostgresStore {
         let now = now_ms();
         // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
         let rows = sqlx::query(
-            "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = $1, \
-             claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = $1, \
+            "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, sent = 0, next_attempt_at = $1, \
+             claim_id = NULL, lease_until = NULL, replica_id = NULL, enrich_claim = NULL, dead_at = NULL, updated_at = $1, \
              enrich_after = $1, enrich_attempts = 0, created_at = $1 \
              WHERE state = 'dead' AND shopper_key <> $2 AND ($3::bigint[] IS NULL OR id = ANY($3)) AND dead_at >= $4",
         )
@@ -624,6 +706,99 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.writer.close().await;
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.task.abort();
+            // Gone on purpose: whatever it still held may be taken over at once.
+            let _ = sqlx::query("DELETE FROM replicas WHERE id = $1")
+                .bind(&heartbeat.replica_id)
+                .execute(&self.pool)
+                .await;
+        }
         self.pool.close().await;
     }
+}
+
+/// One of a delivery's writes, inside its transaction.
+async fn run_write(tx: &mut sqlx::PgConnection, intent_id: i64, write: Write) -> Result<(), StoreError> {
+    let now = now_ms();
+    match write {
+        Write::Plan(plan) => {
+            sqlx::query("UPDATE intents SET progress = $1, sent = 0, updated_at = $2 WHERE id = $3")
+                .bind(plan.map(|p| p.to_string()))
+                .bind(now)
+                .bind(intent_id)
+                .execute(tx)
+                .await?
+        }
+        Write::Sent(sent) => {
+            sqlx::query("UPDATE intents SET sent = $1, updated_at = $2 WHERE id = $3")
+                .bind(sent as i64)
+                .bind(now)
+                .bind(intent_id)
+                .execute(tx)
+                .await?
+        }
+        Write::Session(facts) => {
+            sqlx::query(
+                "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
+                 last_event_at = excluded.last_event_at, facts = excluded.facts",
+            )
+            .bind(&facts.channel)
+            .bind(&facts.browser_id)
+            .bind(&facts.shopper_key)
+            .bind(facts.last_event_at_ms)
+            .bind(serde_json::to_string(&facts)?)
+            .execute(tx)
+            .await?
+        }
+        Write::Shopper { key, state } => {
+            sqlx::query(
+                "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
+                 identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
+            )
+            .bind(&key)
+            .bind(serde_json::to_string(&state)?)
+            .bind(&state.identity)
+            .bind(now)
+            .execute(tx)
+            .await?
+        }
+        Write::CartLine(line) => {
+            sqlx::query(
+                "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, line = excluded.line, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(&line.order_id)
+            .bind(&line.line_id)
+            .bind(&line.shopper_key)
+            .bind(line.line.to_string())
+            .bind(line.updated_at_ms)
+            .execute(tx)
+            .await?
+        }
+        Write::DeleteCartLine { order_id, line_id } => {
+            sqlx::query("DELETE FROM cart_lines WHERE order_id = $1 AND line_id = $2")
+                .bind(order_id)
+                .bind(line_id)
+                .execute(tx)
+                .await?
+        }
+        Write::DeleteCart { order_id } => {
+            sqlx::query("DELETE FROM cart_lines WHERE order_id = $1")
+                .bind(order_id)
+                .execute(tx)
+                .await?
+        }
+        Write::MoveCart { order_id, to_shopper } => {
+            sqlx::query("UPDATE cart_lines SET shopper_key = $1 WHERE order_id = $2")
+                .bind(to_shopper)
+                .bind(order_id)
+                .execute(tx)
+                .await?
+        }
+    };
+    Ok(())
 }

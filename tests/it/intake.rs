@@ -258,7 +258,9 @@ async fn a_200_survives_an_abrupt_stop() {
     let from_env = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
     settings.store.url = from_env("FORWARDER__STORE__URL").unwrap();
     settings.store.schema = from_env("FORWARDER__STORE__SCHEMA");
-    let store = ordercloud_cdp_forwarder::store::open(&settings.store).await.unwrap();
+    let store = ordercloud_cdp_forwarder::store::open(&settings.store, ordercloud_cdp_forwarder::store::Role::Tool)
+        .await
+        .unwrap();
     let pending = store.pending(10).await.unwrap();
     assert_eq!(pending.len(), 1, "the acknowledged webhook is in the store");
     assert_eq!(pending[0].shopper_key, "anon-ORDER-1");

@@ -1,12 +1,123 @@
-//! The store contract, on whichever store the suite runs on (SQLite, or PostgreSQL with TEST_STORE).
+//! The store contract, written once and run on every backend in the same `cargo test` (the way
+//! apalis runs its `sql_storage_tests!` against each backend): SQLite always, PostgreSQL whenever
+//! `TEST_DATABASE_URL` is set (each test in a schema of its own; it says so when it skips).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ordercloud_cdp_forwarder::intent::{Intent, IntentKind, IntentSecrets, RouteFamily};
-use ordercloud_cdp_forwarder::store::{self, EnqueueOutcome, NewIntent, StoreError};
+use ordercloud_cdp_forwarder::config::StoreSettings;
+use ordercloud_cdp_forwarder::domain::intent::{Intent, IntentKind, IntentSecrets, RouteFamily};
+use ordercloud_cdp_forwarder::domain::{now_ms, CartLine, SessionFacts, ShopperState};
+use ordercloud_cdp_forwarder::store::{self, DynStore, EnqueueOutcome, NewIntent, Role, Settle, StoreError, Write};
 use serde_json::json;
 
 use crate::helpers::*;
+
+/// A backend the contract runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A place for stores of one test: a SQLite file, or a PostgreSQL schema.
+pub struct Place {
+    pub backend: Backend,
+    pub settings: StoreSettings,
+    _dir: tempfile::TempDir,
+}
+
+/// A service's takeover in these tests: short, so that takeover tests are quick.
+const TAKEOVER: Duration = Duration::from_secs(4);
+
+impl Backend {
+    /// A fresh place, or `None` (said) when the backend is not available.
+    pub fn place(self, test: &str) -> Option<Place> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = StoreSettings::default();
+        match self {
+            Backend::Sqlite => settings.url = format!("sqlite://{}", dir.path().join("store.db").display()),
+            Backend::Postgres => {
+                settings.url = postgres_url(&format!("store contract {test} on PostgreSQL"))?;
+                settings.schema = Some(fresh_schema());
+            }
+        }
+        Some(Place {
+            backend: self,
+            settings,
+            _dir: dir,
+        })
+    }
+}
+
+impl Place {
+    /// The store as the service opens it.
+    pub async fn service(&self) -> DynStore {
+        store::open(&self.settings, Role::Service { takeover: TAKEOVER })
+            .await
+            .unwrap()
+    }
+
+    /// The store as an operator's command opens it.
+    pub async fn tool(&self) -> DynStore {
+        store::open(&self.settings, Role::Tool).await.unwrap()
+    }
+
+    /// Runs SQL on the place's database behind the store's back.
+    pub async fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.settings.url.trim_start_matches("sqlite://").to_string();
+                rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap();
+            }
+            Backend::Postgres => {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&self.settings.url).await.unwrap();
+                let schema = self.settings.schema.as_deref().unwrap();
+                sqlx::raw_sql(&format!("SET search_path TO \"{schema}\"; {sql}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Instantiates each contract test once per backend.
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    only_the_head_of_each_shoppers_queue_is_claimed,
+    an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused,
+    writes_under_a_claim_land_together_and_progress_comes_back_with_the_next_claim,
+    a_replayed_dead_letter_waits_while_a_newer_intent_of_its_shopper_is_claimed,
+    dead_letters_replay_in_their_shoppers_order_and_purge,
+    a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first,
+    a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in_one_queue,
+    a_batch_with_the_same_key_twice_stores_it_once,
+    enrichment_jobs_are_leased_retried_and_settled,
+    a_stale_enrichment_claim_writes_nothing,
+    an_unreadable_row_is_dead_lettered_alone_and_the_rest_of_the_batch_is_claimed,
+    the_claims_of_a_dead_service_are_taken_over_before_their_lease_ends,
+);
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
     NewIntent {
@@ -36,19 +147,21 @@ fn intent(shopper: &str, dedupe: &str) -> NewIntent {
     }
 }
 
-async fn open() -> (tempfile::TempDir, store::DynStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = test_settings(dir.path());
-    let store = store::open(&settings.store).await.unwrap();
-    (dir, store)
+const LONG: Duration = Duration::from_secs(60);
+
+async fn queued(store: &DynStore, shopper: &str, dedupe: &str) -> i64 {
+    match store.enqueue(intent(shopper, dedupe)).await.unwrap() {
+        EnqueueOutcome::Queued(id) => id,
+        other => panic!("{dedupe} not queued: {other:?}"),
+    }
 }
 
 /// Heads claimed until none is left, each acknowledged at once: the intent ids in claim order.
 /// Fails if two intents of one shopper are claimable together.
-async fn drain_in_claim_order(store: &store::DynStore) -> Vec<(String, i64)> {
+async fn drain_in_claim_order(store: &DynStore) -> Vec<(String, i64)> {
     let mut order = Vec::new();
     loop {
-        let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
+        let claimed = store.claim(10, LONG).await.unwrap();
         if claimed.is_empty() {
             return order;
         }
@@ -61,24 +174,23 @@ async fn drain_in_claim_order(store: &store::DynStore) -> Vec<(String, i64)> {
     }
 }
 
-#[tokio::test]
-async fn only_the_head_of_each_shoppers_queue_is_claimed() {
-    let (_dir, store) = open().await;
+async fn only_the_head_of_each_shoppers_queue_is_claimed(backend: Backend) {
+    let Some(place) = backend.place("only_the_head") else {
+        return;
+    };
+    let store = place.service().await;
     for (shopper, key) in [("s1", "a"), ("s1", "b"), ("s2", "c")] {
-        assert!(matches!(
-            store.enqueue(intent(shopper, key)).await.unwrap(),
-            EnqueueOutcome::Queued(_)
-        ));
+        queued(&store, shopper, key).await;
     }
-    let claimed = store.claim(10, Duration::from_secs(30)).await.unwrap();
+    let claimed = store.claim(10, LONG).await.unwrap();
     let shoppers: Vec<_> = claimed.iter().map(|c| c.shopper_key.as_str()).collect();
     assert_eq!(shoppers, ["s1", "s2"], "one intent per shopper, the oldest");
     assert!(
-        store.claim(10, Duration::from_secs(30)).await.unwrap().is_empty(),
+        store.claim(10, LONG).await.unwrap().is_empty(),
         "both shoppers are in flight"
     );
     store.ack(&claimed[0].claim).await.unwrap();
-    let next = store.claim(10, Duration::from_secs(30)).await.unwrap();
+    let next = store.claim(10, LONG).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(
         next[0].shopper_key, "s1",
@@ -88,77 +200,209 @@ async fn only_the_head_of_each_shoppers_queue_is_claimed() {
     store.close().await;
 }
 
-#[tokio::test]
-async fn an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused() {
-    let (_dir, store) = open().await;
-    store.enqueue(intent("s1", "lease")).await.unwrap();
+async fn an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused(backend: Backend) {
+    let Some(place) = backend.place("expired_lease") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "lease").await;
     let lease = Duration::from_millis(200);
     let stale = store.claim(1, lease).await.unwrap().remove(0);
-    // The worker holding `stale` dies: after its lease another claim takes the intent over.
+    // The worker holding `stale` stalls: after its lease another claim takes the intent over.
     let fresh = eventually("the lease to expire", Duration::from_secs(10), || async {
         store.claim(1, lease).await.unwrap().pop()
     })
     .await;
     assert_eq!(fresh.claim.intent_id, stale.claim.intent_id);
     assert_ne!(fresh.claim.claim_id, stale.claim.claim_id);
-    assert!(matches!(store.ack(&stale.claim).await, Err(StoreError::StaleClaim(_))));
-    assert!(matches!(
-        store.save_progress(&stale.claim, &json!({})).await,
-        Err(StoreError::StaleClaim(_))
-    ));
+    let stale_record = Write::Shopper {
+        key: "stale-writer".into(),
+        state: ShopperState::default(),
+    };
+    for settle in [
+        None,
+        Some(Settle::Ack),
+        Some(Settle::Retry {
+            at_ms: 0,
+            error: "x".into(),
+        }),
+        Some(Settle::Dead { reason: "x".into() }),
+    ] {
+        let refused = store
+            .apply(&stale.claim, vec![Write::Sent(1), stale_record.clone()], settle.clone())
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::StaleClaim(_))),
+            "{settle:?}: {refused:?}"
+        );
+    }
     assert!(matches!(
         store.extend(&stale.claim, lease).await,
         Err(StoreError::StaleClaim(_))
     ));
-    assert!(matches!(
-        store.reschedule(&stale.claim, 0, "x").await,
-        Err(StoreError::StaleClaim(_))
-    ));
-    assert!(matches!(
-        store.dead_letter(&stale.claim, "x").await,
-        Err(StoreError::StaleClaim(_))
-    ));
+    assert_eq!(
+        store.shopper("stale-writer").await.unwrap(),
+        None,
+        "nothing of the stale worker landed"
+    );
     store.ack(&fresh.claim).await.unwrap();
     assert!(store.pending(10).await.unwrap().is_empty());
     store.close().await;
 }
 
-#[tokio::test]
-async fn dead_letters_replay_in_their_shoppers_order_and_purge() {
-    let (_dir, store) = open().await;
-    store.enqueue(intent("s1", "first")).await.unwrap();
-    store.enqueue(intent("s1", "second")).await.unwrap();
-    let first = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
-    store.dead_letter(&first.claim, "CDP said 400").await.unwrap();
-    let second = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
+async fn writes_under_a_claim_land_together_and_progress_comes_back_with_the_next_claim(backend: Backend) {
+    let Some(place) = backend.place("writes_under_a_claim") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "w").await;
+    let first = store.claim(1, LONG).await.unwrap().remove(0);
+    assert_eq!((first.plan.clone(), first.sent), (None, 0));
+    let plan = json!([{"event": 1}, {"event": 2}, {"event": 3}]);
+    let facts = SessionFacts {
+        channel: "WEB".into(),
+        browser_id: "b1".into(),
+        shopper_key: "s1".into(),
+        last_event_at_ms: 1_000,
+        ..SessionFacts::default()
+    };
+    let shopper = ShopperState {
+        identity: Some("anon-o1".into()),
+        browsers: [("WEB".to_string(), "b1".to_string())].into(),
+        ..ShopperState::default()
+    };
+    let line = CartLine {
+        order_id: "o1".into(),
+        line_id: "L1".into(),
+        shopper_key: "s1".into(),
+        line: json!({"ID": "L1"}),
+        updated_at_ms: 1,
+    };
+    store
+        .apply(
+            &first.claim,
+            vec![
+                Write::Plan(Some(plan.clone())),
+                Write::Sent(1),
+                Write::Session(facts.clone()),
+                Write::Shopper {
+                    key: "s1".into(),
+                    state: shopper.clone(),
+                },
+                Write::CartLine(line.clone()),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    store.apply(&first.claim, vec![Write::Sent(2)], None).await.unwrap();
+    assert_eq!(store.session("WEB", "b1").await.unwrap(), Some(facts));
+    assert_eq!(store.shopper("s1").await.unwrap(), Some(shopper));
+    assert_eq!(store.cart_lines("o1").await.unwrap(), [line]);
+    // Released (a crash, a shutdown): the next claim resumes where CDP stopped acknowledging.
+    store.reschedule(&first.claim, 0, "released").await.unwrap();
+    let again = store.claim(1, LONG).await.unwrap().remove(0);
+    assert_eq!((again.plan.clone(), again.sent), (Some(plan), 2));
+    assert_eq!(again.attempts, 2);
+    // A new plan starts its count again; a forgotten one is gone.
+    store.apply(&again.claim, vec![Write::Plan(None)], None).await.unwrap();
+    store
+        .apply(
+            &again.claim,
+            vec![Write::MoveCart {
+                order_id: "o1".into(),
+                to_shopper: "s2".into(),
+            }],
+            Some(Settle::Retry {
+                at_ms: 0,
+                error: "x".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.cart_lines("o1").await.unwrap()[0].shopper_key, "s2");
+    let third = store.claim(1, LONG).await.unwrap().remove(0);
+    assert_eq!((third.plan, third.sent), (None, 0));
+    store
+        .apply(
+            &third.claim,
+            vec![Write::DeleteCart { order_id: "o1".into() }],
+            Some(Settle::Ack),
+        )
+        .await
+        .unwrap();
+    assert!(store.cart_lines("o1").await.unwrap().is_empty());
+    assert!(store.pending(10).await.unwrap().is_empty());
+    store.close().await;
+}
+
+/// The race a replay opens: a dead letter replayed while a newer intent of its shopper is in flight
+/// is older, so it heads the queue again — but it must wait until the newer one is settled.
+async fn a_replayed_dead_letter_waits_while_a_newer_intent_of_its_shopper_is_claimed(backend: Backend) {
+    let Some(place) = backend.place("replay_waits") else {
+        return;
+    };
+    let store = place.service().await;
+    let first = queued(&store, "s1", "first").await;
+    let claimed = store.claim(1, LONG).await.unwrap().remove(0);
+    store.dead_letter(&claimed.claim, "CDP said 400").await.unwrap();
+    let second = queued(&store, "s1", "second").await;
+    let in_flight = store.claim(1, LONG).await.unwrap().remove(0);
+    assert_eq!(in_flight.claim.intent_id, second);
+
+    assert_eq!(store.replay_dead_letters(Some(&[first]), None).await.unwrap(), 1);
+    assert!(
+        store.claim(10, LONG).await.unwrap().is_empty(),
+        "the replayed intent must not run beside the one in flight"
+    );
+    store.ack(&in_flight.claim).await.unwrap();
+    let next = store.claim(10, LONG).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.claim.intent_id).collect::<Vec<_>>(),
+        [first],
+        "then the replayed one, in its original place"
+    );
+    store.close().await;
+}
+
+async fn dead_letters_replay_in_their_shoppers_order_and_purge(backend: Backend) {
+    let Some(place) = backend.place("replay_and_purge") else {
+        return;
+    };
+    let store = place.service().await;
+    let first = queued(&store, "s1", "first").await;
+    queued(&store, "s1", "second").await;
+    let claimed = store.claim(1, LONG).await.unwrap().remove(0);
+    store.dead_letter(&claimed.claim, "CDP said 400").await.unwrap();
     assert_eq!(
         store.dead_letters(None, 10).await.unwrap()[0].last_error.as_deref(),
         Some("CDP said 400")
     );
-    // Replayed while the second is in flight: it waits for its turn, ahead of anything newer.
-    assert_eq!(
-        store
-            .replay_dead_letters(Some(&[first.claim.intent_id]), None)
-            .await
-            .unwrap(),
-        1
-    );
-    store.ack(&second.claim).await.unwrap();
-    store.enqueue(intent("s1", "third")).await.unwrap();
-    let again = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
-    assert_eq!(
-        again.claim.intent_id, first.claim.intent_id,
-        "the replayed intent is the head again"
-    );
+    // Replayed while "second" waits (not claimed): it goes ahead of it, and of anything newer.
+    assert_eq!(store.replay_dead_letters(Some(&[first]), None).await.unwrap(), 1);
+    queued(&store, "s1", "third").await;
+    let order: Vec<i64> = drain_in_claim_order(&store)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(order.len(), 3);
+    assert_eq!(order[0], first, "the replayed intent is the head again");
+    assert!(order[1] < order[2]);
+
+    queued(&store, "s1", "fourth").await;
+    let again = store.claim(1, LONG).await.unwrap().remove(0);
     store.dead_letter(&again.claim, "again").await.unwrap();
-    assert_eq!(store.purge_dead_letters(store::now_ms() + 1).await.unwrap(), 1);
+    assert_eq!(store.purge_dead_letters(now_ms() + 1).await.unwrap(), 1);
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
     store.close().await;
 }
 
-#[tokio::test]
-async fn a_batch_with_the_same_key_twice_stores_it_once() {
-    let (_dir, store) = open().await;
+async fn a_batch_with_the_same_key_twice_stores_it_once(backend: Backend) {
+    let Some(place) = backend.place("same_key_twice") else {
+        return;
+    };
+    let store = place.service().await;
     let (a, b) = tokio::join!(store.enqueue(intent("s1", "same")), store.enqueue(intent("s1", "same")));
     let outcomes = [a.unwrap(), b.unwrap()];
     assert_eq!(
@@ -173,15 +417,274 @@ async fn a_batch_with_the_same_key_twice_stores_it_once() {
     store.close().await;
 }
 
+/// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
+async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first(backend: Backend) {
+    let Some(place) = backend.place("replay_after_empty") else {
+        return;
+    };
+    let store = place.service().await;
+    let first = queued(&store, "s1", "first").await;
+    let claimed = store.claim(1, LONG).await.unwrap().remove(0);
+    store.dead_letter(&claimed.claim, "CDP said 400").await.unwrap();
+    // The queue is empty now: these two start another.
+    queued(&store, "s1", "second").await;
+    queued(&store, "s1", "third").await;
+    queued(&store, "s2", "other").await;
+    store.replay_dead_letters(Some(&[first]), None).await.unwrap();
+    let order: Vec<i64> = drain_in_claim_order(&store)
+        .await
+        .into_iter()
+        .filter(|(shopper, _)| shopper == "s1")
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(order.len(), 3);
+    assert_eq!(order[0], first, "the replayed intent first");
+    assert!(order[1] < order[2], "then the others in their order");
+    store.close().await;
+}
+
+/// The `dead-letters` command opens the store beside the running service: a dead letter it replays
+/// joins the queue the service holds for that shopper, and the service, which keeps its shoppers'
+/// queues in memory (SQLite), still sends that shopper's intents one at a time afterwards.
+async fn a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in_one_queue(backend: Backend) {
+    let Some(place) = backend.place("replay_by_command") else {
+        return;
+    };
+    let service = place.service().await;
+    let first = queued(&service, "s1", "first").await;
+    let claimed = service.claim(1, LONG).await.unwrap().remove(0);
+    service.dead_letter(&claimed.claim, "CDP said 400").await.unwrap();
+    queued(&service, "s1", "second").await;
+
+    let command = place.tool().await;
+    assert_eq!(command.replay_dead_letters(Some(&[first]), None).await.unwrap(), 1);
+    command.close().await;
+
+    // The replayed intent goes first; once it is acknowledged, "second" is still pending, so the
+    // next webhook of s1 must queue behind it rather than start a queue of its own.
+    let head = service.claim(10, LONG).await.unwrap();
+    assert_eq!(head.len(), 1);
+    assert_eq!(head[0].claim.intent_id, first);
+    service.ack(&head[0].claim).await.unwrap();
+    queued(&service, "s1", "third").await;
+    let order = drain_in_claim_order(&service).await;
+    assert_eq!(order.len(), 2, "{order:?}");
+    assert!(order[0].1 < order[1].1, "second, then third: {order:?}");
+    service.close().await;
+}
+
+/// An intent waiting for its OrderCloud reads is handed to one enrichment job at a time: again
+/// only once its lease has run out or it was given back for a retry (which counts the attempt),
+/// and never once its enrichment is saved; then it can be delivered, with the enrichment.
+async fn enrichment_jobs_are_leased_retried_and_settled(backend: Backend) {
+    let Some(place) = backend.place("enrichment_jobs") else {
+        return;
+    };
+    let store = place.service().await;
+    let mut item = intent("s1", "needs-reads");
+    item.needs_enrichment = true;
+    let EnqueueOutcome::Queued(id) = store.enqueue(item).await.unwrap() else {
+        panic!("queued")
+    };
+    let lease = Duration::from_secs(30);
+    let jobs = store.claim_enrichment(10, lease).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| (j.claim.intent_id, j.attempts)).collect::<Vec<_>>(),
+        [(id, 1)]
+    );
+    assert!(store.claim_enrichment(10, lease).await.unwrap().is_empty(), "leased");
+    assert!(
+        store.claim(10, lease).await.unwrap().is_empty(),
+        "not deliverable before its reads"
+    );
+
+    store
+        .retry_enrichment(&jobs[0].claim, now_ms() - 1, "OrderCloud unavailable")
+        .await
+        .unwrap();
+    let jobs = store.claim_enrichment(10, Duration::from_millis(50)).await.unwrap();
+    assert_eq!(
+        jobs.iter().map(|j| (j.claim.intent_id, j.attempts)).collect::<Vec<_>>(),
+        [(id, 2)]
+    );
+    // A job that never reports back: its lease runs out and the intent is handed out again.
+    let again = eventually("the enrichment lease to run out", Duration::from_secs(10), || async {
+        let jobs = store.claim_enrichment(10, lease).await.unwrap();
+        (!jobs.is_empty()).then_some(jobs)
+    })
+    .await;
+    assert_eq!(again[0].claim.intent_id, id);
+
+    store
+        .save_enrichment(
+            &again[0].claim,
+            &json!({"identity": "anon-o1"}),
+            &[("s1".to_string(), "anon-o1".to_string())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.shopper("s1").await.unwrap().unwrap().identity.as_deref(),
+        Some("anon-o1")
+    );
+    assert!(store.claim_enrichment(10, Duration::ZERO).await.unwrap().is_empty());
+    let claimed = store.claim(10, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].enrichment, Some(json!({"identity": "anon-o1"})));
+    store.close().await;
+}
+
+/// An enricher whose lease ran out while another took the job over writes nothing: neither its
+/// results nor a dead letter of an intent that is, by then, enriched and being delivered.
+async fn a_stale_enrichment_claim_writes_nothing(backend: Backend) {
+    let Some(place) = backend.place("stale_enricher") else {
+        return;
+    };
+    let store = place.service().await;
+    let mut item = intent("s1", "needs-reads");
+    item.needs_enrichment = true;
+    store.enqueue(item).await.unwrap();
+    let stale = store
+        .claim_enrichment(1, Duration::from_millis(50))
+        .await
+        .unwrap()
+        .remove(0);
+    let fresh = eventually("the enrichment lease to run out", Duration::from_secs(10), || async {
+        store.claim_enrichment(1, LONG).await.unwrap().pop()
+    })
+    .await;
+    let identity = [("s1".to_string(), "stale".to_string())];
+    assert!(matches!(
+        store
+            .save_enrichment(&stale.claim, &json!({"identity": "stale"}), &identity)
+            .await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    assert!(matches!(
+        store.retry_enrichment(&stale.claim, 0, "x").await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    assert_eq!(
+        store.shopper("s1").await.unwrap(),
+        None,
+        "the stale identity did not land"
+    );
+    store
+        .save_enrichment(&fresh.claim, &json!({"identity": "anon-o1"}), &[])
+        .await
+        .unwrap();
+    let delivering = store.claim(1, LONG).await.unwrap().remove(0);
+    for claim in [&stale.claim, &fresh.claim] {
+        assert!(matches!(
+            store.dead_letter_enrichment(claim, "too late").await,
+            Err(StoreError::StaleClaim(_))
+        ));
+    }
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    store.ack(&delivering.claim).await.unwrap();
+    store.close().await;
+}
+
+/// A row that cannot be read back (here: corrupted behind the store's back) is dead-lettered on its
+/// own, with the reason, and shows in the dead-letter listing; the rest of the batch is claimed.
+async fn an_unreadable_row_is_dead_lettered_alone_and_the_rest_of_the_batch_is_claimed(backend: Backend) {
+    let Some(place) = backend.place("unreadable_row") else {
+        return;
+    };
+    let store = place.service().await;
+    let poison = queued(&store, "poisoned", "p").await;
+    let healthy = queued(&store, "healthy", "h").await;
+    place
+        .execute(&format!(
+            "UPDATE intents SET intent = '{{\"kind\": [[[' WHERE id = {poison}"
+        ))
+        .await;
+    let claimed = store.claim(10, LONG).await.unwrap();
+    assert_eq!(claimed.iter().map(|c| c.claim.intent_id).collect::<Vec<_>>(), [healthy]);
+    store.ack(&claimed[0].claim).await.unwrap();
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, poison);
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("cannot be read back"), "{reason}");
+    assert_eq!(dead[0].intent, json!("{\"kind\": [[["), "shown as it is stored");
+    assert!(store.claim(10, LONG).await.unwrap().is_empty());
+    store.close().await;
+}
+
+/// A service that dies holding claims (kill -9: no release, no goodbye) does not hold its
+/// shoppers for a whole lease. SQLite: the next process owns the file's lock, so it releases every
+/// claim at start. PostgreSQL: another replica takes them over once the dead one has missed its
+/// heartbeats for `delivery.takeover_secs`.
+async fn the_claims_of_a_dead_service_are_taken_over_before_their_lease_ends(backend: Backend) {
+    let Some(place) = backend.place("dead_service") else {
+        return;
+    };
+    let dead = place.service().await;
+    queued(&dead, "s1", "held").await;
+    let held = dead.claim(1, Duration::from_secs(600)).await.unwrap().remove(0);
+    // The process dies: its store is dropped without closing (no claim released, no row removed).
+    // SQLite's writer thread must stop before the file can be taken: close only that.
+    if backend == Backend::Sqlite {
+        dead.close().await;
+    }
+    drop(dead);
+
+    let started = Instant::now();
+    let survivor = place.service().await;
+    let taken = eventually(
+        "the dead service's claim to be taken over",
+        Duration::from_secs(30),
+        || async { survivor.claim(1, Duration::from_secs(600)).await.unwrap().pop() },
+    )
+    .await;
+    assert_eq!(taken.claim.intent_id, held.claim.intent_id);
+    assert!(
+        started.elapsed() < Duration::from_secs(600),
+        "taken over long before the lease ran out"
+    );
+    assert!(matches!(
+        dead_claim_ack(&survivor, &held).await,
+        Err(StoreError::StaleClaim(_))
+    ));
+    survivor.ack(&taken.claim).await.unwrap();
+    survivor.close().await;
+}
+
+async fn dead_claim_ack(
+    store: &DynStore,
+    held: &ordercloud_cdp_forwarder::store::ClaimedIntent,
+) -> Result<(), StoreError> {
+    store.ack(&held.claim).await
+}
+
+/// One serving process per SQLite file: a second one is refused with a clear message, while the
+/// operators' commands still open it.
+#[tokio::test]
+async fn a_second_service_on_one_sqlite_file_is_refused_and_the_dead_letter_commands_still_work() {
+    let place = Backend::Sqlite.place("second_service").unwrap();
+    let first = place.service().await;
+    let refused = store::open(&place.settings, Role::Service { takeover: TAKEOVER })
+        .await
+        .err()
+        .expect("a second service is refused")
+        .to_string();
+    assert!(refused.contains("another forwarder serves"), "{refused}");
+    assert!(refused.contains("PostgreSQL"), "{refused}");
+    let command = place.tool().await;
+    assert!(command.dead_letters(None, 10).await.unwrap().is_empty());
+    command.close().await;
+    first.close().await;
+    place.service().await.close().await;
+}
+
 /// SQLite keys GUID LogIDs by their 16 bytes (migration 0004 converts those stored before as text):
 /// a redelivery is recognised whichever way its LogID was stored, and in either letter case.
 #[tokio::test]
 async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migration() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(dir.path());
-    let path = dir.path().join("guid-keys.db");
-    (settings.store.url, settings.store.schema) = (format!("sqlite://{}", path.display()), None);
-    let store = store::open(&settings.store).await.unwrap();
+    let place = Backend::Sqlite.place("guid_keys").unwrap();
+    let path = place.settings.url.trim_start_matches("sqlite://").to_string();
+    let store = place.service().await;
     let old_guid = "71CE120A-17D5-4833-89F6-4F9A33DDD42F";
     let old_other = "sha256:00ff";
     {
@@ -209,7 +712,7 @@ async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migratio
     // Opened again, as a new version starts over a file an older one wrote (the LogID filter is
     // built from the table at start).
     store.close().await;
-    let store = store::open(&settings.store).await.unwrap();
+    let store = place.service().await;
     for key in [old_guid.to_lowercase().as_str(), old_other] {
         assert_eq!(
             store.enqueue(intent("s1", key)).await.unwrap(),
@@ -218,10 +721,7 @@ async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migratio
         );
     }
     let new_guid = "0b7f8c3e-5d2a-4e61-9c0f-2a4b6d8e1f37";
-    assert!(matches!(
-        store.enqueue(intent("s1", new_guid)).await.unwrap(),
-        EnqueueOutcome::Queued(_)
-    ));
+    queued(&store, "s1", new_guid).await;
     for redelivery in [new_guid.to_string(), new_guid.to_uppercase()] {
         assert_eq!(
             store.enqueue(intent("s1", &redelivery)).await.unwrap(),
@@ -229,136 +729,37 @@ async fn sqlite_recognises_log_ids_stored_before_and_after_the_guid_key_migratio
         );
     }
     // A LogID that is not a GUID is keyed by its text, exactly.
-    assert!(matches!(
-        store.enqueue(intent("s1", "log-7")).await.unwrap(),
-        EnqueueOutcome::Queued(_)
-    ));
+    queued(&store, "s1", "log-7").await;
     assert_eq!(
         store.enqueue(intent("s1", "log-7")).await.unwrap(),
         EnqueueOutcome::Duplicate
     );
-    assert!(matches!(
-        store.enqueue(intent("s1", "LOG-7")).await.unwrap(),
-        EnqueueOutcome::Queued(_)
-    ));
+    queued(&store, "s1", "LOG-7").await;
     assert_eq!(store.pending(10).await.unwrap().len(), 3);
     store.close().await;
 }
 
-/// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
+/// PostgreSQL: a replica that heartbeats keeps its claims however long its CDP call takes; only a
+/// silent one loses them.
 #[tokio::test]
-async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first() {
-    let (_dir, store) = open().await;
-    store.enqueue(intent("s1", "first")).await.unwrap();
-    let first = store.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
-    store.dead_letter(&first.claim, "CDP said 400").await.unwrap();
-    // The queue is empty now: these two start another.
-    store.enqueue(intent("s1", "second")).await.unwrap();
-    store.enqueue(intent("s1", "third")).await.unwrap();
-    store.enqueue(intent("s2", "other")).await.unwrap();
-    store
-        .replay_dead_letters(Some(&[first.claim.intent_id]), None)
-        .await
-        .unwrap();
-    let order: Vec<i64> = drain_in_claim_order(&store)
-        .await
-        .into_iter()
-        .filter(|(shopper, _)| shopper == "s1")
-        .map(|(_, id)| id)
-        .collect();
-    assert_eq!(order.len(), 3);
-    assert_eq!(order[0], first.claim.intent_id, "the replayed intent first");
-    assert!(order[1] < order[2], "then the others in their order");
-    store.close().await;
-}
-
-/// The `dead-letters` command opens the store beside the running service: a dead letter it replays
-/// joins the queue the service holds for that shopper, and the service, which keeps its shoppers'
-/// queues in memory (SQLite), still sends that shopper's intents one at a time afterwards.
-#[tokio::test]
-async fn a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in_one_queue() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = test_settings(dir.path());
-    let service = store::open(&settings.store).await.unwrap();
-    service.enqueue(intent("s1", "first")).await.unwrap();
-    let first = service.claim(1, Duration::from_secs(30)).await.unwrap().remove(0);
-    service.dead_letter(&first.claim, "CDP said 400").await.unwrap();
-    service.enqueue(intent("s1", "second")).await.unwrap();
-
-    let command = store::open(&settings.store).await.unwrap();
-    assert_eq!(
-        command
-            .replay_dead_letters(Some(&[first.claim.intent_id]), None)
-            .await
-            .unwrap(),
-        1
-    );
-    command.close().await;
-
-    // The replayed intent goes first; once it is acknowledged, "second" is still pending, so the
-    // next webhook of s1 must queue behind it rather than start a queue of its own.
-    let head = service.claim(10, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(head.len(), 1);
-    assert_eq!(head[0].claim.intent_id, first.claim.intent_id);
-    service.ack(&head[0].claim).await.unwrap();
-    service.enqueue(intent("s1", "third")).await.unwrap();
-    let order = drain_in_claim_order(&service).await;
-    assert_eq!(order.len(), 2, "{order:?}");
-    assert!(order[0].1 < order[1].1, "second, then third: {order:?}");
-    service.close().await;
-}
-
-/// An intent waiting for its OrderCloud reads is handed to one enrichment job at a time: again
-/// only once its lease has run out or it was given back for a retry (which counts the attempt),
-/// and never once its enrichment is saved; then it can be delivered, with the enrichment.
-#[tokio::test]
-async fn enrichment_jobs_are_leased_retried_and_settled() {
-    let (_dir, store) = open().await;
-    let mut item = intent("s1", "needs-reads");
-    item.needs_enrichment = true;
-    let EnqueueOutcome::Queued(id) = store.enqueue(item).await.unwrap() else {
-        panic!("queued")
+async fn postgres_a_live_replicas_claim_is_never_taken_over() {
+    let Some(place) = Backend::Postgres.place("live_replica") else {
+        return;
     };
-    let lease = Duration::from_secs(30);
-    let jobs = store.claim_enrichment(10, lease).await.unwrap();
-    assert_eq!(
-        jobs.iter().map(|j| (j.intent_id, j.attempts)).collect::<Vec<_>>(),
-        [(id, 1)]
-    );
-    assert!(store.claim_enrichment(10, lease).await.unwrap().is_empty(), "leased");
-    assert!(
-        store.claim(10, lease).await.unwrap().is_empty(),
-        "not deliverable before its reads"
-    );
-
-    store
-        .retry_enrichment(id, store::now_ms() - 1, "OrderCloud unavailable")
-        .await
-        .unwrap();
-    let jobs = store.claim_enrichment(10, Duration::from_millis(50)).await.unwrap();
-    assert_eq!(
-        jobs.iter().map(|j| (j.intent_id, j.attempts)).collect::<Vec<_>>(),
-        [(id, 2)]
-    );
-    // A job that never reports back: its lease runs out and the intent is handed out again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let again = loop {
-        let jobs = store.claim_enrichment(10, lease).await.unwrap();
-        if !jobs.is_empty() {
-            break jobs;
-        }
-        assert!(std::time::Instant::now() < deadline, "the lease never ran out");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(again[0].intent_id, id);
-
-    store
-        .save_enrichment(id, &json!({"identity": "anon-o1"}))
-        .await
-        .unwrap();
-    assert!(store.claim_enrichment(10, Duration::ZERO).await.unwrap().is_empty());
-    let claimed = store.claim(10, lease).await.unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].enrichment, Some(json!({"identity": "anon-o1"})));
-    store.close().await;
+    let live = place.service().await;
+    queued(&live, "s1", "held").await;
+    let held = live.claim(1, Duration::from_secs(600)).await.unwrap().remove(0);
+    let other = place.service().await;
+    // Three takeover periods, looking all along: never claimable.
+    let until = Instant::now() + TAKEOVER * 3;
+    while Instant::now() < until {
+        assert!(
+            other.claim(10, LONG).await.unwrap().is_empty(),
+            "taken from a live replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    live.ack(&held.claim).await.unwrap();
+    other.close().await;
+    live.close().await;
 }

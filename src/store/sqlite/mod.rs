@@ -8,8 +8,11 @@
 //! - Delivery bookkeeping (claims, progress, session facts) is answered at commit (`synchronous =
 //!   NORMAL`): durable across a process crash, and made durable by the next webhook's fsync; at
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
+//! - One serving process per file ([`lock`]): so at start every claim left in the file belonged
+//!   to a process that is gone, and is released at once instead of waiting for its lease.
 
 mod filter;
+mod lock;
 mod queues;
 mod seen;
 mod writer;
@@ -45,16 +48,18 @@ pub struct SqliteStore {
     seen: Arc<SeenKeys>,
     /// Shoppers' queues and the next intent id (used on the writer thread).
     queues: Arc<Queues>,
-    /// Intents whose enrichment is under way, and until when (epoch ms). One process serves the
-    /// file, so a lease needs no row written: only the writer thread reads or changes this, in the
-    /// same order as the rows it guards.
-    enrichment_leases: Arc<Mutex<HashMap<i64, i64>>>,
+    /// Intents whose enrichment is under way: their claim id and until when (epoch ms). One
+    /// process serves the file, so a lease needs no row written: only the writer thread reads or
+    /// changes this, in the same order as the rows it guards.
+    enrichment_leases: Arc<Mutex<HashMap<i64, (String, i64)>>>,
+    /// Held while the service runs (`None` for operators' commands).
+    lock: Mutex<Option<lock::FileLock>>,
 }
 
 impl SqliteStore {
-    pub async fn open(settings: &StoreSettings) -> anyhow::Result<SqliteStore> {
+    pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<SqliteStore> {
         use anyhow::Context as _;
-        let busy_timeout = Duration::from_millis(settings.statement_timeout_ms.max(1000));
+        let busy_timeout = settings.statement_timeout().max(Duration::from_secs(1));
         let options = SqliteConnectOptions::from_str(&settings.url)
             .with_context(|| format!("store.url = {:?} is not a SQLite URL", settings.url))?
             .create_if_missing(true)
@@ -74,10 +79,14 @@ impl SqliteStore {
                     .with_context(|| format!("cannot create the folder {} for store.url", parent.display()))?;
             }
         }
+        let lock = match role {
+            Role::Service { .. } => Some(lock::FileLock::acquire(&path)?),
+            Role::Tool => None,
+        };
         {
             let migrator = SqlitePoolOptions::new()
                 .max_connections(1)
-                .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+                .acquire_timeout(settings.connect_timeout())
                 .connect_with(options.clone())
                 .await
                 .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
@@ -94,26 +103,44 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(2))
             .test_before_acquire(false)
-            .acquire_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .acquire_timeout(settings.connect_timeout())
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
         let seen = Arc::new(SeenKeys::new(writer.invalidations()));
         let queues = Arc::new(Queues::new(writer.invalidations()));
         let (loading_seen, loading_queues) = (seen.clone(), queues.clone());
-        writer
+        let serving = lock.is_some();
+        let released = writer
             .write(move |c| {
                 loading_seen.load(c)?;
-                loading_queues.load(c)
+                loading_queues.load(c)?;
+                // The lock is ours: whoever held these claims is gone.
+                if serving {
+                    run(
+                        c,
+                        "UPDATE intents SET claim_id = NULL, lease_until = NULL WHERE claim_id IS NOT NULL",
+                        [],
+                    )
+                } else {
+                    Ok(0)
+                }
             })
             .await
             .context("cannot load the LogIDs seen and the shoppers' queues")?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "released the claims of a process that stopped without releasing them"
+            );
+        }
         Ok(SqliteStore {
             pool,
             writer,
             seen,
             queues,
             enrichment_leases: Arc::default(),
+            lock: Mutex::new(lock),
         })
     }
 }
@@ -198,9 +225,8 @@ fn to_json_text(intent: &RawIntent) -> Result<String, StoreError> {
     Ok(String::from_utf8(text).expect("serde_json writes UTF-8"))
 }
 
-/// Runs a statement that takes a pending intent out of its queue (`... RETURNING shopper_key`) and
-/// returns the intent's shopper, if a row matched.
-fn leave_queue(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<String>, StoreError> {
+/// Runs a statement that reads or returns one intent's `shopper_key`, and returns it if a row matched.
+fn intent_shopper(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<Option<String>, StoreError> {
     Ok(conn.prepare_cached(sql)?.query_row(params, |r| r.get(0)).optional()?)
 }
 
@@ -208,9 +234,6 @@ fn leave_queue(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> R
 fn run(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u64, StoreError> {
     Ok(conn.prepare_cached(sql)?.execute(params)? as u64)
 }
-
-/// A claimed row as the writer returns it; JSON is parsed outside the writer thread.
-type ClaimRow = (i64, String, String, Option<String>, Option<String>, i64, i64);
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -232,12 +255,13 @@ impl Store for SqliteStore {
         let claim_id = uuid::Uuid::new_v4().to_string();
         let lease_until = now + lease.as_millis() as i64;
         let id = claim_id.clone();
-        let rows: Vec<ClaimRow> = self
+        let rows: Vec<ClaimedRow> = self
             .writer
             .write(move |c| {
-                // Only the head of each shopper's queue is claimable, so a shopper's intents go one
-                // at a time. Walking the queue in id order and probing for an older pending intent
-                // of the same shopper stops after `limit` heads, however long the backlog.
+                // Only the head of each shopper's queue is claimable, and only while no other intent
+                // of the queue is in flight (a replayed dead letter is older than the intent running),
+                // so a shopper's intents go one at a time. Walking the queue in id order and probing
+                // the queue stops after `limit` heads, however long the backlog.
                 let mut stmt = c.prepare_cached(
                     "UPDATE intents SET claim_id = ?1, lease_until = ?2, attempts = attempts + 1, updated_at = ?3 \
                      WHERE id IN ( \
@@ -246,39 +270,29 @@ impl Store for SqliteStore {
                          AND (i.lease_until IS NULL OR i.lease_until < ?3) \
                          AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
                                          AND o.state = 'pending' AND o.id < i.id) \
+                         AND NOT EXISTS (SELECT 1 FROM intents o INDEXED BY intents_claimed \
+                                         WHERE o.queue_id = i.queue_id AND o.claim_id IS NOT NULL \
+                                         AND o.id <> i.id AND o.state = 'pending' AND o.lease_until >= ?3) \
                        ORDER BY i.id LIMIT ?4) \
-                     RETURNING id, shopper_key, intent, enrichment, progress, attempts, created_at",
+                     RETURNING id, shopper_key, intent, enrichment, progress, sent, attempts, created_at",
                 )?;
                 let rows = stmt.query_map(params![id, lease_until, now, limit as i64], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
+                    Ok(ClaimedRow {
+                        id: r.get(0)?,
+                        shopper_key: r.get(1)?,
+                        intent: r.get(2)?,
+                        enrichment: r.get(3)?,
+                        plan: r.get(4)?,
+                        sent: r.get(5)?,
+                        attempts: r.get(6)?,
+                        created_at_ms: r.get(7)?,
+                    })
                 })?;
-                Ok(rows.collect::<Result<Vec<ClaimRow>, _>>()?)
+                Ok(rows.collect::<Result<Vec<ClaimedRow>, _>>()?)
             })
             .await?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for (intent_id, shopper_key, intent, enrichment, progress, attempts, created_at_ms) in rows {
-            claimed.push(ClaimedIntent {
-                claim: Claim {
-                    intent_id,
-                    claim_id: claim_id.clone(),
-                },
-                shopper_key,
-                intent: serde_json::from_str(&intent)?,
-                enrichment: parse_json(enrichment)?,
-                progress: parse_json(progress)?,
-                attempts,
-                created_at_ms,
-            });
-        }
-        claimed.sort_by_key(|c| c.claim.intent_id);
+        let (claimed, unreadable) = decode_claimed(rows, &claim_id);
+        dead_letter_unreadable(self, unreadable).await;
         Ok(claimed)
     }
 
@@ -297,67 +311,49 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn save_progress(&self, claim: &Claim, progress: &Value) -> Result<(), StoreError> {
-        let claim = claim.clone();
-        let progress = progress.to_string();
-        self.writer
-            .write(move |c| {
-                let rows = run(
-                    c,
-                    "UPDATE intents SET progress = ?1, updated_at = ?2 WHERE id = ?3 AND claim_id = ?4 AND state = 'pending'",
-                    params![progress, now_ms(), claim.intent_id, claim.claim_id],
-                )?;
-                stale_unless_one(rows, &claim)
-            })
-            .await
-    }
-
-    async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
+    async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
         let claim = claim.clone();
         let queues = self.queues.clone();
+        // Encoded here, not on the one writer thread.
+        let writes = writes
+            .into_iter()
+            .map(EncodedWrite::new)
+            .collect::<Result<Vec<_>, _>>()?;
         self.writer
             .write(move |c| {
-                let shopper = leave_queue(
+                let shopper = intent_shopper(
                     c,
-                    "DELETE FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending' RETURNING shopper_key",
+                    "SELECT shopper_key FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
                     params![claim.intent_id, claim.claim_id],
                 )?
                 .ok_or(StoreError::StaleClaim(claim.intent_id))?;
-                queues.left(&shopper);
-                Ok(())
-            })
-            .await
-    }
-
-    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        let (claim, error) = (claim.clone(), error.to_string());
-        self.writer
-            .write(move |c| {
-                let rows = run(
-                    c,
-                    "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, lease_until = NULL, \
-                     updated_at = ?3 WHERE id = ?4 AND claim_id = ?5 AND state = 'pending'",
-                    params![at_ms, error, now_ms(), claim.intent_id, claim.claim_id],
-                )?;
-                stale_unless_one(rows, &claim)
-            })
-            .await
-    }
-
-    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
-        let (claim, reason) = (claim.clone(), reason.to_string());
-        let queues = self.queues.clone();
-        self.writer
-            .write(move |c| {
-                let shopper = leave_queue(
-                    c,
-                    "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND claim_id = ?4 AND state = 'pending' \
-                     RETURNING shopper_key",
-                    params![reason, now_ms(), claim.intent_id, claim.claim_id],
-                )?
-                .ok_or(StoreError::StaleClaim(claim.intent_id))?;
-                queues.left(&shopper);
+                for write in &writes {
+                    write.run(c, claim.intent_id)?;
+                }
+                match settle {
+                    None => {}
+                    Some(Settle::Ack) => {
+                        run(c, "DELETE FROM intents WHERE id = ?1", params![claim.intent_id])?;
+                        queues.left(&shopper);
+                    }
+                    Some(Settle::Retry { at_ms, error }) => {
+                        run(
+                            c,
+                            "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, \
+                             lease_until = NULL, updated_at = ?3 WHERE id = ?4",
+                            params![at_ms, error, now_ms(), claim.intent_id],
+                        )?;
+                    }
+                    Some(Settle::Dead { reason }) => {
+                        run(
+                            c,
+                            "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, \
+                             secrets = NULL, claim_id = NULL, lease_until = NULL WHERE id = ?3",
+                            params![reason, now_ms(), claim.intent_id],
+                        )?;
+                        queues.left(&shopper);
+                    }
+                }
                 Ok(())
             })
             .await
@@ -366,13 +362,15 @@ impl Store for SqliteStore {
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         let now = now_ms();
         let until = now + lease.as_millis() as i64;
+        let claim_id = uuid::Uuid::new_v4().to_string();
         let leases = self.enrichment_leases.clone();
+        let id = claim_id.clone();
         type Row = (i64, String, String, Option<String>, i64, i64);
         let rows: Vec<Row> = self
             .writer
             .write(move |c| {
                 let mut leases = leases.lock().expect("enrichment leases lock");
-                leases.retain(|_, until| *until > now);
+                leases.retain(|_, (_, until)| *until > now);
                 // INDEXED BY: walking every pending intent by id to find the few unenriched ones
                 // would grow with the backlog. Leased intents are among the oldest: read past them.
                 let mut stmt = c.prepare_cached(
@@ -391,75 +389,110 @@ impl Store for SqliteStore {
                     }
                 }
                 for row in &free {
-                    leases.insert(row.0, until);
+                    leases.insert(row.0, (id.clone(), until));
                 }
                 Ok(free)
             })
             .await?;
         let mut jobs = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
         for (intent_id, shopper_key, intent, secrets, attempts, created_at_ms) in rows {
-            jobs.push(EnrichmentJob {
+            let claim = Claim {
                 intent_id,
-                shopper_key,
-                intent: serde_json::from_str(&intent)?,
-                secrets: parse_json(secrets)?.unwrap_or_default(),
-                // This attempt, counted in the row only if it fails (retry_enrichment).
-                attempts: attempts + 1,
-                created_at_ms,
-            });
+                claim_id: claim_id.clone(),
+            };
+            let decoded = serde_json::from_str(&intent)
+                .map_err(StoreError::from)
+                .and_then(|intent| Ok((intent, parse_json(secrets)?.unwrap_or_default())));
+            match decoded {
+                Ok((intent, secrets)) => jobs.push(EnrichmentJob {
+                    claim,
+                    shopper_key,
+                    intent,
+                    secrets,
+                    // This attempt, counted in the row only if it fails (retry_enrichment).
+                    attempts: attempts + 1,
+                    created_at_ms,
+                }),
+                Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+            }
         }
-        jobs.sort_by_key(|j| j.intent_id);
+        for (claim, reason) in unreadable {
+            tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
+            metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
+            if let Err(e) = self.dead_letter_enrichment(&claim, &reason).await {
+                tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
+            }
+        }
+        jobs.sort_by_key(|j| j.claim.intent_id);
         Ok(jobs)
     }
 
-    async fn save_enrichment(&self, intent_id: i64, enrichment: &Value) -> Result<(), StoreError> {
-        let enrichment = enrichment.to_string();
+    async fn save_enrichment(
+        &self,
+        claim: &Claim,
+        enrichment: &Value,
+        identities: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let (claim, enrichment, identities) = (claim.clone(), enrichment.to_string(), identities.to_vec());
         let leases = self.enrichment_leases.clone();
         self.writer
             .write(move |c| {
+                enrichment_fence(c, &leases, &claim)?;
                 run(
                     c,
                     "UPDATE intents SET enrichment = ?1, enriched = 1, secrets = NULL, updated_at = ?2 WHERE id = ?3",
-                    params![enrichment, now_ms(), intent_id],
+                    params![enrichment, now_ms(), claim.intent_id],
                 )?;
-                leases.lock().expect("enrichment leases lock").remove(&intent_id);
+                for (key, identity) in &identities {
+                    run(
+                        c,
+                        "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, '{}', ?2, ?3) \
+                         ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, \
+                         updated_at = excluded.updated_at",
+                        params![key, identity, now_ms()],
+                    )?;
+                }
+                leases.lock().expect("enrichment leases lock").remove(&claim.intent_id);
                 Ok(())
             })
             .await
     }
 
-    async fn retry_enrichment(&self, intent_id: i64, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        let error = error.to_string();
+    async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let (claim, error) = (claim.clone(), error.to_string());
         let leases = self.enrichment_leases.clone();
         self.writer
             .write(move |c| {
+                enrichment_fence(c, &leases, &claim)?;
                 run(
                     c,
                     "UPDATE intents SET enrich_after = ?1, enrich_attempts = enrich_attempts + 1, last_error = ?2, \
-                     updated_at = ?3 WHERE id = ?4 AND enriched = 0",
-                    params![at_ms, error, now_ms(), intent_id],
+                     updated_at = ?3 WHERE id = ?4",
+                    params![at_ms, error, now_ms(), claim.intent_id],
                 )?;
-                leases.lock().expect("enrichment leases lock").remove(&intent_id);
+                leases.lock().expect("enrichment leases lock").remove(&claim.intent_id);
                 Ok(())
             })
             .await
     }
 
-    async fn dead_letter_unclaimed(&self, intent_id: i64, reason: &str) -> Result<(), StoreError> {
-        let reason = reason.to_string();
+    async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
+        let (claim, reason) = (claim.clone(), reason.to_string());
         let (queues, leases) = (self.queues.clone(), self.enrichment_leases.clone());
         self.writer
             .write(move |c| {
-                let shopper = leave_queue(
+                enrichment_fence(c, &leases, &claim)?;
+                let shopper = intent_shopper(
                     c,
                     "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL WHERE id = ?3 AND state = 'pending' RETURNING shopper_key",
-                    params![reason, now_ms(), intent_id],
+                     claim_id = NULL, lease_until = NULL WHERE id = ?3 RETURNING shopper_key",
+                    params![reason, now_ms(), claim.intent_id],
                 )?;
                 if let Some(shopper) = shopper {
                     queues.left(&shopper);
                 }
-                leases.lock().expect("enrichment leases lock").remove(&intent_id);
+                leases.lock().expect("enrichment leases lock").remove(&claim.intent_id);
                 Ok(())
             })
             .await
@@ -480,41 +513,6 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn put_shopper(&self, shopper_key: &str, state: &ShopperState) -> Result<(), StoreError> {
-        let (key, json, identity) = (
-            shopper_key.to_string(),
-            serde_json::to_string(state)?,
-            state.identity.clone(),
-        );
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
-                     identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
-                    params![key, json, identity, now_ms()],
-                )
-                .map(drop)
-            })
-            .await
-    }
-
-    async fn put_identity(&self, shopper_key: &str, identity: &str) -> Result<(), StoreError> {
-        let (key, identity) = (shopper_key.to_string(), identity.to_string());
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, '{}', ?2, ?3) \
-                     ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at",
-                    params![key, identity, now_ms()],
-                )
-                .map(drop)
-            })
-            .await
-    }
-
     async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
         let row = sqlx::query("SELECT facts FROM cdp_sessions WHERE channel = ?1 AND browser_id = ?2")
             .bind(channel)
@@ -522,30 +520,6 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         parse_json(row.map(|r| r.get("facts")))
-    }
-
-    async fn put_session(&self, facts: &SessionFacts) -> Result<(), StoreError> {
-        let json = serde_json::to_string(facts)?;
-        let facts = facts.clone();
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
-                     last_event_at = excluded.last_event_at, facts = excluded.facts",
-                    params![
-                        facts.channel,
-                        facts.browser_id,
-                        facts.shopper_key,
-                        facts.last_event_at_ms,
-                        json
-                    ],
-                )
-                .map(drop)
-            })
-            .await
     }
 
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
@@ -577,63 +551,6 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
-    }
-
-    async fn put_cart_line(&self, line: &CartLine) -> Result<(), StoreError> {
-        let json = line.line.to_string();
-        let (order_id, line_id, shopper_key, at) = (
-            line.order_id.clone(),
-            line.line_id.clone(),
-            line.shopper_key.clone(),
-            line.updated_at_ms,
-        );
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-                     ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
-                     line = excluded.line, updated_at = excluded.updated_at",
-                    params![order_id, line_id, shopper_key, json, at],
-                )
-                .map(drop)
-            })
-            .await
-    }
-
-    async fn delete_cart_line(&self, order_id: &str, line_id: &str) -> Result<(), StoreError> {
-        let (order_id, line_id) = (order_id.to_string(), line_id.to_string());
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "DELETE FROM cart_lines WHERE order_id = ?1 AND line_id = ?2",
-                    params![order_id, line_id],
-                )
-                .map(drop)
-            })
-            .await
-    }
-
-    async fn delete_cart(&self, order_id: &str) -> Result<(), StoreError> {
-        let order_id = order_id.to_string();
-        self.writer
-            .write(move |c| run(c, "DELETE FROM cart_lines WHERE order_id = ?1", params![order_id]).map(drop))
-            .await
-    }
-
-    async fn move_cart(&self, order_id: &str, to_shopper: &str) -> Result<(), StoreError> {
-        let (order_id, to) = (order_id.to_string(), to_shopper.to_string());
-        self.writer
-            .write(move |c| {
-                run(
-                    c,
-                    "UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2",
-                    params![to, order_id],
-                )
-                .map(drop)
-            })
-            .await
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
@@ -676,7 +593,7 @@ impl Store for SqliteStore {
                     dedupe_key: r.get("dedupe_key"),
                     shopper_key: r.get("shopper_key"),
                     kind: r.get("kind"),
-                    intent: serde_json::from_str(r.get::<&str, _>("intent"))?,
+                    intent: intent_for_operators(r.get("intent")),
                     last_error: r.get("last_error"),
                     attempts: r.get("attempts"),
                     created_at_ms: r.get("created_at"),
@@ -694,7 +611,7 @@ impl Store for SqliteStore {
             .write(move |c| {
                 // Replayed intents keep their id and join their shopper's current queue, so they
                 // rejoin it in their original place (ahead of anything newer).
-                let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, next_attempt_at = ?1, \
+                let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, sent = 0, next_attempt_at = ?1, \
                            claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
                            enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
                            WHERE state = 'dead' AND shopper_key <> ?2";
@@ -786,6 +703,135 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
+        self.lock.lock().expect("lock holder").take();
+    }
+}
+
+/// A delivery's write, encoded off the writer thread, run on it.
+enum EncodedWrite {
+    Plan(Option<String>),
+    Sent(i64),
+    Session {
+        facts: SessionFacts,
+        json: String,
+    },
+    Shopper {
+        key: String,
+        json: String,
+        identity: Option<String>,
+    },
+    CartLine {
+        line: CartLine,
+        json: String,
+    },
+    DeleteCartLine {
+        order_id: String,
+        line_id: String,
+    },
+    DeleteCart {
+        order_id: String,
+    },
+    MoveCart {
+        order_id: String,
+        to_shopper: String,
+    },
+}
+
+impl EncodedWrite {
+    fn new(write: Write) -> Result<EncodedWrite, StoreError> {
+        Ok(match write {
+            Write::Plan(plan) => EncodedWrite::Plan(plan.map(|p| p.to_string())),
+            Write::Sent(sent) => EncodedWrite::Sent(sent as i64),
+            Write::Session(facts) => EncodedWrite::Session {
+                json: serde_json::to_string(&facts)?,
+                facts,
+            },
+            Write::Shopper { key, state } => EncodedWrite::Shopper {
+                json: serde_json::to_string(&state)?,
+                identity: state.identity,
+                key,
+            },
+            Write::CartLine(line) => EncodedWrite::CartLine {
+                json: line.line.to_string(),
+                line,
+            },
+            Write::DeleteCartLine { order_id, line_id } => EncodedWrite::DeleteCartLine { order_id, line_id },
+            Write::DeleteCart { order_id } => EncodedWrite::DeleteCart { order_id },
+            Write::MoveCart { order_id, to_shopper } => EncodedWrite::MoveCart { order_id, to_shopper },
+        })
+    }
+
+    fn run(&self, c: &Connection, intent_id: i64) -> Result<(), StoreError> {
+        match self {
+            EncodedWrite::Plan(plan) => run(
+                c,
+                "UPDATE intents SET progress = ?1, sent = 0, updated_at = ?2 WHERE id = ?3",
+                params![plan, now_ms(), intent_id],
+            ),
+            EncodedWrite::Sent(sent) => run(
+                c,
+                "UPDATE intents SET sent = ?1, updated_at = ?2 WHERE id = ?3",
+                params![sent, now_ms(), intent_id],
+            ),
+            EncodedWrite::Session { facts, json } => run(
+                c,
+                "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
+                 last_event_at = excluded.last_event_at, facts = excluded.facts",
+                params![facts.channel, facts.browser_id, facts.shopper_key, facts.last_event_at_ms, json],
+            ),
+            EncodedWrite::Shopper { key, json, identity } => run(
+                c,
+                "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
+                 identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
+                params![key, json, identity, now_ms()],
+            ),
+            EncodedWrite::CartLine { line, json } => run(
+                c,
+                "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
+                 line = excluded.line, updated_at = excluded.updated_at",
+                params![line.order_id, line.line_id, line.shopper_key, json, line.updated_at_ms],
+            ),
+            EncodedWrite::DeleteCartLine { order_id, line_id } => run(
+                c,
+                "DELETE FROM cart_lines WHERE order_id = ?1 AND line_id = ?2",
+                params![order_id, line_id],
+            ),
+            EncodedWrite::DeleteCart { order_id } => {
+                run(c, "DELETE FROM cart_lines WHERE order_id = ?1", params![order_id])
+            }
+            EncodedWrite::MoveCart { order_id, to_shopper } => run(
+                c,
+                "UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2",
+                params![to_shopper, order_id],
+            ),
+        }
+        .map(drop)
+    }
+}
+
+/// Refuses an enrichment write unless `claim` still holds the job and the intent still waits
+/// for its reads.
+fn enrichment_fence(
+    c: &Connection,
+    leases: &Mutex<HashMap<i64, (String, i64)>>,
+    claim: &Claim,
+) -> Result<(), StoreError> {
+    let held = leases
+        .lock()
+        .expect("enrichment leases lock")
+        .get(&claim.intent_id)
+        .is_some_and(|(id, _)| *id == claim.claim_id);
+    let waiting = c
+        .prepare_cached("SELECT 1 FROM intents WHERE id = ?1 AND state = 'pending' AND enriched = 0")?
+        .exists(params![claim.intent_id])?;
+    if held && waiting {
+        Ok(())
+    } else {
+        Err(StoreError::StaleClaim(claim.intent_id))
     }
 }
 
@@ -794,7 +840,7 @@ mod tests {
     use rusqlite::Connection;
 
     /// The SQLite migrations, in order.
-    const MIGRATIONS: [&str; 7] = [
+    const MIGRATIONS: [&str; 8] = [
         include_str!("../../../migrations/sqlite/0001_initial.sql"),
         include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
         include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
@@ -802,6 +848,7 @@ mod tests {
         include_str!("../../../migrations/sqlite/0005_seen_recent.sql"),
         include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"),
         include_str!("../../../migrations/sqlite/0007_queues_in_memory.sql"),
+        include_str!("../../../migrations/sqlite/0008_progress_per_event.sql"),
     ];
 
     /// An in-memory database with the first `migrations` of the store's schema applied.

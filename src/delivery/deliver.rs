@@ -1,0 +1,50 @@
+//! One claimed intent through the stages: gather → plan → send → settle, with its lease kept
+//! alive meanwhile.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tracing::Instrument as _;
+
+use super::lease::Lease;
+use super::settle::{settle, Attempt, Failure};
+use super::{gather, send, Deps};
+use crate::store::{ClaimedIntent, Write};
+
+/// Delivers one claimed intent (claimed at `claimed_at`) and settles it.
+pub async fn process(deps: Arc<Deps>, claimed: ClaimedIntent, claimed_at: Instant, stop: watch::Receiver<bool>) {
+    let span = tracing::info_span!(
+        "delivery",
+        intent_id = claimed.claim.intent_id,
+        shopper = %claimed.shopper_key,
+        kind = claimed.intent.kind.label(),
+        attempt = claimed.attempts,
+    );
+    async {
+        let lease = Lease::keep(
+            deps.store.clone(),
+            claimed.claim.clone(),
+            deps.settings.delivery.lease(),
+            claimed_at,
+        );
+        let result = deliver(&deps, &claimed, &lease, &stop).await;
+        settle(&deps, &Attempt::of(&claimed), result).await;
+        drop(lease);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Returns the writes to make with the ack once CDP acknowledged every event.
+async fn deliver(
+    deps: &Deps,
+    claimed: &ClaimedIntent,
+    lease: &Lease,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<Write>, Failure> {
+    let mut gathered = gather::gather(deps, claimed).await?;
+    let mut writes = send::send(deps, claimed, &mut gathered, lease, stop).await?;
+    writes.extend(gathered.finish_writes());
+    Ok(writes)
+}

@@ -1,0 +1,96 @@
+//! The dispatcher: claims the head of each shopper's queue and runs each claimed intent, up to
+//! `delivery.concurrency` shoppers at once, until stopped; then waits for deliveries in flight
+//! (they release their claims at the next event boundary). A delivery that panics is settled like
+//! any failure: it counts as an attempt and ages out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use super::settle::{settle, Attempt, Failure};
+use super::{deliver, idle, Deps};
+
+pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
+    let poll = deps.settings.delivery.poll_interval();
+    let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency));
+    let mut tasks = JoinSet::new();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if *stop.borrow() {
+            break;
+        }
+        if let Some(wait) = deps.pause.waiting() {
+            // New intents change nothing while CDP refuses the key, only the probe's time does:
+            // not woken by each webhook.
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(poll * 10)) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        // While paused, one intent at a time probes CDP.
+        let free = if deps.pause.is_paused() {
+            1
+        } else {
+            slots.available_permits()
+        };
+        if free == 0 || slots.available_permits() == 0 {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        let claimed_at = Instant::now();
+        let claimed = match deps.store.claim(free, deps.settings.delivery.lease()).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot claim intents");
+                if !idle(&deps, &mut stop, poll * 5).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            // A finished delivery may have made its shopper's next intent the head: look again then,
+            // not only when the poll interval is over.
+            tokio::select! {
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = deps.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        for intent in claimed {
+            let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
+            let (deps, stop) = (deps.clone(), stop.clone());
+            tasks.spawn(async move {
+                // Kept to settle the intent should its delivery panic.
+                let attempt = Attempt::of(&intent);
+                let run = tokio::spawn(deliver::process(deps.clone(), intent, claimed_at, stop));
+                if let Err(e) = run.await {
+                    if e.is_panic() {
+                        let message = panic_message(e.into_panic());
+                        warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
+                        settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

@@ -1,0 +1,232 @@
+//! Send: the intent's events to CDP, one at a time, in order, recording progress after each one
+//! CDP acknowledges — so a crash or a lost lease resumes with the next unsent event, not the
+//! intent's first.
+//!
+//! Before every request the lease keeper is asked how long the claim may still be acted on: below
+//! [`MIN_WINDOW`] nothing more is sent, and each request's timeout ends inside the window. When CDP
+//! does not know the shopper's browser, a new one is minted, stored, and the intent planned again
+//! on it.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::gather::Gathered;
+use super::lease::Lease;
+use super::settle::Failure;
+use super::Deps;
+use crate::cdp::{Event, EventKind, Outcome, SessionRef};
+use crate::domain::intent::IntentKind;
+use crate::domain::now_ms;
+use crate::planner;
+use crate::store::{ClaimedIntent, Write};
+
+/// Below this much lease left, no request is started.
+pub const MIN_WINDOW: Duration = Duration::from_secs(1);
+/// A request's timeout ends this long before the lease window does.
+const WINDOW_MARGIN: Duration = Duration::from_millis(500);
+/// Browsers minted in a row for one intent before it is retried later instead.
+const MAX_REMINTS: usize = 3;
+
+/// The intent's planned events and how many of them CDP acknowledged.
+struct Progress {
+    events: Vec<Event>,
+    sent: usize,
+    /// The plan is not stored as it is: write it with the next progress.
+    unstored: bool,
+}
+
+/// Sends what is left of the intent's plan. Returns the writes still to make (with the ack).
+pub async fn send(
+    deps: &Deps,
+    claimed: &ClaimedIntent,
+    gathered: &mut Gathered,
+    lease: &Lease,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<Write>, Failure> {
+    let mut writes = std::mem::take(&mut gathered.writes);
+    if gathered.shopper_changed {
+        writes.push(Write::Shopper {
+            key: gathered.key.clone(),
+            state: gathered.shopper.clone(),
+        });
+    }
+    if gathered.browser().is_none() {
+        let minted = mint(deps, lease).await?;
+        gathered.use_browser(minted);
+        writes.push(Write::Shopper {
+            key: gathered.key.clone(),
+            state: gathered.shopper.clone(),
+        });
+    }
+    // A browser is stored before its first use: a retry then finds the same one.
+    if gathered.browser_is_new {
+        deps.store
+            .apply(&claimed.claim, std::mem::take(&mut writes), None)
+            .await?;
+    }
+
+    let mut progress = match resumable(claimed, gathered) {
+        Some(stored) => stored,
+        None => plan(deps, gathered),
+    };
+    let mut remints = 0;
+    while progress.sent < progress.events.len() {
+        if *stop.borrow() {
+            return Err(Failure::Stopping);
+        }
+        let window = lease
+            .window()
+            .filter(|w| *w >= MIN_WINDOW)
+            .ok_or_else(|| Failure::LeaseLost("the lease ran out before the next event".into()))?;
+        let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
+        let event = &progress.events[progress.sent];
+        let name = event.kind.name();
+        let outcome = deps.cdp.send(&event.to_wire(), name, timeout).await;
+        metrics::counter!("forwarder_cdp_events_total", "event" => name, "outcome" => outcome_label(&outcome))
+            .increment(1);
+        match outcome {
+            Outcome::Done => {
+                deps.pause.end();
+                let facts = gathered.acknowledge(&progress.events[progress.sent], now_ms());
+                progress.sent += 1;
+                if progress.unstored {
+                    writes.push(Write::Plan(Some(
+                        serde_json::to_value(&progress.events).map_err(|e| Failure::Dead(e.to_string()))?,
+                    )));
+                    progress.unstored = false;
+                }
+                writes.push(Write::Sent(progress.sent));
+                writes.push(Write::Session(facts));
+                deps.store
+                    .apply(&claimed.claim, std::mem::take(&mut writes), None)
+                    .await?;
+            }
+            Outcome::BrowserUnknown if Some(&progress.events[progress.sent].session) == gathered.primary().as_ref() => {
+                remints += 1;
+                if remints > MAX_REMINTS {
+                    return Err(Failure::Retry {
+                        after: None,
+                        reason: "CDP does not know the browser ids it just minted".into(),
+                    });
+                }
+                warn!(browser = %progress.events[progress.sent].session.browser_id, "CDP does not know the shopper's browser: minting a new one");
+                let minted = mint(deps, lease).await?;
+                gathered.use_browser(minted);
+                writes.push(Write::Shopper {
+                    key: gathered.key.clone(),
+                    state: gathered.shopper.clone(),
+                });
+                writes.push(Write::Plan(None));
+                deps.store
+                    .apply(&claimed.claim, std::mem::take(&mut writes), None)
+                    .await?;
+                progress = plan(deps, gathered);
+            }
+            Outcome::BrowserUnknown => {
+                // Another session's browser is gone: there is nothing left there to clear or link.
+                let gone = progress.events[progress.sent].session.clone();
+                let sent = progress.sent;
+                let mut index = 0;
+                progress.events.retain(|e| {
+                    index += 1;
+                    index <= sent || e.session != gone
+                });
+                progress.unstored = true;
+            }
+            Outcome::Permanent(reason) => return Err(Failure::Dead(reason)),
+            Outcome::Config(reason) => {
+                let wait = deps.pause.start(&reason);
+                return Err(Failure::Paused { wait, reason });
+            }
+            Outcome::Retry { after, reason } => return Err(Failure::Retry { after, reason }),
+        }
+    }
+    Ok(writes)
+}
+
+/// The stored plan, when it can go on: some of it was acknowledged and the session of its next
+/// event is still open (else the session must be rebuilt, and the intent is planned again).
+fn resumable(claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
+    let events: Vec<Event> = serde_json::from_value(claimed.plan.clone()?).ok()?;
+    let sent = claimed.sent;
+    if sent == 0 || sent > events.len() {
+        return None;
+    }
+    let next_open = events
+        .get(sent)
+        .is_none_or(|next| gathered.is_open(&next.session, now_ms()));
+    next_open.then_some(Progress {
+        events,
+        sent,
+        unstored: false,
+    })
+}
+
+/// A new plan from what was gathered.
+fn plan(deps: &Deps, gathered: &Gathered) -> Progress {
+    let cdp = &deps.settings.cdp;
+    let events = planner::plan(&gathered.context(cdp), &gathered.situation(now_ms()));
+    if let Some(primary) = gathered.primary() {
+        if is_replay(gathered.kind, &events, &primary) {
+            metrics::counter!("forwarder_session_replays_total", "kind" => gathered.kind.label()).increment(1);
+        }
+    }
+    Progress {
+        events,
+        sent: 0,
+        unstored: true,
+    }
+}
+
+/// Mints a browser with `browser/create`, within the lease.
+async fn mint(deps: &Deps, lease: &Lease) -> Result<String, Failure> {
+    let window = lease
+        .window()
+        .filter(|w| *w >= MIN_WINDOW)
+        .ok_or_else(|| Failure::LeaseLost("the lease ran out before browser/create".into()))?;
+    let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
+    match deps.cdp.create_browser(timeout).await {
+        Ok(browser) => {
+            metrics::counter!("forwarder_browsers_minted_total").increment(1);
+            deps.pause.end();
+            Ok(browser)
+        }
+        Err(Outcome::Config(reason)) => {
+            let wait = deps.pause.start(&reason);
+            Err(Failure::Paused { wait, reason })
+        }
+        Err(Outcome::Retry { after, reason }) => Err(Failure::Retry { after, reason }),
+        Err(other) => Err(Failure::Retry {
+            after: None,
+            reason: format!("browser/create failed: {other:?}"),
+        }),
+    }
+}
+
+/// A submit or a link that re-sends the cart into a session (ADDs the shopper did not just make).
+fn is_replay(kind: IntentKind, events: &[Event], primary: &SessionRef) -> bool {
+    let adds_on = |session: &SessionRef| {
+        events
+            .iter()
+            .any(|e| e.session == *session && matches!(e.kind, EventKind::Add { .. }))
+    };
+    match kind {
+        IntentKind::OrderSubmitted => adds_on(primary),
+        IntentKind::Registered | IntentKind::AnonOrderTransferred => {
+            events.iter().any(|e| matches!(e.kind, EventKind::Add { .. }))
+        }
+        _ => false,
+    }
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Done => "done",
+        Outcome::BrowserUnknown => "browser_unknown",
+        Outcome::Permanent(_) => "permanent",
+        Outcome::Config(_) => "config",
+        Outcome::Retry { .. } => "retry",
+    }
+}

@@ -1,0 +1,154 @@
+//! Settle: how a claimed intent leaves the worker — acknowledged with the records that follow it,
+//! rescheduled with backoff, dead-lettered, or released. Every failure counts as an attempt and
+//! ages out under `delivery.max_age_secs`, whatever its kind: a CDP error, a store error, a panic.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::{backoff, Deps};
+use crate::domain::now_ms;
+use crate::store::{Claim, ClaimedIntent, Settle, StoreError, Write};
+
+/// Why an intent did not complete this time.
+#[derive(Debug)]
+pub enum Failure {
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    Dead(String),
+    /// CDP refused the configuration: try again at the next probe, burning nothing.
+    Paused {
+        wait: Duration,
+        reason: String,
+    },
+    /// Shutdown: release the claim (progress is already recorded).
+    Stopping,
+    /// The claim can no longer be acted on: another worker holds it, or the lease could not be
+    /// renewed in time. Nothing more is sent.
+    LeaseLost(String),
+    Store(StoreError),
+    /// The delivery task panicked.
+    Panicked(String),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::StaleClaim(_) => Failure::LeaseLost("another worker holds the intent".into()),
+            e => Failure::Store(e),
+        }
+    }
+}
+
+/// What settling needs of a claimed intent.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub claim: Claim,
+    pub created_at_ms: i64,
+    /// This one included.
+    pub attempts: i64,
+}
+
+impl Attempt {
+    pub fn of(claimed: &ClaimedIntent) -> Attempt {
+        Attempt {
+            claim: claimed.claim.clone(),
+            created_at_ms: claimed.created_at_ms,
+            attempts: claimed.attempts,
+        }
+    }
+}
+
+/// Settles an attempt after its delivery ended with `result` (the writes to make with the ack).
+pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, Failure>) {
+    let claim = &claimed.claim;
+    let retry = |reason: String, after: Option<Duration>| {
+        if deps.too_old(claimed.created_at_ms) {
+            warn!(reason, "giving up after delivery.max_age_secs: dead letter");
+            metrics::counter!("forwarder_dead_letters_total", "stage" => "delivery").increment(1);
+            (
+                "dead_letter",
+                Settle::Dead {
+                    reason: format!("{reason} (gave up after delivery.max_age_secs)"),
+                },
+            )
+        } else {
+            let wait = backoff::retry_delay(&deps.settings.delivery, claimed.attempts, after);
+            info!(reason, retry_in_ms = wait.as_millis() as u64, "will retry");
+            metrics::counter!("forwarder_delivery_retries_total").increment(1);
+            (
+                "retry",
+                Settle::Retry {
+                    at_ms: now_ms() + wait.as_millis() as i64,
+                    error: reason,
+                },
+            )
+        }
+    };
+    let (label, writes, settle) = match result {
+        Ok(writes) => {
+            info!("delivered");
+            ("delivered", writes, Settle::Ack)
+        }
+        Err(Failure::Retry { after, reason }) => {
+            let (label, settle) = retry(reason, after);
+            (label, Vec::new(), settle)
+        }
+        Err(Failure::Dead(reason)) => {
+            warn!(reason, "dead letter");
+            metrics::counter!("forwarder_dead_letters_total", "stage" => "delivery").increment(1);
+            ("dead_letter", Vec::new(), Settle::Dead { reason })
+        }
+        Err(Failure::Paused { wait, reason }) => (
+            "paused",
+            Vec::new(),
+            Settle::Retry {
+                at_ms: now_ms() + wait.as_millis() as i64,
+                error: reason,
+            },
+        ),
+        Err(Failure::Stopping) => (
+            "released",
+            Vec::new(),
+            Settle::Retry {
+                at_ms: now_ms(),
+                error: "released at shutdown".into(),
+            },
+        ),
+        // Given back if it is still ours (a lease that ran short while the store was slow); the
+        // store refuses it otherwise.
+        Err(Failure::LeaseLost(reason)) => {
+            warn!(reason, "lease lost: stopped before the next event");
+            (
+                "lease_lost",
+                Vec::new(),
+                Settle::Retry {
+                    at_ms: now_ms(),
+                    error: format!("lease lost: {reason}"),
+                },
+            )
+        }
+        Err(Failure::Store(e)) => {
+            let (label, settle) = retry(format!("store error: {e}"), None);
+            let label = if label == "retry" { "store_error" } else { label };
+            (label, Vec::new(), settle)
+        }
+        Err(Failure::Panicked(message)) => {
+            let (label, settle) = retry(format!("delivery panicked: {message}"), None);
+            let label = if label == "retry" { "panicked" } else { label };
+            (label, Vec::new(), settle)
+        }
+    };
+    metrics::counter!("forwarder_deliveries_total", "outcome" => label).increment(1);
+    match deps.store.apply(claim, writes, Some(settle)).await {
+        Ok(()) => {}
+        Err(StoreError::StaleClaim(_)) => {
+            info!(outcome = label, "not settled: another worker holds the intent now")
+        }
+        Err(e) => {
+            warn!(error = %e, outcome = label, "cannot settle the intent; its lease will run out and it runs again")
+        }
+    }
+}
