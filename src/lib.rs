@@ -39,6 +39,12 @@ impl Application {
             takeover: settings.delivery.takeover(),
         };
         let store = store::open(&settings.store, role).await?;
+        Self::build_with_store(settings, store).await
+    }
+
+    /// As [`Self::build`], on a store the caller opened as the service's (`store::Role::Service`):
+    /// for embedding, and for tests that put faults between the service and its store.
+    pub async fn build_with_store(settings: Settings, store: DynStore) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(&settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;

@@ -40,11 +40,21 @@ pub struct Message {
     pub body: Option<Box<RawValue>>,
 }
 
+/// The deepest nesting of arrays and objects a webhook may have, counting the envelope itself.
+///
+/// One limit from intake to delivery: a webhook within it is stored, and its intent — which nests
+/// the webhook's bodies one level less deep than the envelope does — decodes at claim (serde_json
+/// reads 127 levels, one less than this). Deeper is answered 400 at intake; a stored row that still
+/// cannot be decoded is dead-lettered on its own at claim.
+pub const MAX_DEPTH: usize = 128;
+
 /// Why a signed body is not a webhook; the reason is short and carries no body content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("body is not a JSON object")]
     NotJson,
+    #[error("body nests arrays and objects deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     #[error("{0} is missing")]
     Missing(&'static str),
     #[error("Date is not an RFC 3339 timestamp")]
@@ -73,6 +83,11 @@ impl Webhook {
         // An object, not an array read field by field into the envelope.
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EnvelopeError::NotJson);
+        }
+        // The bodies are kept as text here (serde_json skips them without counting their depth):
+        // what delivery could not parse back is refused now.
+        if !nesting_within(body, MAX_DEPTH) {
+            return Err(EnvelopeError::TooDeep);
         }
         let env: Envelope = serde_json::from_slice(body).map_err(|_| EnvelopeError::NotJson)?;
         let route = env
@@ -117,6 +132,35 @@ impl Webhook {
     }
 }
 
+/// Whether the arrays and objects of a JSON text nest at most `max` levels deep (brackets inside
+/// strings do not count). Malformed text is left to the parser.
+fn nesting_within(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
 fn lookup_ci(map: &Map<String, Value>, name: &str) -> Option<String> {
     map.iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -153,6 +197,36 @@ mod tests {
             "bodies are kept as they came"
         );
         assert_eq!(w.response_body.get(), "{}");
+    }
+
+    /// A webhook whose body nests `levels` deep inside `Request.Body.xp` (the envelope, Request and
+    /// Body are three levels more).
+    fn nested(levels: usize) -> Vec<u8> {
+        let xp = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        format!(r#"{{"Route":"v1/cart/lineitems","Verb":"POST","Request":{{"Body":{{"ID":"L1","xp":{xp}}}}}}}"#)
+            .into_bytes()
+    }
+
+    #[test]
+    fn nesting_is_limited_to_what_delivery_can_read_back() {
+        let deepest = nested(MAX_DEPTH - 3);
+        let w = Webhook::parse(&deepest).expect("at the limit");
+        // What delivery does with it: the body inside a stored intent, one level deeper than the
+        // body itself, two less than in the envelope.
+        let stored = format!(r#"{{"request_body":{}}}"#, w.request_body.get());
+        serde_json::from_str::<Value>(&stored).expect("decodes at claim");
+        assert_eq!(
+            Webhook::parse(&nested(MAX_DEPTH - 2)).unwrap_err(),
+            EnvelopeError::TooDeep
+        );
+        assert_eq!(Webhook::parse(&nested(200)).unwrap_err(), EnvelopeError::TooDeep);
+        // Brackets inside strings are text.
+        let strings = format!(
+            r#"{{"Route":"r","Verb":"PUT","x":"{}\"{}"}}"#,
+            "[".repeat(300),
+            "{".repeat(300)
+        );
+        assert!(Webhook::parse(strings.as_bytes()).is_ok());
     }
 
     #[test]

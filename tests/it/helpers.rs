@@ -90,6 +90,19 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
 pub async fn spawn_app_in(dir: tempfile::TempDir, settings: Settings) -> TestApp {
     settings.validate().expect("test settings are valid");
     let app = Application::build(settings.clone()).await.expect("app builds");
+    serve(dir, settings, app)
+}
+
+/// Starts the service with `settings` on `store` (opened by the test, e.g. with faults around it).
+pub async fn spawn_app_on(dir: tempfile::TempDir, settings: Settings, store: DynStore) -> TestApp {
+    settings.validate().expect("test settings are valid");
+    let app = Application::build_with_store(settings.clone(), store)
+        .await
+        .expect("app builds");
+    serve(dir, settings, app)
+}
+
+fn serve(dir: tempfile::TempDir, settings: Settings, app: Application) -> TestApp {
     let addr = app.local_addr();
     let store = app.store();
     let (stop, stopped) = oneshot::channel::<()>();

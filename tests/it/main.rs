@@ -3,6 +3,7 @@
 mod config;
 mod delivery;
 mod fakes;
+mod faults;
 mod helpers;
 mod intake;
 mod operate;

@@ -6,7 +6,10 @@ use std::time::Duration;
 use ordercloud_cdp_forwarder::config::{ClientChannel, Secret, Settings};
 use serde_json::{json, Value};
 
+use ordercloud_cdp_forwarder::store;
+
 use crate::fakes::cdp::{CdpFake, Order};
+use crate::fakes::faulty_store::FaultyStore;
 use crate::fakes::ordercloud::OrderCloudFake;
 use crate::helpers::*;
 
@@ -58,6 +61,27 @@ impl World {
         })
         .await;
         World { oc, cdp, app }
+    }
+
+    /// As [`World::start_with`], with the service's store wrapped in a [`FaultyStore`].
+    pub async fn start_faulty(
+        session_timeout: Duration,
+        configure: impl FnOnce(&mut Settings),
+    ) -> (World, std::sync::Arc<FaultyStore>) {
+        let oc = OrderCloudFake::start().await;
+        let cdp = CdpFake::start(CLIENT_KEY, POS, session_timeout).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = test_settings(dir.path());
+        world_settings(&mut s, &oc, &cdp);
+        s.cdp.session_timeout_secs = session_timeout.as_secs().max(2);
+        s.cdp.session_safety_margin_secs = (s.cdp.session_timeout_secs / 10).clamp(1, 120);
+        configure(&mut s);
+        let role = store::Role::Service {
+            takeover: s.delivery.takeover(),
+        };
+        let faulty = FaultyStore::wrap(store::open(&s.store, role).await.expect("store opens"));
+        let app = spawn_app_on(dir, s, faulty.clone()).await;
+        (World { oc, cdp, app }, faulty)
     }
 
     /// An anonymous shopper whose token carries `orderid = order_id`; their cart is that order.

@@ -38,8 +38,24 @@ pub struct Answer {
     pub status: u16,
     /// Sent as the `Retry-After` header when set.
     pub retry_after: Option<String>,
+    /// Sent as the `Location` header when set (redirects).
+    pub location: Option<String>,
     /// Response body; default `{"error_msg":"scripted <status>"}` for non-2xx.
     pub body: Option<Value>,
+    /// When the answer comes (event requests only).
+    pub hold: Hold,
+}
+
+/// How long an event request waits for its answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Hold {
+    /// At once.
+    No,
+    /// After this long; the event is processed then, as if it had arrived then.
+    For(Duration),
+    /// Never: the request is recorded (answered 0) and neither processed nor answered, as when CDP
+    /// hangs (the caller's timeout, or its death, ends it).
+    Forever,
 }
 
 impl Answer {
@@ -47,15 +63,40 @@ impl Answer {
         Answer {
             status,
             retry_after: None,
+            location: None,
             body: None,
+            hold: Hold::No,
         }
     }
 
     pub fn retry_after(status: u16, value: &str) -> Answer {
         Answer {
-            status,
             retry_after: Some(value.to_string()),
-            body: None,
+            ..Answer::status(status)
+        }
+    }
+
+    /// A redirect to `location`: the event is not processed.
+    pub fn redirect(status: u16, location: &str) -> Answer {
+        Answer {
+            location: Some(location.to_string()),
+            ..Answer::status(status)
+        }
+    }
+
+    /// The request hangs: never processed, never answered.
+    pub fn hang() -> Answer {
+        Answer {
+            hold: Hold::Forever,
+            ..Answer::status(201)
+        }
+    }
+
+    /// Processed normally, after `delay`.
+    pub fn delayed(delay: Duration) -> Answer {
+        Answer {
+            hold: Hold::For(delay),
+            ..Answer::status(201)
         }
     }
 
@@ -353,6 +394,7 @@ struct Reply {
     status: u16,
     body: Value,
     retry_after: Option<String>,
+    location: Option<String>,
 }
 
 impl Reply {
@@ -361,6 +403,7 @@ impl Reply {
             status,
             body: json!({ "error_msg": msg }),
             retry_after: None,
+            location: None,
         }
     }
 }
@@ -371,6 +414,9 @@ impl IntoResponse for Reply {
         let mut response = (status, Json(self.body)).into_response();
         if let Some(value) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if let Some(value) = self.location.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            response.headers_mut().insert(header::LOCATION, value);
         }
         response
     }
@@ -483,10 +529,10 @@ impl CdpState {
         Reply::error(status, msg)
     }
 
-    /// Steps 2–5 of event processing (the client key and JSON were checked by the handler).
-    fn process(&mut self, via: &'static str, event: Value, now: Instant) -> Reply {
+    /// Steps 2–5 of event processing (the client key and JSON were checked by the handler), with
+    /// the scripted answer taken for this request, if any.
+    fn process(&mut self, via: &'static str, event: Value, scripted: Option<Answer>, now: Instant) -> Reply {
         let shopper = self.shopper_of(&event);
-        let scripted = self.take_script(shopper.as_deref());
         if let Some(answer) = &scripted {
             if !(200..300).contains(&answer.status) {
                 // A scripted error answers instead of CDP: the event is not processed.
@@ -497,6 +543,7 @@ impl CdpState {
                     status: answer.status,
                     body,
                     retry_after: answer.retry_after.clone(),
+                    location: answer.location.clone(),
                 };
             }
         }
@@ -536,6 +583,7 @@ impl CdpState {
                 "client_key": self.client_key,
             }),
             retry_after: None,
+            location: None,
         }
     }
 
@@ -981,6 +1029,7 @@ async fn browser_create(State(state): State<Shared>, RawQuery(raw): RawQuery) ->
                 status: answer.status,
                 body,
                 retry_after: answer.retry_after.clone(),
+                location: answer.location.clone(),
             }
             .into_response();
         }
@@ -1001,68 +1050,106 @@ async fn browser_create(State(state): State<Shared>, RawQuery(raw): RawQuery) ->
         status,
         body,
         retry_after: None,
+        location: None,
     }
     .into_response()
+}
+
+/// An event request whose client key and JSON were checked: answered as scripted (at once, later,
+/// or never), else processed.
+async fn answer_event(state: &Shared, via: &'static str, event: Value, now: Instant) -> Response {
+    let held = {
+        let mut st = lock(state);
+        let shopper = st.shopper_of(&event);
+        let scripted = st.take_script(shopper.as_deref());
+        match scripted {
+            Some(
+                answer @ Answer {
+                    hold: Hold::For(delay), ..
+                },
+            ) => Some((delay, answer, event)),
+            Some(Answer {
+                hold: Hold::Forever, ..
+            }) => {
+                st.record(via, event, shopper, 0, Some("hung: never answered".into()), now);
+                None
+            }
+            scripted => return st.process(via, event, scripted, now).into_response(),
+        }
+    };
+    let Some((delay, answer, event)) = held else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep(delay).await;
+    let answer = Answer {
+        hold: Hold::No,
+        ..answer
+    };
+    lock(state)
+        .process(via, event, Some(answer), Instant::now())
+        .into_response()
 }
 
 /// `GET /v1.2/event/create.json?client_key=CK&message=<URL-encoded event JSON>` (§2, documented).
 async fn event_get(State(state): State<Shared>, RawQuery(raw): RawQuery) -> Response {
     let now = Instant::now();
     let params = query_params(raw);
-    let mut st = lock(&state);
-    let parsed = match params.get("message") {
-        None => Err("message is required".to_string()),
-        Some(m) => serde_json::from_str::<Value>(m).map_err(|e| format!("message is not JSON: {e}")),
+    let checked = {
+        let mut st = lock(&state);
+        let parsed = match params.get("message") {
+            None => Err("message is required".to_string()),
+            Some(m) => serde_json::from_str::<Value>(m).map_err(|e| format!("message is not JSON: {e}")),
+        };
+        let recorded = parsed.clone().unwrap_or(Value::Null);
+        if params.get("client_key") != Some(&st.client_key) {
+            Err(st.refuse("get", recorded, 401, "invalid client key", now))
+        } else {
+            match parsed {
+                Ok(event) if event.is_object() => Ok(event),
+                Ok(_) => Err(st.refuse("get", recorded, 400, "message must be a JSON object", now)),
+                Err(msg) => Err(st.refuse("get", recorded, 400, &msg, now)),
+            }
+        }
     };
-    let recorded = parsed.clone().unwrap_or(Value::Null);
-    if params.get("client_key") != Some(&st.client_key) {
-        return st
-            .refuse("get", recorded, 401, "invalid client key", now)
-            .into_response();
-    }
-    match parsed {
-        Ok(event) if event.is_object() => st.process("get", event, now).into_response(),
-        Ok(_) => st
-            .refuse("get", recorded, 400, "message must be a JSON object", now)
-            .into_response(),
-        Err(msg) => st.refuse("get", recorded, 400, &msg, now).into_response(),
+    match checked {
+        Ok(event) => answer_event(&state, "get", event, now).await,
+        Err(reply) => reply.into_response(),
     }
 }
 
 /// `POST /v1.2/events`, JSON body = event plus `client_key` (§2, Engage SDK style).
 async fn event_post(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let now = Instant::now();
-    let mut st = lock(&state);
-    // §5 (R): 415 unsupported media type; the SDK sends `Content-Type: application/json` (§2).
-    let json_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
-    let parsed = serde_json::from_slice::<Value>(&body);
-    if !json_type {
-        let recorded = parsed.unwrap_or(Value::Null);
-        return st
-            .refuse("post", recorded, 415, "Content-Type must be application/json", now)
-            .into_response();
-    }
-    let mut event = match parsed {
-        Ok(event) if event.is_object() => event,
-        Ok(other) => {
-            return st
-                .refuse("post", other, 400, "body must be a JSON object", now)
-                .into_response()
-        }
-        Err(e) => {
-            return st
-                .refuse("post", Value::Null, 400, &format!("body is not JSON: {e}"), now)
-                .into_response()
+    let checked = {
+        let mut st = lock(&state);
+        // §5 (R): 415 unsupported media type; the SDK sends `Content-Type: application/json` (§2).
+        let json_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/json"));
+        let parsed = serde_json::from_slice::<Value>(&body);
+        if !json_type {
+            let recorded = parsed.unwrap_or(Value::Null);
+            Err(st.refuse("post", recorded, 415, "Content-Type must be application/json", now))
+        } else {
+            match parsed {
+                Ok(mut event) if event.is_object() => {
+                    let client_key = event.as_object_mut().and_then(|o| o.remove("client_key"));
+                    if client_key.as_ref().and_then(Value::as_str) != Some(st.client_key.as_str()) {
+                        Err(st.refuse("post", event, 401, "invalid client key", now))
+                    } else {
+                        Ok(event)
+                    }
+                }
+                Ok(other) => Err(st.refuse("post", other, 400, "body must be a JSON object", now)),
+                Err(e) => Err(st.refuse("post", Value::Null, 400, &format!("body is not JSON: {e}"), now)),
+            }
         }
     };
-    let client_key = event.as_object_mut().and_then(|o| o.remove("client_key"));
-    if client_key.as_ref().and_then(Value::as_str) != Some(st.client_key.as_str()) {
-        return st.refuse("post", event, 401, "invalid client key", now).into_response();
+    match checked {
+        Ok(event) => answer_event(&state, "post", event, now).await,
+        Err(reply) => reply.into_response(),
     }
-    st.process("post", event, now).into_response()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,4 +2,5 @@
 //! `/work/shared/reference/{cdp,ordercloud}.md`, not whatever the forwarder happens to send.
 
 pub mod cdp;
+pub mod faulty_store;
 pub mod ordercloud;

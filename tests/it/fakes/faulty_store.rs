@@ -1,0 +1,183 @@
+//! A store with faults switched on per shopper: the real store underneath, with some calls failing
+//! or held up for the intents of the shoppers a test names — a lease that cannot be renewed, a
+//! write the database refuses, a commit that takes seconds. Everything else passes through.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ordercloud_cdp_forwarder::domain::{CartLine, SessionFacts, ShopperState};
+use ordercloud_cdp_forwarder::store::{
+    Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, NewIntent, QueueStats, QueuedIntent,
+    Settle, Store, StoreError, Write,
+};
+use serde_json::Value;
+
+/// Faults for one shopper's intents.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// `extend` fails (the database is unreachable for renewals).
+    pub extend_fails: bool,
+    /// `apply` fails when its writes include a session or a shopper record (a value the database
+    /// refuses); settling alone goes through.
+    pub records_fail: bool,
+}
+
+pub struct FaultyStore {
+    inner: DynStore,
+    faults: Mutex<HashMap<String, Faults>>,
+    /// Shopper of each intent claimed, for faults by shopper.
+    shoppers: Mutex<HashMap<i64, String>>,
+    /// Every delivery claim, in order: (intent, claim id, when).
+    claims: Mutex<Vec<(i64, String, Instant)>>,
+    /// Faults of every shopper not named in `faults`.
+    everyone: Mutex<Faults>,
+}
+
+impl FaultyStore {
+    pub fn wrap(inner: DynStore) -> Arc<FaultyStore> {
+        Arc::new(FaultyStore {
+            inner,
+            faults: Mutex::default(),
+            shoppers: Mutex::default(),
+            claims: Mutex::default(),
+            everyone: Mutex::default(),
+        })
+    }
+
+    pub fn set(&self, shopper: &str, faults: Faults) {
+        self.faults.lock().unwrap().insert(shopper.to_string(), faults);
+    }
+
+    /// Faults for every shopper not named with [`FaultyStore::set`].
+    pub fn set_everyone(&self, faults: Faults) {
+        *self.everyone.lock().unwrap() = faults;
+    }
+
+    /// Delivery claims made so far of `intent_id`, with when they were made.
+    pub fn claims_of(&self, intent_id: i64) -> Vec<(String, Instant)> {
+        self.claims
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, _, _)| *id == intent_id)
+            .map(|(_, claim, at)| (claim.clone(), *at))
+            .collect()
+    }
+
+    /// The intents claimed so far, in the order they were first claimed.
+    pub fn claimed_intents(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = Vec::new();
+        for (id, _, _) in self.claims.lock().unwrap().iter() {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids
+    }
+
+    fn faults_of(&self, intent_id: i64) -> Faults {
+        let shopper = self.shoppers.lock().unwrap().get(&intent_id).cloned();
+        shopper
+            .and_then(|s| self.faults.lock().unwrap().get(&s).cloned())
+            .unwrap_or_else(|| self.everyone.lock().unwrap().clone())
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
+        self.inner.enqueue(item).await
+    }
+    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
+        let claimed = self.inner.claim(limit, lease).await?;
+        let now = Instant::now();
+        for c in &claimed {
+            self.shoppers
+                .lock()
+                .unwrap()
+                .insert(c.claim.intent_id, c.shopper_key.clone());
+            self.claims
+                .lock()
+                .unwrap()
+                .push((c.claim.intent_id, c.claim.claim_id.clone(), now));
+        }
+        Ok(claimed)
+    }
+    async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
+        if self.faults_of(claim.intent_id).extend_fails {
+            return Err(StoreError::Unavailable("injected: the lease cannot be renewed".into()));
+        }
+        self.inner.extend(claim, lease).await
+    }
+    async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
+        let faults = self.faults_of(claim.intent_id);
+        let records = writes
+            .iter()
+            .any(|w| matches!(w, Write::Session(_) | Write::Shopper { .. }));
+        if faults.records_fail && records {
+            return Err(StoreError::Unavailable(
+                "injected: the database refuses this record".into(),
+            ));
+        }
+        self.inner.apply(claim, writes, settle).await
+    }
+    fn claims_safe_until(&self) -> Option<Instant> {
+        self.inner.claims_safe_until()
+    }
+    async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
+        self.inner.claim_enrichment(limit, lease).await
+    }
+    async fn save_enrichment(
+        &self,
+        claim: &Claim,
+        enrichment: &Value,
+        identities: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.inner.save_enrichment(claim, enrichment, identities).await
+    }
+    async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
+        self.inner.retry_enrichment(claim, at_ms, error).await
+    }
+    async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
+        self.inner.dead_letter_enrichment(claim, reason).await
+    }
+    async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
+        self.inner.shopper(shopper_key).await
+    }
+    async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
+        self.inner.session(channel, browser_id).await
+    }
+    async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
+        self.inner.sessions_of(shopper_key, since_ms).await
+    }
+    async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
+        self.inner.cart_lines(order_id).await
+    }
+    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
+        self.inner.pending(limit).await
+    }
+    async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.dead_letters(since_ms, limit).await
+    }
+    async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
+        self.inner.replay_dead_letters(ids, since_ms).await
+    }
+    async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.inner.purge_dead_letters(before_ms).await
+    }
+    async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.inner.stats().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.inner.prune_dedupe(before_ms).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}

@@ -1,0 +1,202 @@
+//! Delivery under faults: a lease lost mid-intent, a store that refuses one shopper's records, a
+//! CDP host that redirects, payloads the store or delivery cannot take. Each has a named outcome,
+//! never a second order or a stall.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fakes::cdp::Answer;
+use crate::fakes::faulty_store::Faults;
+use crate::helpers::*;
+use crate::world::*;
+
+/// Every accepted CDP event of `identity`'s browsers, keyed by what it is (channel, browser, type,
+/// item): counted, not collected in a set, so a duplicate shows.
+fn accepted_events(world: &World, identity: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for r in world.cdp.requests() {
+        if r.answered >= 300 || r.answered == 0 || r.shopper.as_deref() != Some(identity) {
+            continue;
+        }
+        let item = r.event["product"]["item_id"].as_str().unwrap_or_default().to_string();
+        *counts
+            .entry(format!("{} {} {} {item}", r.channel, r.browser_id, r.event_type))
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The renewals of a lease fail while CDP is slow: the worker stops before the lease runs out,
+/// another claim takes the intent over and resumes with the next unsent event. No event is sent
+/// twice, and the order lands once.
+#[tokio::test]
+async fn a_lease_lost_mid_intent_sends_nothing_more_and_the_order_lands_once() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.lease_secs = 2;
+        s.delivery.request_timeout_ms = 1_500;
+    })
+    .await;
+    let mut web = world.registered("buyer1", "lease", WEB_CLIENT);
+    web.open_cart("O-LEASE");
+    web.add("L1", "HAT", 1, 10.0).await;
+    web.add("L2", "CAP", 1, 11.0).await;
+    web.add("L3", "BAG", 1, 12.0).await;
+    world.drained().await;
+
+    // From now on no lease can be renewed, and CDP takes 0.6 s per event: the submit from the app
+    // (IDENTITY, three ADDs, CONFIRM, CHECKOUT, then CLEAR_CART on the web) outlasts any one lease.
+    store.set_everyone(Faults {
+        extend_fails: true,
+        ..Faults::default()
+    });
+    world
+        .cdp
+        .script("buyer1-lease", vec![Answer::delayed(Duration::from_millis(600)); 7]);
+    let mut app = web.on_device(APP_CLIENT);
+    app.submit().await;
+    world.order("O-LEASE").await;
+    world.drained().await;
+
+    let submit = world.cdp.orders();
+    assert_eq!(
+        submit.iter().filter(|o| o.reference_id == "O-LEASE").count(),
+        1,
+        "one order"
+    );
+    let twice: Vec<_> = accepted_events(&world, "buyer1-lease")
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "events sent twice: {twice:?}");
+    let checkouts = world
+        .cdp
+        .requests()
+        .into_iter()
+        .filter(|r| r.event_type == "CHECKOUT")
+        .count();
+    assert_eq!(checkouts, 1, "one CHECKOUT request in all");
+    // The submit (the intent claimed last) was claimed more than once: its leases ran out mid-intent.
+    let submit = store.claimed_intents().last().copied().unwrap();
+    let submit_claims = store.claims_of(submit).len();
+    assert!(submit_claims >= 2, "claimed {submit_claims} time(s)");
+}
+
+/// A store that refuses one shopper's records (a value it cannot take, every time) makes that
+/// intent fail like any other failure: retried, then a dead letter after `delivery.max_age_secs`
+/// with the reason. The other shopper's order lands meanwhile.
+#[tokio::test]
+async fn a_store_failure_on_one_shopper_ages_out_to_a_dead_letter_while_others_flow() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.max_age_secs = 2;
+    })
+    .await;
+    store.set(
+        "anon-O-STUCK",
+        Faults {
+            records_fail: true,
+            ..Faults::default()
+        },
+    );
+    let mut stuck = world.anonymous("O-STUCK", WEB_CLIENT);
+    stuck.add("L1", "ROCK", 1, 1.0).await;
+    let mut fine = world.anonymous("O-FINE", WEB_CLIENT);
+    fine.add("L1", "PAPER", 1, 2.0).await;
+    fine.submit().await;
+    world.order("O-FINE").await;
+
+    let dead = eventually("the stuck intent to age out", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].shopper_key, "anon-O-STUCK");
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("store error"), "{reason}");
+    assert!(reason.contains("gave up after delivery.max_age_secs"), "{reason}");
+    assert!(dead[0].attempts > 1, "retried before giving up: {}", dead[0].attempts);
+    world.drained().await;
+}
+
+/// CDP answering 307 to another host: the forwarder follows nowhere (the event and its client key
+/// reach no other port), acknowledges nothing, pauses, and readiness says who redirected where.
+#[tokio::test]
+async fn a_redirect_from_cdp_is_followed_nowhere_and_nothing_is_acknowledged() {
+    let world = World::start().await;
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere_port = elsewhere.local_addr().unwrap().port();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while elsewhere.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let location = format!("http://127.0.0.1:{elsewhere_port}/v1.2/events");
+    world
+        .cdp
+        .script_all((0..50).map(|_| Answer::redirect(307, &location)).collect());
+    let mut shopper = world.anonymous("O-REDIRECT", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+
+    let reasons = eventually("readiness to name the redirect", Duration::from_secs(10), || async {
+        let ready = world.app.get("/health/ready").await;
+        let status = ready.status();
+        let body: Value = ready.json().await.unwrap();
+        (status == 503).then_some(body["reasons"].to_string())
+    })
+    .await;
+    assert!(reasons.contains("307"), "{reasons}");
+    assert!(reasons.contains(&location), "{reasons}");
+    let pending = world.app.store.pending(10).await.unwrap();
+    assert_eq!(pending.len(), 1, "not acknowledged");
+    assert!(world.cdp.orders().is_empty());
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "nothing reached the redirect's target"
+    );
+}
+
+/// A storefront browser id that PostgreSQL could not store (a NUL) or CDP would not know is
+/// ignored; the shopper gets a minted browser and the order lands.
+#[tokio::test]
+async fn a_storefront_browser_id_the_store_cannot_take_is_ignored_and_the_order_lands() {
+    let world = World::start().await;
+    let mut shopper = world.anonymous("O-NUL", WEB_CLIENT);
+    shopper.storefront_browser = Some("abc\u{0}def".into());
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    shopper.submit().await;
+    let order = world.order("O-NUL").await;
+    assert_ne!(order.browser_id, "abc\u{0}def");
+    assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
+/// A signed webhook nested deeper than any stored intent could be read back is answered 400 with
+/// the reason and stores nothing; the shopper beside it is not disturbed.
+#[tokio::test]
+async fn a_webhook_nested_deeper_than_the_limit_is_refused_and_stores_nothing() {
+    let world = World::start().await;
+    let mut other = world.anonymous("O-BESIDE", WEB_CLIENT);
+    other.add("L1", "SKU", 1, 5.0).await;
+    let token = anon_token("O-DEEP", WEB_CLIENT, &world.oc.base_url());
+    let mut line = line_item("L1", "DEEP", 1, 1.0);
+    let mut xp = json!(1);
+    for _ in 0..200 {
+        xp = json!([xp]);
+    }
+    line["xp"] = json!({ "deep": xp });
+    let body = serde_json::to_vec(&line_created("O-DEEP", &token, &line)).unwrap();
+    let answer = world.app.post_signed(&body, KEY).await;
+    assert_eq!(answer.status(), 400);
+    let reason = answer.text().await.unwrap();
+    assert!(reason.contains("128 levels"), "{reason}");
+    other.submit().await;
+    world.order("O-BESIDE").await;
+    world.drained().await;
+    assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
+}
