@@ -220,21 +220,46 @@ async fn store_that_cannot_commit_answers_503_and_not_ready() {
     assert!(reason["reasons"][0].as_str().unwrap().starts_with("store"), "{reason}");
 }
 
+/// The tokens a webhook carries (its UserToken, `QueryParams.anonUserToken`, a register answer's
+/// `access_token` and `refresh_token`) and the password of its body are not in the stored intent.
+/// The token's audience is not an allowed host, so the intent becomes a dead letter without any
+/// call, and the dead letter shows what was stored.
 #[tokio::test]
 async fn tokens_are_not_kept_in_the_intent() {
     let app = intake_app(|_| {}).await;
-    let token = anon_token("ORDER-9", "web-client", AUD);
-    let mut webhook = line_created("ORDER-9", &token, &line_item("L9", "SKU-9", 1, 1.0));
-    webhook["QueryParams"] = json!({"anonUserToken": "secret-anon-token"});
-    webhook["UserToken"] = json!(null);
-    app.deliver(&webhook).await;
-    let dead = app.store.dead_letters(None, 10).await.unwrap();
-    let text = serde_json::to_string(&dead).unwrap();
-    assert!(
-        !text.contains("secret-anon-token"),
-        "the anonymous token must not be stored in the intent"
+    let token = user_token("jo", "web-client", "https://elsewhere.example");
+    let access = user_token("jo-registered", "web-client", "https://elsewhere.example");
+    let mut webhook = envelope(
+        "PUT",
+        "v1/me/register",
+        json!({}),
+        Some(&token),
+        json!({"Username": "jo", "Password": "pw-secret-9", "Email": "jo@example.com"}),
+        json!({"access_token": access, "refresh_token": "refresh-secret-9", "expires_in": 600}),
     );
-    assert!(!text.contains(&token));
+    webhook["QueryParams"] = json!({"anonUserToken": "secret-anon-token"});
+    app.deliver(&webhook).await;
+    let dead = eventually(
+        "the intent to be dead-lettered",
+        std::time::Duration::from_secs(10),
+        || async {
+            let dead = app.store.dead_letters(None, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    assert_eq!(dead[0].kind, "register", "the intent itself is stored");
+    assert_eq!(dead[0].intent["request_body"]["Email"], "jo@example.com");
+    let text = serde_json::to_string(&dead).unwrap();
+    for secret in [
+        token.as_str(),
+        access.as_str(),
+        "secret-anon-token",
+        "refresh-secret-9",
+        "pw-secret-9",
+    ] {
+        assert!(!text.contains(secret), "{secret} is in the stored intent: {text}");
+    }
 }
 
 /// A 200 means committed: the real binary is killed with SIGKILL right after answering, and a

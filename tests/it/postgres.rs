@@ -104,6 +104,72 @@ async fn two_replicas_on_one_database_deliver_every_intent_once_in_per_shopper_o
     .await;
 }
 
+/// Two replicas on one database, one killed (SIGKILL) while it holds claims on CDP requests that
+/// hang: the other takes its shoppers over once it has missed its heartbeats for
+/// `delivery.takeover_secs` — long before the minute-long leases run out — and resumes each at its
+/// CHECKOUT. One order per shopper, one CHECKOUT accepted each.
+#[tokio::test]
+async fn a_replica_killed_while_holding_claims_is_taken_over_by_the_other() {
+    let Some(url) = postgres_url("a_replica_killed_while_holding_claims") else {
+        return;
+    };
+    let oc = OrderCloudFake::start().await;
+    let cdp = CdpFake::start(CLIENT_KEY, POS, Duration::from_secs(1200)).await;
+    let shoppers = 8;
+    for i in 0..shoppers {
+        let ok = Answer::status(201);
+        cdp.script(
+            &format!("anon-TAKE-{i}"),
+            vec![ok.clone(), ok.clone(), ok, Answer::hang()],
+        );
+    }
+    let schema = fresh_schema();
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = binary_env(dir.path(), &oc, &cdp);
+    env.retain(|(k, _)| !k.starts_with("FORWARDER__STORE__"));
+    env.extend([
+        ("FORWARDER__STORE__URL", url.clone()),
+        ("FORWARDER__STORE__SCHEMA", schema.clone()),
+        ("FORWARDER__DELIVERY__TAKEOVER_SECS", "4".to_string()),
+    ]);
+    let doomed = Binary::start(dir.path(), &env).await;
+    post_orders(&doomed, &oc, "TAKE", shoppers).await;
+    eventually(
+        "every CHECKOUT to hang on the doomed replica",
+        Duration::from_secs(20),
+        || async {
+            let hung = cdp
+                .requests()
+                .into_iter()
+                .filter(|r| r.event_type == "CHECKOUT" && r.answered == 0)
+                .count();
+            (hung == shoppers).then_some(())
+        },
+    )
+    .await;
+    doomed.kill();
+    let mut survivor_settings = replica(&url, &schema, &oc, &cdp);
+    survivor_settings.delivery.takeover_secs = 4;
+    let _survivor = spawn_app_in(tempfile::tempdir().unwrap(), survivor_settings).await;
+    eventually(
+        "the survivor to finish every order",
+        Duration::from_secs(4 + 8),
+        || async { (cdp.orders().len() >= shoppers).then_some(()) },
+    )
+    .await;
+    for i in 0..shoppers {
+        let shopper = format!("anon-TAKE-{i}");
+        let accepted: Vec<String> = cdp
+            .requests()
+            .into_iter()
+            .filter(|r| r.shopper.as_deref() == Some(&shopper) && (200..300).contains(&r.answered))
+            .map(|r| r.event_type)
+            .collect();
+        assert_eq!(accepted, ["IDENTITY", "ADD", "CONFIRM", "CHECKOUT"], "{shopper}");
+    }
+    assert_eq!(cdp.orders().len(), shoppers, "one order each");
+}
+
 /// A TCP proxy in front of PostgreSQL that can be cut (every connection dropped, new ones refused)
 /// and restored: the database "unreachable for a while", without touching the real server.
 struct Proxy {
