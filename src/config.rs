@@ -565,11 +565,22 @@ impl Settings {
         if d.max_age_secs == 0 {
             errors.push("delivery.max_age_secs must be above 0, e.g. 86400".into());
         }
-        if d.takeover_secs < 4 {
+        if !(4..=3600).contains(&d.takeover_secs) {
             errors.push(format!(
-                "delivery.takeover_secs ({}) must be at least 4 (replicas heartbeat every 2 s), e.g. 10",
+                "delivery.takeover_secs ({}) must be from 4 (replicas heartbeat every 2 s) to 3600, e.g. 10",
                 d.takeover_secs
             ));
+        }
+        for (key, value) in [
+            ("delivery.max_age_secs", d.max_age_secs),
+            ("delivery.lease_secs", d.lease_secs),
+            ("store.dedupe_retention_secs", self.store.dedupe_retention_secs),
+        ] {
+            if value > TEN_YEARS_SECS {
+                errors.push(format!(
+                    "{key} ({value}) is more than ten years: use a number of seconds, e.g. 86400"
+                ));
+            }
         }
         if d.lease_secs * 1000 <= d.request_timeout_ms {
             errors.push(format!(
@@ -611,6 +622,9 @@ impl Settings {
             .map(|p| Path::new(p.split('?').next().unwrap_or(p)))
     }
 }
+
+/// Longer than any setting in seconds needs to be (and short enough for epoch-millisecond sums).
+const TEN_YEARS_SECS: u64 = 10 * 365 * 86_400;
 
 fn is_upper_code(value: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&value.len())

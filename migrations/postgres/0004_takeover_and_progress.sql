@@ -13,13 +13,10 @@ ALTER TABLE intents ADD COLUMN replica_id TEXT;
 -- Enrichment claims: a stale enricher's writes are refused.
 ALTER TABLE intents ADD COLUMN enrich_claim TEXT;
 -- Delivery records its progress after each event CDP acknowledges: the plan (the JSON array of
--- the intent's events) once in `progress`, and `sent`, the events acknowledged. Plans stored in
--- the earlier shape ({"events": [...], "sent": n}) are converted.
+-- the intent's events) once in `progress`, and `sent`, the events acknowledged. Plans stored in the
+-- earlier shape ({"events": [...], "sent": n}) are read as they are (src/delivery/send.rs,
+-- stored_plan): replicas of both versions may share the database during a rolling upgrade.
 ALTER TABLE intents ADD COLUMN sent BIGINT NOT NULL DEFAULT 0;
-UPDATE intents
-SET sent = COALESCE((progress::jsonb ->> 'sent')::BIGINT, 0),
-    progress = (progress::jsonb -> 'events')::TEXT
-WHERE progress IS NOT NULL AND jsonb_typeof(progress::jsonb -> 'events') = 'array';
 -- Intents held by a worker, by shopper: a replayed dead letter (older than the intent in flight)
 -- waits until its shopper has none in flight.
 CREATE INDEX intents_claimed ON intents (shopper_key) WHERE claim_id IS NOT NULL;

@@ -2,18 +2,17 @@
 //! alive meanwhile.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
-use super::lease::Lease;
+use super::lease::{Claiming, Lease};
 use super::settle::{settle, Attempt, Failure};
 use super::{gather, send, Deps};
 use crate::store::{ClaimedIntent, Write};
 
-/// Delivers one claimed intent (claimed at `claimed_at`) and settles it.
-pub async fn process(deps: Arc<Deps>, claimed: ClaimedIntent, claimed_at: Instant, stop: watch::Receiver<bool>) {
+/// Delivers one claimed intent and settles it.
+pub async fn process(deps: Arc<Deps>, claimed: ClaimedIntent, claiming: Claiming, stop: watch::Receiver<bool>) {
     let span = tracing::info_span!(
         "delivery",
         intent_id = claimed.claim.intent_id,
@@ -26,7 +25,7 @@ pub async fn process(deps: Arc<Deps>, claimed: ClaimedIntent, claimed_at: Instan
             deps.store.clone(),
             claimed.claim.clone(),
             deps.settings.delivery.lease(),
-            claimed_at,
+            claiming,
         );
         let result = deliver(&deps, &claimed, &lease, &stop).await;
         settle(&deps, &Attempt::of(&claimed), result).await;

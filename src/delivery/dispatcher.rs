@@ -4,14 +4,14 @@
 //! any failure: it counts as an attempt and ages out.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::warn;
 
+use super::lease::Claiming;
 use super::settle::{settle, Attempt, Failure};
-use super::{deliver, idle, Deps};
+use super::{deliver, idle, send, Deps};
 
 pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
@@ -44,7 +44,14 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        let claimed_at = Instant::now();
+        let Some(claiming) = Claiming::start(&deps.store, send::MIN_WINDOW) else {
+            // The replica's heartbeats do not reach the database: anything it claimed could be taken
+            // over at once. Claim again once they do.
+            if !idle(&deps, &mut stop, poll * 5).await {
+                break;
+            }
+            continue;
+        };
         let claimed = match deps.store.claim(free, deps.settings.delivery.lease()).await {
             Ok(c) => c,
             Err(e) => {
@@ -72,8 +79,9 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             tasks.spawn(async move {
                 // Kept to settle the intent should its delivery panic.
                 let attempt = Attempt::of(&intent);
-                let run = tokio::spawn(deliver::process(deps.clone(), intent, claimed_at, stop));
-                if let Err(e) = run.await {
+                // Aborted with this task (at the shutdown deadline), not left running beside it.
+                let run = AbortOnDrop(tokio::spawn(deliver::process(deps.clone(), intent, claiming, stop)));
+                if let Err(e) = (&mut { run }.0).await {
                     if e.is_panic() {
                         let message = panic_message(e.into_panic());
                         warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
@@ -85,6 +93,15 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -17,6 +17,8 @@ use crate::store::{Claim, DynStore, StoreError};
 pub struct Lease {
     state: Arc<Mutex<State>>,
     store: DynStore,
+    /// The store's [`crate::store::Liveness::epoch`] before the claim was made.
+    epoch: Option<u64>,
     renewer: tokio::task::JoinHandle<()>,
 }
 
@@ -29,28 +31,58 @@ struct State {
 }
 
 impl Lease {
-    /// Starts renewing the lease of `claim`, taken at `claimed_at` for `lease`.
-    pub fn keep(store: DynStore, claim: Claim, lease: Duration, claimed_at: Instant) -> Lease {
+    /// Starts renewing the lease of `claim`, taken at `claimed` (what [`Claiming::start`] saw) for
+    /// `lease`.
+    pub fn keep(store: DynStore, claim: Claim, lease: Duration, claimed: Claiming) -> Lease {
         let state = Arc::new(Mutex::new(State {
-            until: claimed_at + lease,
+            until: claimed.at + lease,
             lost: false,
         }));
         let renewer = tokio::spawn(renew(store.clone(), claim, lease, state.clone()));
-        Lease { state, store, renewer }
+        Lease {
+            state,
+            store,
+            epoch: claimed.epoch,
+            renewer,
+        }
     }
 
     /// How long the worker may still act on the claim: the lease's remaining time, or less when the
-    /// store says its claims could be taken over sooner. `None` once the lease is lost or over.
+    /// store says its claims could be taken over sooner. `None` once the lease is lost or over, or
+    /// once the store's claims could have been taken over since the claim was made.
     pub fn window(&self) -> Option<Duration> {
         let state = *self.state.lock().expect("lease lock");
         if state.lost {
             return None;
         }
-        let until = match self.store.claims_safe_until() {
-            Some(safe) => state.until.min(safe),
+        let until = match self.store.liveness() {
+            Some(live) if Some(live.epoch) != self.epoch => return None,
+            Some(live) => state.until.min(live.safe_until),
             None => state.until,
         };
         until.checked_duration_since(Instant::now())
+    }
+}
+
+/// What was true just before a claim was made.
+#[derive(Debug, Clone, Copy)]
+pub struct Claiming {
+    at: Instant,
+    epoch: Option<u64>,
+}
+
+impl Claiming {
+    /// Read before claiming; `None` while the store's claims could be taken over by another replica
+    /// within `min_window` (a replica cut off from the database claims nothing).
+    pub fn start(store: &DynStore, min_window: Duration) -> Option<Claiming> {
+        let at = Instant::now();
+        match store.liveness() {
+            Some(live) if live.safe_until < at + min_window => None,
+            live => Some(Claiming {
+                at,
+                epoch: live.map(|l| l.epoch),
+            }),
+        }
     }
 }
 

@@ -72,8 +72,8 @@ impl Deps {
     /// Whether an intent stored at `created_at_ms` has been failing for longer than
     /// `delivery.max_age_secs`: then it becomes a dead letter instead of being tried again.
     fn too_old(&self, created_at_ms: i64) -> bool {
-        let max_age_ms = self.settings.delivery.max_age().as_millis() as i64;
-        now_ms() - created_at_ms > max_age_ms
+        let max_age_ms = i64::try_from(self.settings.delivery.max_age().as_millis()).unwrap_or(i64::MAX);
+        now_ms().saturating_sub(created_at_ms) > max_age_ms
     }
 }
 

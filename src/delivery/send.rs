@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -147,21 +148,39 @@ pub async fn send(
 }
 
 /// The stored plan, when it can go on: some of it was acknowledged and the session of its next
-/// event is still open (else the session must be rebuilt, and the intent is planned again).
+/// event is still open (else the session must be rebuilt, and the intent is planned again) — or
+/// the order is already in CDP (a CHECKOUT or ORDER_CHECKOUT acknowledged): then it goes on whatever
+/// the sessions, for planning it again would send the order a second time.
 fn resumable(claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
-    let events: Vec<Event> = serde_json::from_value(claimed.plan.clone()?).ok()?;
-    let sent = claimed.sent;
+    let (events, sent) = stored_plan(claimed)?;
     if sent == 0 || sent > events.len() {
         return None;
     }
+    let order_sent = events[..sent]
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }));
     let next_open = events
         .get(sent)
         .is_none_or(|next| gathered.is_open(&next.session, now_ms()));
-    next_open.then_some(Progress {
+    (order_sent || next_open).then_some(Progress {
         events,
         sent,
         unstored: false,
     })
+}
+
+/// The stored plan and how much of it was acknowledged: a JSON array of events with the `sent`
+/// column, or as earlier versions stored it, `{"events": [...], "sent": n}` (replicas of either
+/// version may share a database during a rolling upgrade).
+fn stored_plan(claimed: &ClaimedIntent) -> Option<(Vec<Event>, usize)> {
+    match claimed.plan.as_ref()? {
+        Value::Object(earlier) => {
+            let events = serde_json::from_value(earlier.get("events")?.clone()).ok()?;
+            let sent = earlier.get("sent")?.as_u64()? as usize;
+            Some((events, sent))
+        }
+        plan => Some((serde_json::from_value(plan.clone()).ok()?, claimed.sent)),
+    }
 }
 
 /// A new plan from what was gathered.

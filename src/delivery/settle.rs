@@ -119,16 +119,13 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
         ),
         // Given back if it is still ours (a lease that ran short while the store was slow); the
         // store refuses it otherwise.
+        // Given back if it is still ours (a lease that ran short while the store was slow); the
+        // store refuses it otherwise.
         Err(Failure::LeaseLost(reason)) => {
             warn!(reason, "lease lost: stopped before the next event");
-            (
-                "lease_lost",
-                Vec::new(),
-                Settle::Retry {
-                    at_ms: now_ms(),
-                    error: format!("lease lost: {reason}"),
-                },
-            )
+            let (label, settle) = retry(format!("lease lost: {reason}"), None);
+            let label = if label == "retry" { "lease_lost" } else { label };
+            (label, Vec::new(), settle)
         }
         Err(Failure::Store(e)) => {
             let (label, settle) = retry(format!("store error: {e}"), None);
@@ -142,10 +139,20 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
         }
     };
     metrics::counter!("forwarder_deliveries_total", "outcome" => label).increment(1);
+    let carried = !writes.is_empty() || settle == Settle::Ack;
     match deps.store.apply(claim, writes, Some(settle)).await {
         Ok(()) => {}
         Err(StoreError::StaleClaim(_)) => {
             info!(outcome = label, "not settled: another worker holds the intent now")
+        }
+        // The ack, or the records it carries, were refused (a value the store cannot take, say):
+        // that is a failure like any other, retried and aged out, not an ack tried forever.
+        Err(e) if carried => {
+            warn!(error = %e, outcome = label, "cannot record the delivered intent; it will be retried");
+            let (_, settle) = retry(format!("store error: {e}"), None);
+            if let Err(e) = deps.store.apply(claim, Vec::new(), Some(settle)).await {
+                warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
+            }
         }
         Err(e) => {
             warn!(error = %e, outcome = label, "cannot settle the intent; its lease will run out and it runs again")

@@ -143,6 +143,18 @@ pub enum Write {
     },
 }
 
+/// Whether a replica's claims can be taken over by the others (PostgreSQL): read before claiming,
+/// and before every CDP request made under a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Until when, at least, no other replica takes this one's claims over: the last heartbeat that
+    /// reached the database plus `delivery.takeover_secs`.
+    pub safe_until: std::time::Instant,
+    /// Grows each time the heartbeats stopped for long enough that the claims could have been taken
+    /// over, even if they reach the database again since: a claim made before that is lost.
+    pub epoch: u64,
+}
+
 /// How a claimed intent leaves the worker's hands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settle {
@@ -206,10 +218,9 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `writes` in order and then `settle`, atomically, if `claim` still holds the intent;
     /// [`StoreError::StaleClaim`] and nothing written otherwise.
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError>;
-    /// Until when this process's claims are safe from takeover by another replica, whatever their
-    /// leases say (PostgreSQL: the last heartbeat that reached the database plus
-    /// `delivery.takeover_secs`). `None`: no other process takes claims over (SQLite).
-    fn claims_safe_until(&self) -> Option<std::time::Instant> {
+    /// How safe this process's claims are from takeover by another replica, whatever their leases
+    /// say (PostgreSQL: see [`Liveness`]). `None`: no other process takes claims over (SQLite).
+    fn liveness(&self) -> Option<Liveness> {
         None
     }
 
@@ -295,13 +306,13 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -
         .map_err(StoreError::from)
 }
 
-/// A claimed row as a backend reads it, before its JSON is decoded.
+/// A claimed row as a backend reads it, before its JSON (bytes, not yet known to be UTF-8) is decoded.
 pub(crate) struct ClaimedRow {
     pub id: i64,
     pub shopper_key: String,
-    pub intent: String,
-    pub enrichment: Option<String>,
-    pub plan: Option<String>,
+    pub intent: Vec<u8>,
+    pub enrichment: Option<Vec<u8>>,
+    pub plan: Option<Vec<u8>>,
     pub sent: i64,
     pub attempts: i64,
     pub created_at_ms: i64,
@@ -320,9 +331,9 @@ pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<Clai
         };
         let decoded = (|| -> Result<_, serde_json::Error> {
             Ok((
-                serde_json::from_str::<Intent>(&row.intent)?,
-                row.enrichment.as_deref().map(serde_json::from_str).transpose()?,
-                row.plan.as_deref().map(serde_json::from_str).transpose()?,
+                serde_json::from_slice::<Intent>(&row.intent)?,
+                row.enrichment.as_deref().map(serde_json::from_slice).transpose()?,
+                row.plan.as_deref().map(serde_json::from_slice).transpose()?,
             ))
         })();
         match decoded {
@@ -354,9 +365,10 @@ pub(crate) async fn dead_letter_unreadable(store: &dyn Store, unreadable: Vec<(C
     }
 }
 
-/// An intent's stored JSON as operators see it: parsed when it can be, else its text.
-pub(crate) fn intent_for_operators(text: String) -> Value {
-    serde_json::from_str(&text).unwrap_or(Value::String(text))
+/// An intent's stored JSON as operators see it: parsed when it can be, else its text (bytes that
+/// are not UTF-8 replaced).
+pub(crate) fn intent_for_operators(stored: Vec<u8>) -> Value {
+    serde_json::from_slice(&stored).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stored).into_owned()))
 }
 
 pub(crate) fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {

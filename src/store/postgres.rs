@@ -38,14 +38,43 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// A replica's registration: a row in `replicas` whose `heartbeat_at` a task keeps fresh.
 struct Heartbeat {
     replica_id: String,
-    /// The last heartbeat that reached the database, as a local instant taken before it was sent
-    /// (so never later than the database's own time of it).
-    last: Arc<Mutex<Instant>>,
+    beats: Arc<Mutex<Beats>>,
     task: tokio::task::JoinHandle<()>,
 }
 
+struct Beats {
+    /// The last heartbeat that reached the database, as a local instant taken before it was sent
+    /// (so never later than the database's own time of it).
+    last: Instant,
+    /// See [`Liveness::epoch`].
+    epoch: u64,
+}
+
+impl Beats {
+    /// A heartbeat sent at `sent` reached the database. Returns true when the one before had
+    /// reached it more than `takeover` earlier: the claims made before could have been taken over
+    /// meanwhile, so they count as lost (the epoch grows).
+    fn reached(&mut self, sent: Instant, takeover: Duration) -> bool {
+        let gap = sent > self.last + takeover;
+        if gap {
+            self.epoch += 1;
+        }
+        self.last = self.last.max(sent);
+        gap
+    }
+
+    fn liveness(&self, takeover: Duration, now: Instant) -> Liveness {
+        let safe_until = self.last + takeover;
+        Liveness {
+            safe_until,
+            // A gap still open counts too.
+            epoch: self.epoch + u64::from(now > safe_until),
+        }
+    }
+}
+
 impl Heartbeat {
-    async fn start(pool: &PgPool) -> Result<Heartbeat, StoreError> {
+    async fn start(pool: &PgPool, takeover: Duration) -> Result<Heartbeat, StoreError> {
         let replica_id = uuid::Uuid::new_v4().to_string();
         // Rows of replicas gone for a day are of no use to anyone.
         sqlx::query("DELETE FROM replicas WHERE heartbeat_at < forwarder_now_ms() - 86400000")
@@ -53,8 +82,8 @@ impl Heartbeat {
             .await?;
         let sent = Instant::now();
         beat(pool, &replica_id).await?;
-        let last = Arc::new(Mutex::new(sent));
-        let (pool, id, beaten) = (pool.clone(), replica_id.clone(), last.clone());
+        let beats = Arc::new(Mutex::new(Beats { last: sent, epoch: 0 }));
+        let (pool, id, beaten) = (pool.clone(), replica_id.clone(), beats.clone());
         let task = tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -62,14 +91,24 @@ impl Heartbeat {
                 every.tick().await;
                 let sent = Instant::now();
                 match beat(&pool, &id).await {
-                    Ok(()) => *beaten.lock().expect("heartbeat lock") = sent,
+                    Ok(()) => {
+                        if beaten.lock().expect("heartbeat lock").reached(sent, takeover) {
+                            tracing::warn!(
+                                "replica heartbeats reach the database again after a gap: earlier claims are given up"
+                            );
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "replica heartbeat failed: claims stop before they could be taken over")
                     }
                 }
             }
         });
-        Ok(Heartbeat { replica_id, last, task })
+        Ok(Heartbeat {
+            replica_id,
+            beats,
+            task,
+        })
     }
 }
 
@@ -155,7 +194,7 @@ impl PostgresStore {
         let (heartbeat, takeover) = match role {
             Role::Service { takeover } => (
                 Some(
-                    Heartbeat::start(&pool)
+                    Heartbeat::start(&pool, takeover)
                         .await
                         .context("cannot register the replica in PostgreSQL")?,
                 ),
@@ -286,15 +325,21 @@ impl Store for PostgresStore {
         // Candidates: the head of each shopper's queue whose claim, if any, is no longer live. A
         // transaction-level advisory lock per shopper makes concurrent claimers of one shopper take
         // turns; the losers skip it.
+        // The lock is taken in the outer query, on the candidates only (OFFSET 0 keeps the planner
+        // from evaluating it on rows the inner conditions would drop).
         let candidates: Vec<i64> = sqlx::query_scalar(&format!(
-            "SELECT i.id FROM intents i \
-             WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $1 \
-               AND NOT {live} \
-               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
-                               AND o.state = 'pending' AND o.id < i.id) \
-               AND pg_try_advisory_xact_lock(hashtextextended(i.shopper_key, 7306)) \
-             ORDER BY i.id LIMIT $2",
-            live = live_claim("i", "$3")
+            "SELECT c.id FROM ( \
+               SELECT i.id, i.shopper_key FROM intents i \
+               WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $1 \
+                 AND NOT {live_i} \
+                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                                 AND o.state = 'pending' AND o.id < i.id) \
+                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
+                                 AND o.state = 'pending' AND o.id <> i.id AND {live_o}) \
+               ORDER BY i.id LIMIT $2 OFFSET 0) c \
+             WHERE pg_try_advisory_xact_lock(hashtextextended(c.shopper_key, 7306))",
+            live_i = live_claim("i", "$3"),
+            live_o = live_claim("o", "$3")
         ))
         .bind(now)
         .bind(limit as i64)
@@ -310,7 +355,7 @@ impl Store for PostgresStore {
         let rows = sqlx::query(&format!(
             "UPDATE intents i SET claim_id = $1, replica_id = $2, lease_until = forwarder_now_ms() + $3, \
                  attempts = attempts + 1, updated_at = $4 \
-             WHERE i.id = ANY($5) AND i.state = 'pending' AND NOT {live_i} \
+             WHERE i.id = ANY($5) AND i.state = 'pending' AND i.next_attempt_at <= $4 AND NOT {live_i} \
                AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
                                AND o.id < i.id) \
                AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
@@ -333,9 +378,9 @@ impl Store for PostgresStore {
             .map(|r| ClaimedRow {
                 id: r.get("id"),
                 shopper_key: r.get("shopper_key"),
-                intent: r.get("intent"),
-                enrichment: r.get("enrichment"),
-                plan: r.get("progress"),
+                intent: r.get::<String, _>("intent").into_bytes(),
+                enrichment: r.get::<Option<String>, _>("enrichment").map(String::into_bytes),
+                plan: r.get::<Option<String>, _>("progress").map(String::into_bytes),
                 sent: r.get("sent"),
                 attempts: r.get("attempts"),
                 created_at_ms: r.get("created_at"),
@@ -411,10 +456,13 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn claims_safe_until(&self) -> Option<Instant> {
-        self.heartbeat
-            .as_ref()
-            .map(|h| *h.last.lock().expect("heartbeat lock") + self.takeover)
+    fn liveness(&self) -> Option<Liveness> {
+        self.heartbeat.as_ref().map(|h| {
+            h.beats
+                .lock()
+                .expect("heartbeat lock")
+                .liveness(self.takeover, Instant::now())
+        })
     }
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
@@ -630,7 +678,7 @@ impl Store for PostgresStore {
                     dedupe_key: r.get("dedupe_key"),
                     shopper_key: r.get("shopper_key"),
                     kind: r.get("kind"),
-                    intent: intent_for_operators(r.get("intent")),
+                    intent: intent_for_operators(r.get::<String, _>("intent").into_bytes()),
                     last_error: r.get("last_error"),
                     attempts: r.get("attempts"),
                     created_at_ms: r.get("created_at"),
@@ -644,7 +692,7 @@ impl Store for PostgresStore {
         let now = now_ms();
         // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
         let rows = sqlx::query(
-            "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, sent = 0, next_attempt_at = $1, \
+            "UPDATE intents SET state = 'pending', attempts = 0, next_attempt_at = $1, \
              claim_id = NULL, lease_until = NULL, replica_id = NULL, enrich_claim = NULL, dead_at = NULL, updated_at = $1, \
              enrich_after = $1, enrich_attempts = 0, created_at = $1 \
              WHERE state = 'dead' AND shopper_key <> $2 AND ($3::bigint[] IS NULL OR id = ANY($3)) AND dead_at >= $4",
@@ -706,13 +754,11 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.writer.close().await;
+        // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
+        // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
+        // once (a graceful shutdown gives back everything else itself).
         if let Some(heartbeat) = &self.heartbeat {
             heartbeat.task.abort();
-            // Gone on purpose: whatever it still held may be taken over at once.
-            let _ = sqlx::query("DELETE FROM replicas WHERE id = $1")
-                .bind(&heartbeat.replica_id)
-                .execute(&self.pool)
-                .await;
         }
         self.pool.close().await;
     }
@@ -801,4 +847,37 @@ async fn run_write(tx: &mut sqlx::PgConnection, intent_id: i64, write: Write) ->
         }
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Claims made before a gap in the heartbeats longer than the takeover are lost even once the
+    /// heartbeats reach the database again: another replica may hold them by then.
+    #[test]
+    fn a_gap_in_the_heartbeats_longer_than_the_takeover_gives_up_earlier_claims() {
+        let takeover = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut beats = Beats { last: t0, epoch: 0 };
+        let claimed = beats.liveness(takeover, t0).epoch;
+        assert!(!beats.reached(t0 + Duration::from_secs(2), takeover));
+        assert_eq!(
+            beats.liveness(takeover, t0 + Duration::from_secs(3)).epoch,
+            claimed,
+            "beating: still ours"
+        );
+        // Silent from 2 s to 14 s: past 12 s the claims could be taken over...
+        assert_ne!(beats.liveness(takeover, t0 + Duration::from_secs(13)).epoch, claimed);
+        // ...and stay lost once a heartbeat gets through again.
+        assert!(beats.reached(t0 + Duration::from_secs(14), takeover));
+        let after = beats.liveness(takeover, t0 + Duration::from_secs(15));
+        assert_ne!(after.epoch, claimed);
+        assert_eq!(after.safe_until, t0 + Duration::from_secs(24));
+        // A claim made after the gap is safe again.
+        assert_eq!(
+            beats.liveness(takeover, t0 + Duration::from_secs(20)).epoch,
+            after.epoch
+        );
+    }
 }

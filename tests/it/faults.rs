@@ -122,6 +122,89 @@ async fn a_store_failure_on_one_shopper_ages_out_to_a_dead_letter_while_others_f
     world.drained().await;
 }
 
+/// An ack the store refuses every time (a record only the ack carries): the intent is not tried
+/// forever, resending nothing — it ages out to a dead letter, and CDP got each event once.
+#[tokio::test]
+async fn an_ack_the_store_refuses_every_time_ages_out_without_resending_the_order() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.max_age_secs = 2;
+    })
+    .await;
+    let mut shopper = world.anonymous("O-ACK", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-ACK",
+        Faults {
+            ack_fails: true,
+            ..Faults::default()
+        },
+    );
+    shopper.submit().await;
+    world.order("O-ACK").await;
+    let dead = world.dead_letters().await;
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("store error"), "{reason}");
+    assert!(reason.contains("gave up after delivery.max_age_secs"), "{reason}");
+    let checkouts = world
+        .cdp
+        .requests()
+        .into_iter()
+        .filter(|r| r.event_type == "CHECKOUT")
+        .count();
+    assert_eq!(checkouts, 1, "the order was not sent again");
+    assert_eq!(world.cdp.orders().len(), 1);
+}
+
+/// A submit whose CHECKOUT CDP acknowledged, dead-lettered on a later event (the CLEAR_CART of the
+/// cart's other session refused), replayed after every session closed: it goes on from where it
+/// stopped instead of planning the order again, so CDP gets no second order.
+#[tokio::test]
+async fn a_replayed_submit_whose_order_is_in_cdp_sends_no_second_order() {
+    let world = World::start_with(Duration::from_secs(2), |_| {}).await;
+    let mut web = world.registered("buyer1", "twice", WEB_CLIENT);
+    web.open_cart("O-ONCE");
+    web.add("L1", "LAMP", 1, 30.0).await;
+    world.drained().await;
+    // The submit from the app replays the cart there (IDENTITY, ADD, CONFIRM, CHECKOUT), then
+    // clears the web session: CDP refuses that CLEAR_CART.
+    let ok = Answer::status(201);
+    world.cdp.script(
+        "buyer1-twice",
+        vec![ok.clone(), ok.clone(), ok.clone(), ok, Answer::status(400)],
+    );
+    let mut app = web.on_device(APP_CLIENT);
+    app.submit().await;
+    world.order("O-ONCE").await;
+    let dead = world.dead_letters().await;
+    assert!(dead[0].last_error.as_deref().unwrap_or_default().contains("400"));
+    world.sessions_closed().await;
+
+    let replayed = world
+        .app
+        .store
+        .replay_dead_letters(Some(&[dead[0].id]), None)
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    world.drained().await;
+    let orders = world
+        .cdp
+        .orders()
+        .into_iter()
+        .filter(|o| o.reference_id == "O-ONCE")
+        .count();
+    assert_eq!(orders, 1, "one order");
+    let checkouts = world
+        .cdp
+        .requests()
+        .into_iter()
+        .filter(|r| r.event_type == "CHECKOUT" && (200..300).contains(&r.answered))
+        .count();
+    assert_eq!(checkouts, 1);
+    assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
 /// CDP answering 307 to another host: the forwarder follows nowhere (the event and its client key
 /// reach no other port), acknowledges nothing, pauses, and readiness says who redirected where.
 #[tokio::test]

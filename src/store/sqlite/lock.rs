@@ -12,9 +12,18 @@ pub struct FileLock {
     _file: File,
 }
 
-/// `<database>.lock`, beside the database file.
+/// `<database>.lock`, beside the database file, named after the file's real path: two names of one
+/// file (a symlink, `./`, `..`) share one lock.
 pub fn lock_path(database: &Path) -> PathBuf {
-    let mut path = database.as_os_str().to_owned();
+    let real = std::fs::canonicalize(database).unwrap_or_else(|_| {
+        let parent = database
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let parent = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+        parent.join(database.file_name().unwrap_or_default())
+    });
+    let mut path = real.into_os_string();
     path.push(".lock");
     PathBuf::from(path)
 }
@@ -70,5 +79,17 @@ mod tests {
         assert!(refused.contains(&format!("pid {}", std::process::id())), "{refused}");
         drop(first);
         FileLock::acquire(&db).expect("free once released");
+    }
+
+    #[test]
+    fn two_names_of_one_file_share_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("f.db");
+        std::fs::write(&db, b"").unwrap();
+        let link = dir.path().join("alias.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        let _first = FileLock::acquire(&db).unwrap();
+        assert!(FileLock::acquire(&link).is_err(), "a symlink is the same file");
+        assert!(FileLock::acquire(&dir.path().join(".").join("f.db")).is_err());
     }
 }

@@ -230,6 +230,14 @@ fn intent_shopper(conn: &Connection, sql: &str, params: impl rusqlite::Params) -
     Ok(conn.prepare_cached(sql)?.query_row(params, |r| r.get(0)).optional()?)
 }
 
+/// A TEXT or BLOB column's bytes, whether or not they are UTF-8.
+fn bytes(value: rusqlite::types::ValueRef<'_>) -> rusqlite::Result<Option<Vec<u8>>> {
+    match value {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        value => Ok(Some(value.as_bytes()?.to_vec())),
+    }
+}
+
 /// Runs one write statement and returns how many rows it changed.
 fn run(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u64, StoreError> {
     Ok(conn.prepare_cached(sql)?.execute(params)? as u64)
@@ -276,13 +284,15 @@ impl Store for SqliteStore {
                        ORDER BY i.id LIMIT ?4) \
                      RETURNING id, shopper_key, intent, enrichment, progress, sent, attempts, created_at",
                 )?;
+                // JSON columns as bytes: a row that is not UTF-8 is dead-lettered on its own when
+                // decoded, instead of failing the whole claim.
                 let rows = stmt.query_map(params![id, lease_until, now, limit as i64], |r| {
                     Ok(ClaimedRow {
                         id: r.get(0)?,
                         shopper_key: r.get(1)?,
-                        intent: r.get(2)?,
-                        enrichment: r.get(3)?,
-                        plan: r.get(4)?,
+                        intent: bytes(r.get_ref(2)?)?.unwrap_or_default(),
+                        enrichment: bytes(r.get_ref(3)?)?,
+                        plan: bytes(r.get_ref(4)?)?,
                         sent: r.get(5)?,
                         attempts: r.get(6)?,
                         created_at_ms: r.get(7)?,
@@ -365,7 +375,7 @@ impl Store for SqliteStore {
         let claim_id = uuid::Uuid::new_v4().to_string();
         let leases = self.enrichment_leases.clone();
         let id = claim_id.clone();
-        type Row = (i64, String, String, Option<String>, i64, i64);
+        type Row = (i64, String, Vec<u8>, Option<Vec<u8>>, i64, i64);
         let rows: Vec<Row> = self
             .writer
             .write(move |c| {
@@ -379,7 +389,14 @@ impl Store for SqliteStore {
                      WHERE state = 'pending' AND enriched = 0 AND enrich_after <= ?1 ORDER BY id LIMIT ?2",
                 )?;
                 let rows = stmt.query_map(params![now, (limit + leases.len()) as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        bytes(r.get_ref(2)?)?.unwrap_or_default(),
+                        bytes(r.get_ref(3)?)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })?;
                 let mut free = Vec::with_capacity(limit);
                 for row in rows {
@@ -401,9 +418,12 @@ impl Store for SqliteStore {
                 intent_id,
                 claim_id: claim_id.clone(),
             };
-            let decoded = serde_json::from_str(&intent)
+            let decoded = serde_json::from_slice(&intent)
                 .map_err(StoreError::from)
-                .and_then(|intent| Ok((intent, parse_json(secrets)?.unwrap_or_default())));
+                .and_then(|intent| {
+                    let secrets = secrets.as_deref().map(serde_json::from_slice).transpose()?;
+                    Ok((intent, secrets.unwrap_or_default()))
+                });
             match decoded {
                 Ok((intent, secrets)) => jobs.push(EnrichmentJob {
                     claim,
@@ -579,8 +599,8 @@ impl Store for SqliteStore {
 
     async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, dedupe_key, shopper_key, kind, intent, last_error, attempts, created_at, dead_at FROM intents \
-             WHERE state = 'dead' AND dead_at >= ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, dedupe_key, shopper_key, kind, CAST(intent AS BLOB) AS intent, last_error, attempts, created_at, \
+             dead_at FROM intents WHERE state = 'dead' AND dead_at >= ?1 ORDER BY id LIMIT ?2",
         )
         .bind(since_ms.unwrap_or(i64::MIN))
         .bind(limit as i64)
@@ -611,7 +631,7 @@ impl Store for SqliteStore {
             .write(move |c| {
                 // Replayed intents keep their id and join their shopper's current queue, so they
                 // rejoin it in their original place (ahead of anything newer).
-                let set = "UPDATE intents SET state = 'pending', attempts = 0, progress = NULL, sent = 0, next_attempt_at = ?1, \
+                let set = "UPDATE intents SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
                            claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
                            enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
                            WHERE state = 'dead' AND shopper_key <> ?2";

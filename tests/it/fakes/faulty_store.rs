@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ordercloud_cdp_forwarder::domain::{CartLine, SessionFacts, ShopperState};
 use ordercloud_cdp_forwarder::store::{
-    Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, NewIntent, QueueStats, QueuedIntent,
-    Settle, Store, StoreError, Write,
+    Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, Liveness, NewIntent, QueueStats,
+    QueuedIntent, Settle, Store, StoreError, Write,
 };
 use serde_json::Value;
 
@@ -23,6 +23,8 @@ pub struct Faults {
     /// `apply` fails when its writes include a session or a shopper record (a value the database
     /// refuses); settling alone goes through.
     pub records_fail: bool,
+    /// `apply` fails when it acknowledges the intent (a write only the ack carries is refused).
+    pub ack_fails: bool,
 }
 
 pub struct FaultyStore {
@@ -122,10 +124,13 @@ impl Store for FaultyStore {
                 "injected: the database refuses this record".into(),
             ));
         }
+        if faults.ack_fails && settle == Some(Settle::Ack) {
+            return Err(StoreError::Unavailable("injected: the database refuses the ack".into()));
+        }
         self.inner.apply(claim, writes, settle).await
     }
-    fn claims_safe_until(&self) -> Option<Instant> {
-        self.inner.claims_safe_until()
+    fn liveness(&self) -> Option<Liveness> {
+        self.inner.liveness()
     }
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         self.inner.claim_enrichment(limit, lease).await
