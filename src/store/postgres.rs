@@ -131,16 +131,6 @@ async fn beat(pool: &PgPool, replica_id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// SQL: the claim of row `alias` is live (its lease runs and its replica heartbeats). `$takeover`
-/// is the parameter holding `delivery.takeover_secs` in milliseconds.
-fn live_claim(alias: &str, takeover: &str) -> String {
-    format!(
-        "({alias}.claim_id IS NOT NULL AND {alias}.lease_until >= forwarder_now_ms() \
-         AND ({alias}.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = {alias}.replica_id \
-         AND r.heartbeat_at >= forwarder_now_ms() - {takeover})))"
-    )
-}
-
 /// A schema name safe to quote into DDL and `search_path`.
 fn valid_schema(schema: &str) -> bool {
     !schema.is_empty()
@@ -227,7 +217,8 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
     shoppers.sort_unstable();
     shoppers.dedup();
     sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended(k, 7305)) FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) s",
+        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/' || k, 7305)) \
+         FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) s",
     )
     .bind(&shoppers)
     .execute(&mut *tx)
@@ -321,58 +312,17 @@ impl Store for PostgresStore {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
         let takeover = self.takeover.as_millis() as i64;
-        let mut tx = self.pool.begin().await?;
-        // Candidates: the head of each shopper's queue whose claim, if any, is no longer live. A
-        // transaction-level advisory lock per shopper makes concurrent claimers of one shopper take
-        // turns; the losers skip it.
-        // The lock is taken in the outer query, on the candidates only (OFFSET 0 keeps the planner
-        // from evaluating it on rows the inner conditions would drop).
-        let candidates: Vec<i64> = sqlx::query_scalar(&format!(
-            "SELECT c.id FROM ( \
-               SELECT i.id, i.shopper_key FROM intents i \
-               WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= $1 \
-                 AND NOT {live_i} \
-                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
-                                 AND o.state = 'pending' AND o.id < i.id) \
-                 AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key \
-                                 AND o.state = 'pending' AND o.id <> i.id AND {live_o}) \
-               ORDER BY i.id LIMIT $2 OFFSET 0) c \
-             WHERE pg_try_advisory_xact_lock(hashtextextended(c.shopper_key, 7306))",
-            live_i = live_claim("i", "$3"),
-            live_o = live_claim("o", "$3")
-        ))
-        .bind(now)
-        .bind(limit as i64)
-        .bind(takeover)
-        .fetch_all(&mut *tx)
-        .await?;
-        if candidates.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        // Checked again in a statement that starts after the locks were taken, so it sees every
-        // claim committed before (a replayed dead letter, older than an intent in flight, waits).
-        let rows = sqlx::query(&format!(
-            "UPDATE intents i SET claim_id = $1, replica_id = $2, lease_until = forwarder_now_ms() + $3, \
-                 attempts = attempts + 1, updated_at = $4 \
-             WHERE i.id = ANY($5) AND i.state = 'pending' AND i.next_attempt_at <= $4 AND NOT {live_i} \
-               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
-                               AND o.id < i.id) \
-               AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key AND o.state = 'pending' \
-                               AND o.id <> i.id AND {live_o}) \
-             RETURNING id, shopper_key, intent, enrichment, progress, sent, attempts, created_at",
-            live_i = live_claim("i", "$6"),
-            live_o = live_claim("o", "$6")
-        ))
-        .bind(&claim_id)
-        .bind(self.heartbeat.as_ref().map(|h| h.replica_id.as_str()))
-        .bind(lease.as_millis() as i64)
-        .bind(now)
-        .bind(&candidates)
-        .bind(takeover)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        // One call (`forwarder_claim`, migration 0004): candidates under per-shopper advisory locks,
+        // then checked again by a statement that sees every claim committed before the locks.
+        let rows = sqlx::query("SELECT * FROM forwarder_claim($1, $2, $3, $4, $5, $6)")
+            .bind(&claim_id)
+            .bind(self.heartbeat.as_ref().map(|h| h.replica_id.as_str()))
+            .bind(lease.as_millis() as i64)
+            .bind(now)
+            .bind(limit.min(i32::MAX as usize) as i32)
+            .bind(takeover)
+            .fetch_all(&self.pool)
+            .await?;
         let rows = rows
             .iter()
             .map(|r| ClaimedRow {
@@ -406,54 +356,52 @@ impl Store for PostgresStore {
     }
 
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // The row stays locked until commit: a takeover waits, then finds the claim changed or not.
-        let held =
-            sqlx::query("SELECT 1 FROM intents WHERE id = $1 AND claim_id = $2 AND state = 'pending' FOR UPDATE")
-                .bind(claim.intent_id)
-                .bind(&claim.claim_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if held.is_none() {
-            return Err(StoreError::StaleClaim(claim.intent_id));
-        }
+        // One call, one round trip, whatever the writes: `forwarder_apply` (migration 0004) checks the
+        // claim and locks its row first, then writes in order and settles.
+        let mut args = ApplyArgs::default();
         for write in writes {
-            run_write(&mut tx, claim.intent_id, write).await?;
+            args.push(write)?;
         }
-        match settle {
-            None => {}
-            Some(Settle::Ack) => {
-                sqlx::query("DELETE FROM intents WHERE id = $1")
-                    .bind(claim.intent_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Some(Settle::Retry { at_ms, error }) => {
-                sqlx::query(
-                    "UPDATE intents SET next_attempt_at = $1, last_error = $2, claim_id = NULL, lease_until = NULL, \
-                     replica_id = NULL, updated_at = $3 WHERE id = $4",
-                )
-                .bind(at_ms)
-                .bind(error)
-                .bind(now_ms())
-                .bind(claim.intent_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(Settle::Dead { reason }) => {
-                sqlx::query(
-                    "UPDATE intents SET state = 'dead', last_error = $1, dead_at = $2, updated_at = $2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL, replica_id = NULL WHERE id = $3",
-                )
-                .bind(reason)
-                .bind(now_ms())
-                .bind(claim.intent_id)
-                .execute(&mut *tx)
-                .await?;
-            }
+        let (settle, settle_at, settle_text) = match settle {
+            None => (None, None, None),
+            Some(Settle::Ack) => (Some("ack"), None, None),
+            Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(error)),
+            Some(Settle::Dead { reason }) => (Some("dead"), None, Some(reason)),
+        };
+        let held: bool = sqlx::query_scalar(
+            "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             $16, $17, $18, $19, $20, $21, $22, $23)",
+        )
+        .bind(claim.intent_id)
+        .bind(&claim.claim_id)
+        .bind(now_ms())
+        .bind(args.set_plan)
+        .bind(args.plan)
+        .bind(args.sent)
+        .bind(args.cart_ops)
+        .bind(args.cart_orders)
+        .bind(args.cart_lines)
+        .bind(args.cart_shoppers)
+        .bind(args.cart_json)
+        .bind(args.cart_at)
+        .bind(args.shopper_keys)
+        .bind(args.shopper_states)
+        .bind(args.shopper_identities)
+        .bind(args.session_channels)
+        .bind(args.session_browsers)
+        .bind(args.session_shoppers)
+        .bind(args.session_at)
+        .bind(args.session_facts)
+        .bind(settle)
+        .bind(settle_at)
+        .bind(settle_text)
+        .fetch_one(&self.pool)
+        .await?;
+        if held {
+            Ok(())
+        } else {
+            Err(StoreError::StaleClaim(claim.intent_id))
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     fn liveness(&self) -> Option<Liveness> {
@@ -764,89 +712,85 @@ impl Store for PostgresStore {
     }
 }
 
-/// One of a delivery's writes, inside its transaction.
-async fn run_write(tx: &mut sqlx::PgConnection, intent_id: i64, write: Write) -> Result<(), StoreError> {
-    let now = now_ms();
-    match write {
-        Write::Plan(plan) => {
-            sqlx::query("UPDATE intents SET progress = $1, sent = 0, updated_at = $2 WHERE id = $3")
-                .bind(plan.map(|p| p.to_string()))
-                .bind(now)
-                .bind(intent_id)
-                .execute(tx)
-                .await?
+/// A delivery's writes as the arguments of `forwarder_apply`: one array per column.
+#[derive(Default)]
+struct ApplyArgs {
+    set_plan: bool,
+    plan: Option<String>,
+    sent: Option<i64>,
+    cart_ops: Vec<&'static str>,
+    cart_orders: Vec<String>,
+    cart_lines: Vec<Option<String>>,
+    cart_shoppers: Vec<Option<String>>,
+    cart_json: Vec<Option<String>>,
+    cart_at: Vec<Option<i64>>,
+    shopper_keys: Vec<String>,
+    shopper_states: Vec<String>,
+    shopper_identities: Vec<Option<String>>,
+    session_channels: Vec<String>,
+    session_browsers: Vec<String>,
+    session_shoppers: Vec<String>,
+    session_at: Vec<i64>,
+    session_facts: Vec<String>,
+}
+
+impl ApplyArgs {
+    fn push(&mut self, write: Write) -> Result<(), StoreError> {
+        match write {
+            Write::Plan(plan) => {
+                self.set_plan = true;
+                self.plan = plan.map(|p| p.to_string());
+                self.sent = None;
+            }
+            Write::Sent(sent) => self.sent = Some(sent as i64),
+            Write::Session(facts) => {
+                self.session_facts.push(serde_json::to_string(&facts)?);
+                self.session_channels.push(facts.channel);
+                self.session_browsers.push(facts.browser_id);
+                self.session_shoppers.push(facts.shopper_key);
+                self.session_at.push(facts.last_event_at_ms);
+            }
+            Write::Shopper { key, state } => {
+                self.shopper_states.push(serde_json::to_string(&state)?);
+                self.shopper_identities.push(state.identity);
+                self.shopper_keys.push(key);
+            }
+            Write::CartLine(line) => {
+                let json = line.line.to_string();
+                self.cart(
+                    "put",
+                    line.order_id,
+                    Some(line.line_id),
+                    Some(line.shopper_key),
+                    Some(json),
+                    Some(line.updated_at_ms),
+                );
+            }
+            Write::DeleteCartLine { order_id, line_id } => {
+                self.cart("delete_line", order_id, Some(line_id), None, None, None)
+            }
+            Write::DeleteCart { order_id } => self.cart("delete_cart", order_id, None, None, None, None),
+            Write::MoveCart { order_id, to_shopper } => self.cart("move", order_id, None, Some(to_shopper), None, None),
         }
-        Write::Sent(sent) => {
-            sqlx::query("UPDATE intents SET sent = $1, updated_at = $2 WHERE id = $3")
-                .bind(sent as i64)
-                .bind(now)
-                .bind(intent_id)
-                .execute(tx)
-                .await?
-        }
-        Write::Session(facts) => {
-            sqlx::query(
-                "INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (channel, browser_id) DO UPDATE SET shopper_key = excluded.shopper_key, \
-                 last_event_at = excluded.last_event_at, facts = excluded.facts",
-            )
-            .bind(&facts.channel)
-            .bind(&facts.browser_id)
-            .bind(&facts.shopper_key)
-            .bind(facts.last_event_at_ms)
-            .bind(serde_json::to_string(&facts)?)
-            .execute(tx)
-            .await?
-        }
-        Write::Shopper { key, state } => {
-            sqlx::query(
-                "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (shopper_key) DO UPDATE SET state = excluded.state, \
-                 identity = COALESCE(excluded.identity, shoppers.identity), updated_at = excluded.updated_at",
-            )
-            .bind(&key)
-            .bind(serde_json::to_string(&state)?)
-            .bind(&state.identity)
-            .bind(now)
-            .execute(tx)
-            .await?
-        }
-        Write::CartLine(line) => {
-            sqlx::query(
-                "INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (order_id, line_id) DO UPDATE SET shopper_key = excluded.shopper_key, line = excluded.line, \
-                 updated_at = excluded.updated_at",
-            )
-            .bind(&line.order_id)
-            .bind(&line.line_id)
-            .bind(&line.shopper_key)
-            .bind(line.line.to_string())
-            .bind(line.updated_at_ms)
-            .execute(tx)
-            .await?
-        }
-        Write::DeleteCartLine { order_id, line_id } => {
-            sqlx::query("DELETE FROM cart_lines WHERE order_id = $1 AND line_id = $2")
-                .bind(order_id)
-                .bind(line_id)
-                .execute(tx)
-                .await?
-        }
-        Write::DeleteCart { order_id } => {
-            sqlx::query("DELETE FROM cart_lines WHERE order_id = $1")
-                .bind(order_id)
-                .execute(tx)
-                .await?
-        }
-        Write::MoveCart { order_id, to_shopper } => {
-            sqlx::query("UPDATE cart_lines SET shopper_key = $1 WHERE order_id = $2")
-                .bind(to_shopper)
-                .bind(order_id)
-                .execute(tx)
-                .await?
-        }
-    };
-    Ok(())
+        Ok(())
+    }
+
+    fn cart(
+        &mut self,
+        op: &'static str,
+        order: String,
+        line: Option<String>,
+        shopper: Option<String>,
+        json: Option<String>,
+        at: Option<i64>,
+    ) {
+        self.cart_ops.push(op);
+        self.cart_orders.push(order);
+        self.cart_lines.push(line);
+        self.cart_shoppers.push(shopper);
+        self.cart_json.push(json);
+        self.cart_at.push(at);
+    }
 }
 
 #[cfg(test)]
