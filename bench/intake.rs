@@ -144,12 +144,12 @@ fn main() {
             takeover: settings.delivery.takeover(),
         };
         let store = store::open(&settings.store, role).await.unwrap();
-        let state = AppState {
-            settings: settings.clone(),
-            store: store.clone(),
-            health: health::Health::default(),
-            wake: Arc::new(tokio::sync::Notify::new()),
-        };
+        let state = AppState::new(
+            settings.clone(),
+            store.clone(),
+            health::Health::default(),
+            Arc::new(tokio::sync::Notify::new()),
+        );
         let deps = delivery::Deps::new(
             settings.clone(),
             store.clone(),

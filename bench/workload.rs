@@ -5,7 +5,7 @@ use base64::Engine as _;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-pub const KEY: &str = "bench-hash-key";
+pub const KEY: &str = "bench-hash-key-0001";
 pub const LINES_PER_ORDER: usize = 4;
 /// Webhooks per shopper: the line creates, then the submit.
 pub const STEPS: usize = LINES_PER_ORDER + 1;

@@ -7,6 +7,7 @@ base=${2:-http://127.0.0.1:8080}
 key=${HASH_KEY:-local-dev-hash-key}
 bin=${FORWARDER_BIN:-target/release/ordercloud-cdp-forwarder}
 [ -x "$bin" ] || bin=target/debug/ordercloud-cdp-forwarder
-hash=$("$bin" sign --key "$key" "$file")
+# The key goes through the environment, not the command line (visible in ps).
+hash=$(FORWARDER_SIGN_KEY="$key" "$bin" sign "$file")
 curl -sS -w '\nHTTP %{http_code}\n' -H 'Content-Type: application/json' -H "X-oc-hash: $hash" \
   --data-binary @"$file" "$base/webhooks/ordercloud"

@@ -55,7 +55,15 @@ pub struct Settings {
 #[serde(default)]
 pub struct ServerSettings {
     pub listen: String,
+    /// The operations listener (`/metrics`, `/admin`, the detailed readiness report); when unset
+    /// they are served on `listen`.
+    pub admin_listen: Option<String>,
     pub max_body_bytes: usize,
+    /// Longest wait for a request's headers (and for the next request on an idle keep-alive
+    /// connection) and for its body.
+    pub read_timeout_ms: u64,
+    /// Requests in flight past which intake answers 503 at once.
+    pub max_inflight: usize,
     pub shutdown_timeout_secs: u64,
 }
 
@@ -63,13 +71,24 @@ impl ServerSettings {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+    /// Open connections past which new ones are closed at once: a bound on file descriptors, which
+    /// idle or slow connections would otherwise use up.
+    pub fn max_connections(&self) -> usize {
+        self.max_inflight.saturating_mul(4).max(64)
+    }
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".into(),
+            admin_listen: None,
             max_body_bytes: 1024 * 1024,
+            read_timeout_ms: 10_000,
+            max_inflight: 512,
             shutdown_timeout_secs: 30,
         }
     }
@@ -78,7 +97,9 @@ impl Default for ServerSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct OrderCloudSettings {
+    #[serde(deserialize_with = "list_or_commas")]
     pub hash_keys: Vec<Secret>,
+    #[serde(deserialize_with = "list_or_commas")]
     pub api_urls: Vec<String>,
     pub request_timeout_ms: u64,
 }
@@ -175,6 +196,7 @@ pub struct CdpSettings {
     pub product_type_field: Option<String>,
     pub item_id: ItemIdSource,
     /// JSON pointers, tried in order on the request then the response body, to a storefront's CDP browser id.
+    #[serde(deserialize_with = "list_or_commas")]
     pub browser_id_pointers: Vec<String>,
     pub order_events: OrderEvents,
     pub payment_type: String,
@@ -236,9 +258,11 @@ impl CdpSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct StoreSettings {
+    /// A secret: it may hold the database's password. Printed only through [`redacted_url`].
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// PostgreSQL schema for the tables (created when missing); the server's default when unset.
     pub schema: Option<String>,
@@ -247,6 +271,54 @@ pub struct StoreSettings {
     pub connect_timeout_ms: u64,
     /// How long a LogID is remembered for deduplication.
     pub dedupe_retention_secs: u64,
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("url", &redacted_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("dedupe_retention_secs", &self.dedupe_retention_secs)
+            .finish()
+    }
+}
+
+fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_url(url))
+}
+
+/// A database URL as it may be printed: scheme, user, host, port, path; the password and every query
+/// value that may be a credential masked. A URL that does not parse as one (a mistyped `postgres:/`,
+/// text with no host) is masked whole: where its secret is cannot be told.
+pub fn redacted_url(url: &str) -> String {
+    const MASK: &str = "********";
+    let Ok(mut parsed) = url::Url::parse(url.trim()) else {
+        return MASK.to_string();
+    };
+    if parsed.cannot_be_a_base() || (parsed.host_str().is_none() && parsed.scheme() != "sqlite") {
+        return MASK.to_string();
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(MASK));
+    }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                let secret = ["pass", "pwd", "secret", "key", "token", "auth"]
+                    .iter()
+                    .any(|word| lower.contains(word));
+                (k.into_owned(), if secret { MASK.to_string() } else { v.into_owned() })
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.set_fragment(None);
+    parsed.to_string()
 }
 
 impl StoreSettings {
@@ -418,19 +490,22 @@ impl Settings {
         let mut environment = config::Environment::with_prefix("FORWARDER")
             .prefix_separator("__")
             .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("ordercloud.hash_keys")
-            .with_list_parse_key("ordercloud.api_urls")
-            .with_list_parse_key("cdp.browser_id_pointers")
-            .try_parsing(true);
+            // No coercion of values that look like numbers: a secret or a point of sale named
+            // "0123…" stays as it was written. Numbers and booleans are read from the text by the
+            // settings' types; lists are comma-separated text (`list_or_commas`).
+            .try_parsing(false);
         if let Some(env) = env {
             environment = environment.source(Some(env));
         }
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .add_source(environment)
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(e.to_string()))?;
+        // "old, new" or a key file's trailing newline: the spaces are not part of the key.
+        for key in &mut settings.ordercloud.hash_keys {
+            *key = Secret::new(key.expose().trim());
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -447,14 +522,51 @@ impl Settings {
         if self.server.max_body_bytes == 0 {
             errors.push("server.max_body_bytes must be above 0, e.g. 1048576".into());
         }
+        if let Some(admin) = self.server.admin_listen.as_deref().filter(|a| !a.is_empty()) {
+            if admin.parse::<SocketAddr>().is_err() {
+                errors.push(format!(
+                    "server.admin_listen = {admin:?} is not an address: use host:port, e.g. 127.0.0.1:9090"
+                ));
+            } else if admin == self.server.listen && !admin.ends_with(":0") {
+                errors.push("server.admin_listen must differ from server.listen".into());
+            }
+        }
+        if self.server.read_timeout_ms == 0 {
+            errors.push("server.read_timeout_ms must be above 0, e.g. 10000".into());
+        }
+        if self.server.max_inflight == 0 {
+            errors.push("server.max_inflight must be above 0, e.g. 512".into());
+        }
         if self.ordercloud.hash_keys.iter().all(|k| k.is_empty()) {
             errors.push(
                 "ordercloud.hash_keys is empty: set at least one key, e.g. FORWARDER__ORDERCLOUD__HASH_KEYS=key1,key2"
                     .into(),
             );
         }
-        if self.ordercloud.hash_keys.iter().any(|k| k.expose().len() > 256) {
-            errors.push("ordercloud.hash_keys: a key is longer than 256 characters (OrderCloud allows 50)".into());
+        for (n, key) in self.ordercloud.hash_keys.iter().enumerate() {
+            let key = key.expose();
+            if key.is_empty() {
+                continue;
+            }
+            if key.chars().any(char::is_whitespace) {
+                errors.push(format!(
+                    "ordercloud.hash_keys: key #{} contains whitespace: a HashKey has none (separate keys with commas)",
+                    n + 1
+                ));
+            }
+            if key.len() < MIN_HASH_KEY_BYTES {
+                errors.push(format!(
+                    "ordercloud.hash_keys: key #{} is {} bytes long, shorter than {MIN_HASH_KEY_BYTES}: use a long random key (OrderCloud allows up to 50 characters)",
+                    n + 1,
+                    key.len()
+                ));
+            }
+            if key.len() > 256 {
+                errors.push(format!(
+                    "ordercloud.hash_keys: key #{} is longer than 256 characters (OrderCloud allows 50)",
+                    n + 1
+                ));
+            }
         }
         for url in &self.ordercloud.api_urls {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -543,7 +655,7 @@ impl Settings {
         {
             errors.push(format!(
                 "store.url = {:?} is not supported: use sqlite://path/to/file.db or postgres://user@host/db",
-                self.store.url
+                redacted_url(&self.store.url)
             ));
         }
         if self.store.max_connections == 0 {
@@ -608,8 +720,7 @@ impl Settings {
 
     /// The effective configuration as JSON with every secret masked (a database password too).
     pub fn masked_json(&self) -> String {
-        let mut value = serde_json::to_value(self).unwrap_or_default();
-        value["store"]["url"] = serde_json::Value::String(crate::redact_url(&self.store.url));
+        let value = serde_json::to_value(self).unwrap_or_default();
         serde_json::to_string_pretty(&value).unwrap_or_default()
     }
 
@@ -622,6 +733,34 @@ impl Settings {
             .map(|p| Path::new(p.split('?').next().unwrap_or(p)))
     }
 }
+
+/// A list as a file writes it (an array), or as an environment variable does (`a,b`).
+fn list_or_commas<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<String> + Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        List(Vec<T>),
+        Text(String),
+    }
+    Ok(match Either::<T>::deserialize(d)? {
+        Either::List(items) => items,
+        Either::Text(text) if text.trim().is_empty() => Vec::new(),
+        Either::Text(text) => text.split(',').map(|item| T::from(item.trim().to_string())).collect(),
+    })
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+/// The shortest hash key accepted: a guessable key lets anyone sign webhooks.
+pub const MIN_HASH_KEY_BYTES: usize = 16;
 
 /// Longer than any setting in seconds needs to be (and short enough for epoch-millisecond sums).
 const TEN_YEARS_SECS: u64 = 10 * 365 * 86_400;

@@ -48,6 +48,18 @@ pub async fn replay(store: &DynStore, selection: &Selection) -> Result<u64, Stor
     Ok(replayed)
 }
 
+/// Dead letters younger than this are purged only when forced: a purge that would take the ones
+/// an operator is still looking at (`--before 0s`) needs `--force`.
+pub const MIN_PURGE_AGE_MS: i64 = 3_600_000;
+
+/// Refuses a purge of dead letters younger than [`MIN_PURGE_AGE_MS`] unless forced.
+pub fn check_purge_age(before_ms: i64, force: bool) -> Result<(), String> {
+    if !force && before_ms > now_ms() - MIN_PURGE_AGE_MS {
+        return Err("refusing to purge dead letters younger than one hour".into());
+    }
+    Ok(())
+}
+
 pub async fn purge(store: &DynStore, before_ms: i64) -> Result<u64, StoreError> {
     store.purge_dead_letters(before_ms).await
 }
@@ -73,6 +85,14 @@ pub fn format_line(d: &DeadLetter) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_purge_of_the_last_hour_needs_force() {
+        assert!(check_purge_age(parse_time("0s").unwrap(), false).is_err());
+        assert!(check_purge_age(parse_time("59m").unwrap(), false).is_err());
+        assert!(check_purge_age(parse_time("61m").unwrap(), false).is_ok());
+        assert!(check_purge_age(parse_time("0s").unwrap(), true).is_ok());
+    }
 
     #[test]
     fn times_as_dates_or_ages() {

@@ -29,6 +29,8 @@ use crate::store::DynStore;
 /// The service, built and bound, not yet serving.
 pub struct Application {
     listener: TcpListener,
+    /// The operations listener (`server.admin_listen`), when configured.
+    admin_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -48,18 +50,37 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;
-        telemetry::metrics_handle();
-        let state = AppState {
-            settings: Arc::new(settings),
-            store,
-            health: health::Health::default(),
-            wake: Arc::new(tokio::sync::Notify::new()),
+        let admin_listener = match settings.server.admin_listen.as_deref().filter(|a| !a.is_empty()) {
+            Some(admin) => Some(
+                TcpListener::bind(admin)
+                    .await
+                    .with_context(|| format!("cannot listen on server.admin_listen = {admin}"))?,
+            ),
+            None => None,
         };
-        Ok(Application { listener, state })
+        telemetry::metrics_handle();
+        let state = AppState::new(
+            Arc::new(settings),
+            store,
+            health::Health::default(),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        Ok(Application {
+            listener,
+            admin_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The operations listener's address, when `server.admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     pub fn store(&self) -> DynStore {
@@ -69,14 +90,18 @@ impl Application {
     /// Serves until `shutdown` completes, then stops accepting, lets requests in flight finish
     /// within `server.shutdown_timeout_secs`, and closes the store.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, state } = self;
+        let Application {
+            listener,
+            admin_listener,
+            state,
+        } = self;
         let settings = state.settings.clone();
         let store = state.store.clone();
         let addr = listener.local_addr()?;
         let (stop_tx, _) = tokio::sync::watch::channel(false);
 
         let housekeeping = tokio::spawn(housekeeping(store.clone(), settings.clone(), stop_tx.subscribe()));
-        let metrics_upkeep = tokio::spawn(telemetry::metrics_upkeep(stop_tx.subscribe()));
+        let metrics_upkeep = tokio::spawn(telemetry::metrics_upkeep(store.clone(), stop_tx.subscribe()));
         let deps = delivery::Deps::new(
             settings.clone(),
             store.clone(),
@@ -85,16 +110,24 @@ impl Application {
         )?;
         let workers = delivery::spawn(Arc::new(deps), stop_tx.subscribe());
 
-        let router = http::router(state);
-        let mut graceful_rx = stop_tx.subscribe();
-        let mut server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = graceful_rx.wait_for(|stop| *stop).await;
-                })
-                .await
+        let admin = admin_listener.map(|listener| {
+            let (router, settings, refusals) = (
+                http::admin_router(state.clone()),
+                settings.clone(),
+                state.refusals.clone(),
+            );
+            let stop = stop_tx.subscribe();
+            let addr = listener.local_addr().ok();
+            info!(addr = ?addr, "operations listener: /metrics, /admin, /health/ready with reasons");
+            tokio::spawn(async move { http::serve::serve(listener, router, &settings.server, refusals, stop).await })
         });
-        info!(%addr, store = %redact_url(&settings.store.url), "serving");
+        let router = http::router(state.clone());
+        let (server_settings, refusals, stop) = (settings.clone(), state.refusals.clone(), stop_tx.subscribe());
+        let mut server = tokio::spawn(async move {
+            http::serve::serve(listener, router, &server_settings.server, refusals, stop).await;
+            Ok::<(), std::io::Error>(())
+        });
+        info!(%addr, store = %config::redacted_url(&settings.store.url), "serving");
 
         tokio::select! {
             result = &mut server => {
@@ -131,6 +164,9 @@ impl Application {
             }
         };
         tokio::join!(drain_server, drain_workers);
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         let _ = housekeeping.await;
         let _ = metrics_upkeep.await;
         store.close().await;
@@ -172,16 +208,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = terminate => {}
-    }
-}
-
-/// A database URL with any password replaced, for logs.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("********"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
     }
 }

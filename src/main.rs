@@ -26,10 +26,15 @@ enum Command {
     /// Validate the configuration and print it with secrets masked; exit 1 when invalid.
     CheckConfig,
     /// Print the X-oc-hash of a body (a file, or - / nothing for standard input).
+    #[command(group(clap::ArgGroup::new("the_key").required(true).args(["key", "key_file"])))]
     Sign {
-        /// The webhook's HashKey.
-        #[arg(long)]
-        key: String,
+        /// The webhook's HashKey. Prefer --key-file or FORWARDER_SIGN_KEY: a key in the command line
+        /// shows in `ps` and the shell's history.
+        #[arg(long, env = "FORWARDER_SIGN_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// A file holding the HashKey (surrounding whitespace ignored).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
         file: Option<PathBuf>,
     },
     /// Inspect, replay or purge dead letters (opens the configured store directly).
@@ -68,10 +73,17 @@ enum DeadLetterCommand {
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
     },
-    /// Delete dead letters older than TIME (RFC 3339, or an age such as 30d).
+    /// Delete dead letters older than TIME (RFC 3339, or an age such as 30d). Says how many would
+    /// go unless --yes; refuses to take those of the last hour unless --force.
     Purge {
         #[arg(long, value_name = "TIME")]
         before: String,
+        /// Delete them (without it, only how many would go is shown).
+        #[arg(long)]
+        yes: bool,
+        /// Allow TIME later than an hour ago.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -94,7 +106,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Sign { key, file } => {
+        Command::Sign { key, key_file, file } => {
+            let key = match (key, key_file) {
+                (_, Some(path)) => match std::fs::read_to_string(&path) {
+                    Ok(text) => text.trim().to_string(),
+                    Err(e) => {
+                        eprintln!("cannot read the key file {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (Some(key), None) => key.trim().to_string(),
+                (None, None) => unreachable!("clap requires one"),
+            };
             let mut body = Vec::new();
             let read = match file {
                 Some(path) if path.as_os_str() != "-" => std::fs::read(&path).map(|b| body = b),
@@ -153,9 +176,17 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
                 println!("replayed {n} dead letter(s)");
                 Ok(())
             }
-            DeadLetterCommand::Purge { before } => {
-                let n = dead_letters::purge(&store, parse(&before)?).await?;
-                println!("purged {n} dead letter(s)");
+            DeadLetterCommand::Purge { before, yes, force } => {
+                let before = parse(&before)?;
+                dead_letters::check_purge_age(before, force)
+                    .map_err(|e| anyhow::anyhow!("{e}: give --force to purge them anyway"))?;
+                if yes {
+                    let n = dead_letters::purge(&store, before).await?;
+                    println!("purged {n} dead letter(s)");
+                } else {
+                    let n = store.count_dead_letters_before(before).await?;
+                    println!("{n} dead letter(s) would be purged; nothing was: run again with --yes to purge them");
+                }
                 Ok(())
             }
         };

@@ -49,12 +49,19 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// How often histogram samples are folded into their buckets (see [`metrics_upkeep`]).
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Folds the histograms' recorded samples into their buckets every few seconds until `stop`.
-/// The recorder keeps every sample (16 bytes each) until then: without this, a service nobody
-/// scrapes would grow by a few hundred KB a second under load (a scrape does the same, sooner).
-pub async fn metrics_upkeep(mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Every few seconds until `stop`: folds the histograms' recorded samples into their buckets, and
+/// refreshes the queue gauges from the store. The recorder keeps every sample (16 bytes each) until
+/// then: without this, a service nobody scrapes would grow by a few hundred KB a second under load.
+/// The gauges are read here rather than at each scrape, so `/metrics` costs the store nothing.
+pub async fn metrics_upkeep(store: crate::store::DynStore, mut stop: tokio::sync::watch::Receiver<bool>) {
     let handle = metrics_handle();
     loop {
+        if let Ok(stats) = store.stats().await {
+            metrics::gauge!("forwarder_queue_pending").set(stats.pending as f64);
+            metrics::gauge!("forwarder_dead_letters").set(stats.dead as f64);
+            metrics::gauge!("forwarder_queue_oldest_pending_age_seconds")
+                .set(stats.oldest_pending_age_ms as f64 / 1000.0);
+        }
         tokio::select! {
             _ = tokio::time::sleep(METRICS_UPKEEP_EVERY) => handle.run_upkeep(),
             _ = stop.wait_for(|s| *s) => return,

@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/admin/dead-letters/replay", post(replay))
         .route("/admin/dead-letters/purge", post(purge))
         .route("/admin/queue", get(queue))
+        .route("/admin/health", get(super::ready_report))
         .layer(middleware::from_fn_with_state(state, authorize))
 }
 
@@ -108,6 +109,12 @@ async fn replay(State(app): State<AppState>, Json(body): Json<ReplayBody>) -> Re
 #[derive(Deserialize)]
 struct PurgeBody {
     before: String,
+    /// Without it, the answer only says how many would go.
+    #[serde(default)]
+    confirm: bool,
+    /// Allows a `before` later than an hour ago.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn purge(State(app): State<AppState>, Json(body): Json<PurgeBody>) -> Response {
@@ -115,6 +122,20 @@ async fn purge(State(app): State<AppState>, Json(body): Json<PurgeBody>) -> Resp
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    if let Err(e) = dead_letters::check_purge_age(before, body.force) {
+        return error(StatusCode::BAD_REQUEST, format!("{e}: send \"force\": true"));
+    }
+    if !body.confirm {
+        return match app.store.count_dead_letters_before(before).await {
+            Ok(n) => Json(json!({
+                "would_purge": n,
+                "purged": 0,
+                "confirm": "nothing was purged: send the same request with \"confirm\": true",
+            }))
+            .into_response(),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+    }
     match dead_letters::purge(&app.store, before).await {
         Ok(n) => Json(json!({"purged": n})).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

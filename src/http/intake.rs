@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde_json::value::RawValue;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
@@ -22,11 +22,7 @@ use crate::ordercloud::routes::{classify, RouteMatch};
 use crate::ordercloud::{signature, token};
 use crate::store::{EnqueueOutcome, NewIntent, UNIDENTIFIED_SHOPPER};
 
-pub(super) async fn receive(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub(super) async fn receive(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!(
         "webhook",
@@ -41,19 +37,30 @@ pub(super) async fn receive(
     let (kind, outcome, response) = handle(&app, &headers, body, &span).await;
     let status = response.status().as_u16();
     let latency = started.elapsed();
-    span.record("outcome", outcome);
-    span.record("status", status);
-    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
-    span.in_scope(|| {
-        if status >= 500 {
-            warn!("webhook not committed");
-        } else {
-            info!("webhook handled");
-        }
-    });
+    if let Some(reason) = refusal(outcome) {
+        // Anyone can send these: counted, and logged sparingly (never the body).
+        app.refusals
+            .refused(reason, "webhook refused before it was read or verified");
+    } else {
+        span.record("outcome", outcome);
+        span.record("status", status);
+        span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+        span.in_scope(|| {
+            if status >= 500 {
+                warn!("webhook not committed");
+            } else {
+                info!("webhook handled");
+            }
+        });
+    }
     metrics::counter!("forwarder_webhooks_total", "route" => kind, "outcome" => outcome).increment(1);
     metrics::histogram!("forwarder_intake_duration_seconds", "outcome" => outcome).record(latency.as_secs_f64());
     response
+}
+
+/// The refusal reason of an outcome that an unauthenticated client can cause.
+fn refusal(outcome: &'static str) -> Option<&'static str> {
+    matches!(outcome, "401" | "413" | "400" | "408").then_some(outcome)
 }
 
 fn proceed() -> Response {
@@ -64,32 +71,58 @@ fn proceed() -> Response {
 async fn handle(
     app: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     span: &Span,
 ) -> (&'static str, &'static str, Response) {
     let max = app.settings.server.max_body_bytes;
+    // The declared length is checked before anything is read; the limit and the read timeout hold
+    // while reading, whatever was declared.
     let declared_too_large = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|len| len > max);
-    let body = match body {
-        _ if declared_too_large => return too_large(max),
-        Ok(body) if body.len() > max => return too_large(max),
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(max),
-        Err(_) => {
+    if declared_too_large {
+        return too_large(max);
+    }
+    // Header names are case-insensitive in HeaderMap, so x-oc-hash and X-OC-HASH both match.
+    let expected = match signature::expected(headers.get("x-oc-hash").map(|v| v.as_bytes())) {
+        Ok(expected) => expected,
+        Err(e) => {
+            return (
+                "unknown",
+                "401",
+                closing(error(StatusCode::UNAUTHORIZED, e.to_string())),
+            )
+        }
+    };
+    let read = tokio::time::timeout(app.settings.server.read_timeout(), Limited::new(body, max).collect()).await;
+    let body = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(max),
+        Ok(Err(_)) => {
             return (
                 "unknown",
                 "400",
-                error(StatusCode::BAD_REQUEST, "cannot read the request body"),
+                closing(error(StatusCode::BAD_REQUEST, "cannot read the request body")),
+            )
+        }
+        Err(_) => {
+            return (
+                "unknown",
+                "408",
+                closing(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body did not arrive within server.read_timeout_ms ({} ms)",
+                        app.settings.server.read_timeout_ms
+                    ),
+                )),
             )
         }
     };
 
-    // Header names are case-insensitive in HeaderMap, so x-oc-hash and X-OC-HASH both match.
-    let signature_header = headers.get("x-oc-hash").map(|v| v.as_bytes());
-    if let Err(e) = signature::verify(signature_header, &body, &app.settings.ordercloud.hash_keys) {
+    if let Err(e) = signature::verify_expected(&expected, &body, &app.settings.ordercloud.hash_keys) {
         return ("unknown", "401", error(StatusCode::UNAUTHORIZED, e.to_string()));
     }
 
@@ -143,11 +176,19 @@ fn too_large(max: usize) -> (&'static str, &'static str, Response) {
     (
         "unknown",
         "413",
-        error(
+        closing(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body exceeds server.max_body_bytes ({max} bytes)"),
-        ),
+        )),
     )
+}
+
+/// The answer, and the connection closed after it: what is left of the body is not read.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
@@ -178,8 +219,12 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
     });
 
     // Register answers carry the new user's access_token: a live credential, kept with the secrets.
-    let [registered_token, _refresh_token] = take_strings(&mut response_body, ["access_token", "refresh_token"]);
-    take_strings(&mut request_body, ["Password"]);
+    let [registered_token] = take_strings(&mut response_body, ["access_token"]);
+    // No credential is stored with the intent, at any depth (a password in `xp`, a token in a
+    // query parameter): they are erased before the store ever sees them.
+    strip_credentials(&mut request_body);
+    strip_credentials(&mut response_body);
+    strip_credentials_in_map(&mut query_params);
 
     let claims = match user_token.as_deref() {
         None => Err(token::TokenError::Missing),
@@ -245,12 +290,87 @@ fn take_strings<const N: usize>(body: &mut Box<RawValue>, names: [&str; N]) -> [
     taken
 }
 
+/// Whether a JSON key names a credential: a password, a token or a secret, in any letter case.
+fn is_credential_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "passwd", "pwd", "token", "secret"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// Removes every credential-like key ([`is_credential_key`]) of a body, at every depth. The body is
+/// parsed only when its text may hold one (most bodies are stored as they came).
+fn strip_credentials(body: &mut Box<RawValue>) {
+    let text = body.get().as_bytes();
+    // A key may be spelled with escapes (`"Passw\u006frd"`): such a body is parsed too.
+    let may_hold = contains(text, b"\\u")
+        || ["pass", "pwd", "token", "secret"]
+            .iter()
+            .any(|w| contains(text, w.as_bytes()));
+    if !may_hold {
+        return;
+    }
+    let Ok(mut value) = serde_json::from_str::<Value>(body.get()) else {
+        return;
+    };
+    if strip_value(&mut value) {
+        *body = serde_json::value::to_raw_value(&value).expect("a JSON value serializes");
+    }
+}
+
+fn strip_credentials_in_map(map: &mut Map<String, Value>) {
+    map.retain(|k, _| !is_credential_key(k));
+    for value in map.values_mut() {
+        strip_value(value);
+    }
+}
+
+/// Removes credential-like keys at every depth; true when something was removed.
+fn strip_value(value: &mut Value) -> bool {
+    match value {
+        Value::Object(map) => {
+            let before = map.len();
+            map.retain(|k, _| !is_credential_key(k));
+            let mut removed = map.len() != before;
+            for v in map.values_mut() {
+                removed |= strip_value(v);
+            }
+            removed
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |removed, v| strip_value(v) | removed),
+        _ => false,
+    }
+}
+
+/// Whether `needle` (lower case) occurs in `haystack`, in any ASCII letter case.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn raw(text: &str) -> Box<RawValue> {
         RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn credentials_are_stripped_at_every_depth_in_any_letter_case() {
+        let mut body = raw(
+            r#"{"Username":"jo","PASSWORD":"a","xp":{"nested":[{"apiToken":"b","ok":1}],"ClientSecret":"c","Pwd":"d"},"Passw\u006frd":"e"}"#,
+        );
+        strip_credentials(&mut body);
+        assert_eq!(body.get(), r#"{"Username":"jo","xp":{"nested":[{"ok":1}]}}"#);
+        // Words in values are not keys: nothing removed, the text kept as it came.
+        let text = r#"{ "Name": "Passport holder", "Note": "a token of thanks" }"#;
+        let mut body = raw(text);
+        strip_credentials(&mut body);
+        assert_eq!(body.get(), text);
+        let mut query: Map<String, Value> =
+            serde_json::from_str(r#"{"anonusertoken":"x","page":"2","filters":{"password":"y"}}"#).unwrap();
+        strip_credentials_in_map(&mut query);
+        assert_eq!(Value::Object(query), serde_json::json!({"page": "2", "filters": {}}));
     }
 
     #[test]

@@ -2,18 +2,23 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::config::Settings;
 use crate::store::DynStore;
 
 pub mod admin;
 mod intake;
+mod limit;
+pub mod refusals;
+pub mod serve;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -23,34 +28,99 @@ pub struct AppState {
     pub health: crate::health::Health,
     /// Wakes the enrichment and delivery loops when an intent is committed.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Requests refused before they were verified: counted, logged sparingly.
+    pub refusals: Arc<refusals::Refusals>,
+    /// Webhooks in flight (`server.max_inflight`).
+    pub inflight: Arc<Semaphore>,
 }
 
+impl AppState {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: DynStore,
+        health: crate::health::Health,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> AppState {
+        let inflight = Arc::new(Semaphore::new(settings.server.max_inflight));
+        AppState {
+            settings,
+            store,
+            health,
+            wake,
+            refusals: Arc::default(),
+            inflight,
+        }
+    }
+}
+
+/// The public port: the webhook, `/health/live` and `/health/ready` (status only: no error text);
+/// without an operations listener (`server.admin_listen`), the operations routes too.
 pub fn router(state: AppState) -> Router {
-    // Axum's own limit is set above ours so that intake answers 413 itself, with its metrics.
-    let body_limit = state.settings.server.max_body_bytes;
-    Router::new()
+    let public = Router::new()
         .route(
             "/webhooks/ordercloud",
-            post(intake::receive).layer(DefaultBodyLimit::max(body_limit)),
+            post(intake::receive).layer(from_fn_with_state(state.clone(), limit::inflight)),
         )
         .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .merge(admin::router(state.clone()))
+        .route("/health/ready", get(ready_status));
+    let public = match state.settings.server.admin_listen.as_deref() {
+        Some(admin) if !admin.is_empty() => public,
+        _ => public.merge(operations(state.clone())),
+    };
+    public.with_state(state)
+}
+
+/// The operations listener (`server.admin_listen`): `/metrics`, `/admin`, liveness and the
+/// detailed readiness report.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready_report))
+        .merge(operations(state.clone()))
         .with_state(state)
+}
+
+/// `/metrics` and `/admin` (the detailed readiness report as `/admin/health`), wherever they are served.
+fn operations(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .merge(admin::router(state))
 }
 
 async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn ready(State(app): State<AppState>) -> Response {
+/// What readiness finds: the problems (`source: text`) and the warnings.
+pub(crate) async fn readiness(app: &AppState) -> (Vec<String>, Vec<String>) {
     let mut problems = Vec::new();
     if let Err(e) = app.store.ping().await {
         problems.push(format!("store: {e}"));
     }
     problems.extend(app.health.problems());
-    let warnings = app.health.warnings();
+    (problems, app.health.warnings())
+}
+
+/// For anyone: ready or not, and which parts fail — never their error text.
+async fn ready_status(State(app): State<AppState>) -> Response {
+    let (problems, _) = readiness(&app).await;
+    if problems.is_empty() {
+        return Json(json!({"status": "ready"})).into_response();
+    }
+    let failing: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap_or_default())
+        .collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "not ready", "failing": failing})),
+    )
+        .into_response()
+}
+
+/// For operators: every problem and warning, with its text.
+pub(crate) async fn ready_report(State(app): State<AppState>) -> Response {
+    let (problems, warnings) = readiness(&app).await;
     let mut body = if problems.is_empty() {
         json!({"status": "ready"})
     } else {
@@ -67,12 +137,9 @@ async fn ready(State(app): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(app): State<AppState>) -> Response {
-    if let Ok(stats) = app.store.stats().await {
-        metrics::gauge!("forwarder_queue_pending").set(stats.pending as f64);
-        metrics::gauge!("forwarder_dead_letters").set(stats.dead as f64);
-        metrics::gauge!("forwarder_queue_oldest_pending_age_seconds").set(stats.oldest_pending_age_ms as f64 / 1000.0);
-    }
+/// Prometheus text. The queue gauges are refreshed in the background
+/// every few seconds ([`crate::telemetry::metrics_upkeep`]), not counted per scrape.
+async fn metrics() -> Response {
     (
         [("content-type", "text/plain; version=0.0.4")],
         crate::telemetry::metrics_handle().render(),

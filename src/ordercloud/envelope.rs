@@ -55,6 +55,10 @@ pub enum EnvelopeError {
     NotJson,
     #[error("body nests arrays and objects deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// JSON that parses only when skipped: a number out of range (`1e400`), an unpaired surrogate
+    /// (`"\ud800"`). Stored, it could not be read back.
+    #[error("a body holds a value that cannot be read back (a number out of range or an invalid escape)")]
+    Unreadable,
     #[error("{0} is missing")]
     Missing(&'static str),
     #[error("Date is not an RFC 3339 timestamp")]
@@ -102,22 +106,33 @@ impl Webhook {
             None => None,
             Some(d) => Some(DateTime::parse_from_rfc3339(d).map_err(|_| EnvelopeError::BadDate)?),
         };
+        let request_body = env
+            .request
+            .and_then(|m| m.body)
+            .unwrap_or_else(|| RawValue::NULL.to_owned());
+        let response_body = env
+            .response
+            .and_then(|m| m.body)
+            .unwrap_or_else(|| RawValue::NULL.to_owned());
+        // The bodies were only skipped over: read them through once, allocating nothing, so that
+        // what is stored can be read back.
+        for body in [&request_body, &response_body] {
+            serde_json::from_str::<ReadBack>(body.get()).map_err(|_| EnvelopeError::Unreadable)?;
+        }
         Ok(Webhook {
             route: route.trim_start_matches('/').to_string(),
             verb: verb.to_ascii_uppercase(),
             route_params: env.route_params,
             query_params: env.query_params,
             date,
-            log_id: env.log_id.filter(|l| !l.is_empty()),
+            // A LogID that cannot be a key (control characters, or too long to be OrderCloud's GUID)
+            // is as good as none: the webhook is deduplicated on its body's hash.
+            log_id: env
+                .log_id
+                .filter(|l| !l.is_empty() && l.len() <= 256 && !l.chars().any(char::is_control)),
             user_token: env.user_token.filter(|t| !t.is_empty()),
-            request_body: env
-                .request
-                .and_then(|m| m.body)
-                .unwrap_or_else(|| RawValue::NULL.to_owned()),
-            response_body: env
-                .response
-                .and_then(|m| m.body)
-                .unwrap_or_else(|| RawValue::NULL.to_owned()),
+            request_body,
+            response_body,
         })
     }
 
@@ -129,6 +144,58 @@ impl Webhook {
     /// A query parameter looked up case-insensitively.
     pub fn query_param(&self, name: &str) -> Option<String> {
         lookup_ci(&self.query_params, name)
+    }
+}
+
+/// A JSON value read through — every number converted, every string unescaped — and dropped: what
+/// delivery does with a stored body, without building it.
+struct ReadBack;
+
+impl<'de> Deserialize<'de> for ReadBack {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ReadBackVisitor)
+    }
+}
+
+struct ReadBackVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ReadBackVisitor {
+    type Value = ReadBack;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_unit<E>(self) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_none<E>(self) -> Result<ReadBack, E> {
+        Ok(ReadBack)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<ReadBack, D::Error> {
+        ReadBack::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ReadBack, A::Error> {
+        while seq.next_element::<ReadBack>()?.is_some() {}
+        Ok(ReadBack)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ReadBack, A::Error> {
+        while map.next_entry::<ReadBack, ReadBack>()?.is_some() {}
+        Ok(ReadBack)
     }
 }
 
@@ -220,6 +287,15 @@ mod tests {
             EnvelopeError::TooDeep
         );
         assert_eq!(Webhook::parse(&nested(200)).unwrap_err(), EnvelopeError::TooDeep);
+        // Values that a skim accepts and a read refuses are refused now.
+        for body in [r#"{"Total": 1e400}"#, r#"{"Name": "\ud800"}"#, r#"[-1e999]"#] {
+            let webhook = format!(r#"{{"Route":"r","Verb":"PUT","Request":{{"Body":{body}}}}}"#);
+            assert_eq!(
+                Webhook::parse(webhook.as_bytes()).unwrap_err(),
+                EnvelopeError::Unreadable,
+                "{body}"
+            );
+        }
         // Brackets inside strings are text.
         let strings = format!(
             r#"{{"Route":"r","Verb":"PUT","x":"{}\"{}"}}"#,

@@ -29,6 +29,12 @@ pub enum SignatureError {
 
 /// Checks `header` against every key in constant time per key; any key may sign (rotation).
 pub fn verify(header: Option<&[u8]>, body: &[u8], keys: &[Secret]) -> Result<(), SignatureError> {
+    verify_expected(&expected(header)?, body, keys)
+}
+
+/// The HMAC an `X-oc-hash` header names, or why it cannot be one: checked before the body is read,
+/// so a request without a plausible signature costs neither its body's memory nor an HMAC.
+pub fn expected(header: Option<&[u8]>) -> Result<Vec<u8>, SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
     let header = std::str::from_utf8(header)
         .map_err(|_| SignatureError::Malformed)?
@@ -40,12 +46,17 @@ pub fn verify(header: Option<&[u8]>, body: &[u8], keys: &[Secret]) -> Result<(),
     if expected.len() != 32 {
         return Err(SignatureError::Malformed);
     }
+    Ok(expected)
+}
+
+/// Checks the HMAC from [`expected`] against every key, in constant time per key.
+pub fn verify_expected(expected: &[u8], body: &[u8], keys: &[Secret]) -> Result<(), SignatureError> {
     // Check every key, not just until the first match, so timing does not tell which key signed.
     let mut matched = false;
     for key in keys.iter().filter(|k| !k.is_empty()) {
         let mut mac = HmacSha256::new_from_slice(key.expose().as_bytes()).expect("any key length");
         mac.update(body);
-        matched |= mac.verify_slice(&expected).is_ok();
+        matched |= mac.verify_slice(expected).is_ok();
     }
     if matched {
         Ok(())

@@ -46,6 +46,13 @@ pub enum TokenError {
     Undecodable,
     #[error("UserToken has neither an orderid nor a usr claim")]
     NoShopper,
+    #[error("UserToken's orderid, usr or aud claim holds control characters or is longer than 512 bytes")]
+    UnusableClaim,
+}
+
+/// A claim that names a queue: printable, and short enough for any store's key.
+fn usable(claim: &str) -> bool {
+    claim.len() <= 512 && !claim.chars().any(char::is_control)
 }
 
 /// Decodes the claims of an OrderCloud JWT without verifying its signature or lifetime.
@@ -79,6 +86,11 @@ pub fn decode_claims(token: &str) -> Result<TokenClaims, TokenError> {
 /// `anon-<orderid>` for anonymous shoppers, `user:<aud host>:<usr>` for registered ones.
 /// The CDP identity `<BuyerID>-<UserID>` of a registered shopper is resolved at delivery.
 pub fn shopper_key(claims: &TokenClaims) -> Result<String, TokenError> {
+    for claim in [&claims.orderid, &claims.usr, &claims.aud].into_iter().flatten() {
+        if !usable(claim) {
+            return Err(TokenError::UnusableClaim);
+        }
+    }
     if let Some(orderid) = claims.orderid.as_deref().filter(|o| !o.is_empty()) {
         return Ok(format!("anon-{orderid}"));
     }

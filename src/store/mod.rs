@@ -251,6 +251,8 @@ pub trait Store: Send + Sync + 'static {
     /// Puts dead letters back in their shoppers' queues, in their original order. Returns how many.
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError>;
     async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError>;
+    /// How many dead letters [`Store::purge_dead_letters`] would delete.
+    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError>;
 
     async fn stats(&self) -> Result<QueueStats, StoreError>;
     /// Succeeds when the store accepts writes (readiness).

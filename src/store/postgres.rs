@@ -145,7 +145,7 @@ impl PostgresStore {
             .with_context(|| {
                 format!(
                     "store.url = {:?} is not a PostgreSQL URL",
-                    crate::redact_url(&settings.url)
+                    crate::config::redacted_url(&settings.url)
                 )
             })?
             .options([
@@ -656,11 +656,23 @@ impl Store for PostgresStore {
     }
 
     async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM intents WHERE state = 'dead' AND dead_at < $1")
+        let purged: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM intents WHERE state = 'dead' AND dead_at < $1 RETURNING id), \
+             progress AS (DELETE FROM intent_progress WHERE intent_id IN (SELECT id FROM gone)) \
+             SELECT COUNT(*) FROM gone",
+        )
+        .bind(before_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(purged as u64)
+    }
+
+    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < $1")
             .bind(before_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
     }
 
     async fn stats(&self) -> Result<QueueStats, StoreError> {

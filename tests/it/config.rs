@@ -21,7 +21,7 @@ fn later_layers_win() {
     write(
         dir.path(),
         "config/default.toml",
-        "[ordercloud]\nhash_keys=[\"from-default\"]\n[cdp]\ndry_run=true\nlanguage=\"DE\"\ncurrency=\"EUR\"\nchannel=\"MOBILE_WEB\"\n",
+        "[ordercloud]\nhash_keys=[\"from-default-0001\"]\n[cdp]\ndry_run=true\nlanguage=\"DE\"\ncurrency=\"EUR\"\nchannel=\"MOBILE_WEB\"\n",
     );
     let file = write(
         dir.path(),
@@ -37,7 +37,7 @@ fn later_layers_win() {
     assert_eq!(s.cdp.currency, "GBP", "--config file over default.toml");
     assert_eq!(s.cdp.channel, "WEB", "environment over the file");
     assert_eq!(s.server.listen, "0.0.0.0:8080", "built-in default");
-    assert_eq!(s.ordercloud.hash_keys[0].expose(), "from-default");
+    assert_eq!(s.ordercloud.hash_keys[0].expose(), "from-default-0001");
 }
 
 #[test]
@@ -50,7 +50,7 @@ fn environment_lists_are_comma_separated() {
     let s = Settings::load_with_env(
         &sources,
         Some(env(&[
-            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "k1,k2"),
+            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "first-key-000001,second-key-00002"),
             (
                 "FORWARDER__ORDERCLOUD__API_URLS",
                 "http://127.0.0.1:1,https://api.ordercloud.io",
@@ -61,7 +61,7 @@ fn environment_lists_are_comma_separated() {
     )
     .unwrap();
     let keys: Vec<&str> = s.ordercloud.hash_keys.iter().map(|k| k.expose()).collect();
-    assert_eq!(keys, ["k1", "k2"]);
+    assert_eq!(keys, ["first-key-000001", "second-key-00002"]);
     assert_eq!(
         s.ordercloud.api_urls,
         ["http://127.0.0.1:1", "https://api.ordercloud.io"]

@@ -267,7 +267,7 @@ async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
     let mut shopper = world.anonymous("PAUSED-1", WEB_CLIENT);
     shopper.add("L1", "SKU", 1, 10.0).await;
     let ready = eventually("readiness to report CDP", Duration::from_secs(10), || async {
-        let r = world.app.get("/health/ready").await;
+        let r = world.app.ops_get("/health/ready").await;
         (r.status() == 503).then_some(r)
     })
     .await;
@@ -306,7 +306,7 @@ async fn dry_run_delivers_without_calling_cdp() {
     assert!(world.cdp.requests().is_empty());
     assert_eq!(world.cdp.browsers_created(), 0);
     assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
-    let metrics = world.app.get("/metrics").await.text().await.unwrap();
+    let metrics = world.app.ops_get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("forwarder_deliveries_total{outcome=\"delivered\"}"),
         "{metrics}"

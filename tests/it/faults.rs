@@ -227,7 +227,7 @@ async fn a_redirect_from_cdp_is_followed_nowhere_and_nothing_is_acknowledged() {
     shopper.add("L1", "SKU", 1, 5.0).await;
 
     let reasons = eventually("readiness to name the redirect", Duration::from_secs(10), || async {
-        let ready = world.app.get("/health/ready").await;
+        let ready = world.app.ops_get("/health/ready").await;
         let status = ready.status();
         let body: Value = ready.json().await.unwrap();
         (status == 503).then_some(body["reasons"].to_string())

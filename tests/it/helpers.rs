@@ -12,11 +12,13 @@ use ordercloud_cdp_forwarder::Application;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-pub const KEY: &str = "test-hash-key-1";
-pub const SECOND_KEY: &str = "test-hash-key-2";
+pub const KEY: &str = "test-hash-key-0001";
+pub const SECOND_KEY: &str = "test-hash-key-0002";
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The operations listener, when `server.admin_listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub store: DynStore,
     pub client: reqwest::Client,
     pub settings: Settings,
@@ -104,6 +106,7 @@ pub async fn spawn_app_on(dir: tempfile::TempDir, settings: Settings, store: Dyn
 
 fn serve(dir: tempfile::TempDir, settings: Settings, app: Application) -> TestApp {
     let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
     let store = app.store();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(async move {
@@ -111,6 +114,7 @@ fn serve(dir: tempfile::TempDir, settings: Settings, app: Application) -> TestAp
     }));
     TestApp {
         addr,
+        admin_addr,
         store,
         client: reqwest::Client::new(),
         settings,
@@ -128,6 +132,21 @@ impl TestApp {
     /// `GET path` on the service.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.expect("request sent")
+    }
+
+    /// A URL on the operations listener (the public port when there is none).
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr.unwrap_or(self.addr), path)
+    }
+
+    /// `GET path` on the operations listener (the public port when there is none).
+    pub async fn ops_get(&self, path: &str) -> reqwest::Response {
+        let addr = self.admin_addr.unwrap_or(self.addr);
+        self.client
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .expect("request sent")
     }
 
     /// Posts `body` signed with `key`.

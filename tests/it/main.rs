@@ -4,6 +4,8 @@ mod config;
 mod delivery;
 mod fakes;
 mod faults;
+mod fuzz;
+mod hardening;
 mod helpers;
 mod intake;
 mod operate;

@@ -29,7 +29,7 @@ async fn metrics_name_every_stage() {
     shopper.submit().await;
     world.order("M-OK").await;
     assert_eq!(world.app.post_signed(b"{}", "wrong").await.status(), 401);
-    let text = world.app.get("/metrics").await.text().await.unwrap();
+    let text = world.app.ops_get("/metrics").await.text().await.unwrap();
     for name in [
         "forwarder_webhooks_total{route=\"line_upsert\",outcome=\"accepted\"}",
         "forwarder_webhooks_total{route=\"unknown\",outcome=\"401\"}",
@@ -95,16 +95,27 @@ async fn dead_letters_through_the_command_line() {
     assert_eq!(adds, 1, "the replayed intent was delivered");
 
     dead_letter_once(&world, "CLI-DEAD-2").await;
+    // Says what would go; takes the last hour's only with --force, and only with --yes.
+    assert!(cli(&["purge", "--before", "0s", "--force"]).contains("1 dead letter(s) would be purged"));
+    assert_eq!(world.app.store.dead_letters(None, 10).await.unwrap().len(), 1);
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"))
+        .current_dir(world.app.dir())
+        .args(["dead-letters", "purge", "--before", "0s", "--yes"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
     assert_eq!(
-        cli(&["purge", "--before", "0s"]).trim(),
-        "purged 0 dead letter(s)".replace('0', "1")
+        cli(&["purge", "--before", "0s", "--force", "--yes"]).trim(),
+        "purged 1 dead letter(s)"
     );
 }
 
 #[tokio::test]
 async fn dead_letters_through_the_admin_api() {
     let off = World::start().await;
-    let r = off.app.get("/admin/dead-letters").await;
+    let r = off.app.ops_get("/admin/dead-letters").await;
     assert_eq!(r.status(), 404, "off unless admin.token is set");
 
     let world = World::start_with(Duration::from_secs(1200), |s| {
@@ -116,7 +127,7 @@ async fn dead_letters_through_the_admin_api() {
         world
             .app
             .client
-            .get(world.app.url("/admin/dead-letters"))
+            .get(world.app.ops_url("/admin/dead-letters"))
             .bearer_auth(token)
             .send()
     };
@@ -128,7 +139,7 @@ async fn dead_letters_through_the_admin_api() {
         world
             .app
             .client
-            .post(world.app.url(path))
+            .post(world.app.ops_url(path))
             .bearer_auth(ADMIN_TOKEN)
             .json(&body)
             .send()
@@ -148,13 +159,37 @@ async fn dead_letters_through_the_admin_api() {
     assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
 
     dead_letter_once(&world, "API-DEAD-2").await;
-    let purged: Value = post("/admin/dead-letters/purge", json!({"before": "0s"}))
+    // A purge says what it would take, and takes it only when confirmed; the last hour only when forced.
+    let young = post("/admin/dead-letters/purge", json!({"before": "0s", "confirm": true}))
+        .await
+        .unwrap();
+    assert_eq!(young.status(), 400, "dead letters of the last hour need force");
+    let asked: Value = post("/admin/dead-letters/purge", json!({"before": "0s", "force": true}))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
+    assert_eq!(
+        (asked["would_purge"].clone(), asked["purged"].clone()),
+        (json!(1), json!(0))
+    );
+    assert_eq!(
+        world.app.store.dead_letters(None, 10).await.unwrap().len(),
+        1,
+        "nothing purged"
+    );
+    let purged: Value = post(
+        "/admin/dead-letters/purge",
+        json!({"before": "0s", "force": true, "confirm": true}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(purged["purged"], 1);
+    assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
 }
 
 /// SIGTERM during a backlog: the binary stops taking webhooks, releases its claims and exits 0;

@@ -42,6 +42,8 @@ pub fn world_settings(s: &mut Settings, oc: &OrderCloudFake, cdp: &CdpFake) {
     s.delivery.poll_interval_ms = 20;
     s.delivery.request_timeout_ms = 2_000;
     s.delivery.lease_secs = 5;
+    // As deployed: /metrics, /admin and readiness's reasons on the operations listener.
+    s.server.admin_listen = Some("127.0.0.1:0".into());
 }
 
 impl World {

@@ -29,6 +29,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::*;
+use crate::config::redacted_url;
 use queues::Queues;
 use seen::{SeenKey, SeenKeys};
 use writer::Writer;
@@ -61,7 +62,7 @@ impl SqliteStore {
         use anyhow::Context as _;
         let busy_timeout = settings.statement_timeout().max(Duration::from_secs(1));
         let options = SqliteConnectOptions::from_str(&settings.url)
-            .with_context(|| format!("store.url = {:?} is not a SQLite URL", settings.url))?
+            .with_context(|| format!("store.url = {:?} is not a SQLite URL", redacted_url(&settings.url)))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -89,15 +90,19 @@ impl SqliteStore {
                 .acquire_timeout(settings.connect_timeout())
                 .connect_with(options.clone())
                 .await
-                .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
+                .with_context(|| format!("cannot open the SQLite store {:?}", redacted_url(&settings.url)))?;
             sqlx::migrate!("migrations/sqlite")
                 .run(&migrator)
                 .await
                 .context("cannot migrate the SQLite store")?;
             migrator.close().await;
         }
-        let writer = Writer::open(&path, busy_timeout)
-            .with_context(|| format!("cannot open the SQLite store {:?} for writing", settings.url))?;
+        let writer = Writer::open(&path, busy_timeout).with_context(|| {
+            format!(
+                "cannot open the SQLite store {:?} for writing",
+                redacted_url(&settings.url)
+            )
+        })?;
         // No ping before each use: a SQLite connection is a file handle, and the ping is a round trip
         // to its worker thread for every statement.
         let pool = SqlitePoolOptions::new()
@@ -106,7 +111,7 @@ impl SqliteStore {
             .acquire_timeout(settings.connect_timeout())
             .connect_with(options.read_only(true))
             .await
-            .with_context(|| format!("cannot open the SQLite store {:?}", settings.url))?;
+            .with_context(|| format!("cannot open the SQLite store {:?}", redacted_url(&settings.url)))?;
         let seen = Arc::new(SeenKeys::new(writer.invalidations()));
         let queues = Arc::new(Queues::new(writer.invalidations()));
         let (loading_seen, loading_queues) = (seen.clone(), queues.clone());
@@ -681,6 +686,14 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < ?1")
+            .bind(before_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
@@ -721,8 +734,10 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        self.writer.close().await;
+        // The readers first: the last connection to close removes the WAL, which a read-only one
+        // cannot do.
         self.pool.close().await;
+        self.writer.close().await;
         self.lock.lock().expect("lock holder").take();
     }
 }

@@ -58,6 +58,7 @@ pub struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Dropped at close: the checkpointer's signal to stop.
     checkpointer: Mutex<Option<mpsc::Sender<()>>>,
+    checkpointer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Times what is kept in memory beside the database may have gone stale, counted before the
     /// next batch runs: see [`Writer::invalidations`].
     invalidations: Arc<AtomicU64>,
@@ -73,10 +74,11 @@ impl Writer {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // Checkpoints run on their own thread (below), not inside a commit of this one; the WAL
-        // file is cut back to 64 MiB when it starts over.
+        // file is cut back to 64 MiB when it starts over. What is deleted or overwritten is zeroed
+        // (`secure_delete`): an erased token leaves no readable trace in the file's free space.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = {}; \
-             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864; PRAGMA secure_delete = ON;",
             super::MMAP_BYTES
         ))?;
         conn.set_prepared_statement_cache_capacity(64);
@@ -86,7 +88,7 @@ impl Writer {
         let restart_wanted = RestartWanted::default();
         let wanted = restart_wanted.clone();
         let database = path.to_path_buf();
-        std::thread::Builder::new()
+        let checkpointer_thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || checkpoint_until_stopped(checkpoints, &database, stopped, wanted))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite checkpointer: {e}")))?;
@@ -104,6 +106,7 @@ impl Writer {
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
             checkpointer: Mutex::new(Some(stop_checkpoints)),
+            checkpointer_thread: Mutex::new(Some(checkpointer_thread)),
             invalidations,
         })
     }
@@ -167,12 +170,20 @@ impl Writer {
         self.sender.lock().expect("writer lock").is_some()
     }
 
-    /// Stops taking writes, commits those already queued (waiting up to 10 s) and closes.
+    /// Stops taking writes, commits those already queued (waiting up to 10 s) and closes both
+    /// connections; the last one to close copies the WAL into the file and removes it (with the old
+    /// page images it holds).
     pub async fn close(&self) {
         self.sender.lock().expect("writer lock").take();
         self.checkpointer.lock().expect("checkpointer lock").take();
-        let thread = self.thread.lock().expect("writer thread lock").take();
-        if let Some(thread) = thread {
+        let threads = [
+            self.thread.lock().expect("writer thread lock").take(),
+            self.checkpointer_thread
+                .lock()
+                .expect("checkpointer thread lock")
+                .take(),
+        ];
+        for thread in threads.into_iter().flatten() {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             let _ = tokio::time::timeout(Duration::from_secs(10), joined).await;
         }

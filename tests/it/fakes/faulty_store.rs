@@ -173,6 +173,9 @@ impl Store for FaultyStore {
     async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.purge_dead_letters(before_ms).await
     }
+    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.inner.count_dead_letters_before(before_ms).await
+    }
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.inner.stats().await
     }
