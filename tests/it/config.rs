@@ -135,6 +135,39 @@ fn check_config_masks_secrets_and_fails_on_invalid() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("ordercloud.hash_keys"));
 }
 
+/// The key can stay out of argv: `--key-file` (trailing newline trimmed) or `FORWARDER_SIGN_KEY`.
+#[test]
+fn sign_reads_the_key_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"{"Route":"v1/buyers/{buyerID}/addresses/{addressID}","Verb":"PUT","Request":{"Body":{"City":"Minneapolis"}},"ConfigData":{"Foo":"blah"}}"#;
+    let file = write(dir.path(), "a.json", body);
+    let key_file = write(dir.path(), "key", "myhashkey\n");
+    let vector = "4NPw1O9AviSOC1A3C+HqkDutRLNwyABneY/3M2OqByE=";
+    let out = bin()
+        .args(["sign", "--key-file"])
+        .arg(&key_file)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), vector);
+    let out = bin()
+        .arg("sign")
+        .arg(&file)
+        .env("FORWARDER_SIGN_KEY", "myhashkey")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), vector);
+    let none = bin()
+        .arg("sign")
+        .arg(&file)
+        .env_remove("FORWARDER_SIGN_KEY")
+        .output()
+        .unwrap();
+    assert!(!none.status.success(), "no key is an error");
+}
+
 #[test]
 fn sign_prints_vector_a() {
     let dir = tempfile::tempdir().unwrap();

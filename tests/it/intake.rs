@@ -266,6 +266,49 @@ async fn tokens_are_not_kept_in_the_intent() {
     }
 }
 
+/// Credential-like keys are stripped in any letter case and at any depth (`xp` nests freely),
+/// also when the key is spelled with JSON escapes; other keys that merely resemble them stay.
+#[tokio::test]
+async fn credentials_nested_anywhere_are_not_kept() {
+    let app = intake_app(|_| {}).await;
+    let token = user_token("jo", "web-client", "https://elsewhere.example");
+    let body = json!({
+        "Username": "jo",
+        "xp": {
+            "profile": {"PASSWORD": "nested-secret-1", "Passwd": "nested-secret-2"},
+            "devices": [{"apiToken": "nested-secret-3", "label": "phone"}],
+            "ClientSecret": "nested-secret-4",
+            "pwdHint": "nested-secret-5",
+            "Colour": "blue"
+        }
+    });
+    let mut webhook = envelope("PUT", "v1/me/register", json!({}), Some(&token), body, json!({}));
+    // A key spelled with an escape is a credential too.
+    let text = serde_json::to_string(&webhook).unwrap().replace(
+        "\"Colour\":\"blue\"",
+        "\"Colour\":\"blue\",\"Pass\\u0077ord\":\"nested-secret-6\"",
+    );
+    webhook = serde_json::from_str(&text).unwrap();
+    app.deliver(&webhook).await;
+    let dead = eventually(
+        "the intent to be dead-lettered",
+        std::time::Duration::from_secs(10),
+        || async {
+            let dead = app.store.dead_letters(None, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    let stored = &dead[0].intent["request_body"];
+    assert_eq!(stored["xp"]["Colour"], "blue", "other keys are kept: {stored}");
+    assert_eq!(stored["xp"]["devices"][0]["label"], "phone", "{stored}");
+    let text = serde_json::to_string(&dead).unwrap();
+    for n in 1..=6 {
+        let secret = format!("nested-secret-{n}");
+        assert!(!text.contains(&secret), "{secret} is in the stored intent: {text}");
+    }
+}
+
 /// A 200 means committed: the real binary is killed with SIGKILL right after answering, and a
 /// new process on the same file finds the intent.
 #[tokio::test]
