@@ -38,7 +38,8 @@ struct Progress {
     unstored: bool,
 }
 
-/// Sends what is left of the intent's plan. Returns the writes still to make (with the ack).
+/// Sends what is left of the intent's plan. Returns the writes still to make with the ack: among
+/// them the progress of the last event, so that a delivered intent costs one store write per event.
 pub async fn send(
     deps: &Deps,
     claimed: &ClaimedIntent,
@@ -100,9 +101,12 @@ pub async fn send(
                 }
                 writes.push(Write::Sent(progress.sent));
                 writes.push(Write::Session(facts));
-                deps.store
-                    .apply(&claimed.claim, std::mem::take(&mut writes), None)
-                    .await?;
+                // The last event's progress is recorded with the ack, in the same write.
+                if progress.sent < progress.events.len() {
+                    deps.store
+                        .apply(&claimed.claim, std::mem::take(&mut writes), None)
+                        .await?;
+                }
             }
             Outcome::BrowserUnknown if Some(&progress.events[progress.sent].session) == gathered.primary().as_ref() => {
                 remints += 1;

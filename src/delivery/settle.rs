@@ -119,8 +119,6 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
         ),
         // Given back if it is still ours (a lease that ran short while the store was slow); the
         // store refuses it otherwise.
-        // Given back if it is still ours (a lease that ran short while the store was slow); the
-        // store refuses it otherwise.
         Err(Failure::LeaseLost(reason)) => {
             warn!(reason, "lease lost: stopped before the next event");
             let (label, settle) = retry(format!("lease lost: {reason}"), None);
@@ -140,6 +138,13 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
     };
     metrics::counter!("forwarder_deliveries_total", "outcome" => label).increment(1);
     let carried = !writes.is_empty() || settle == Settle::Ack;
+    // The progress among the writes (the last event's, carried by the ack): kept even if the rest
+    // cannot be recorded, so that no acknowledged event — a CHECKOUT above all — is sent again.
+    let progress: Vec<Write> = writes
+        .iter()
+        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_)))
+        .cloned()
+        .collect();
     match deps.store.apply(claim, writes, Some(settle)).await {
         Ok(()) => {}
         Err(StoreError::StaleClaim(_)) => {
@@ -150,7 +155,7 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
         Err(e) if carried => {
             warn!(error = %e, outcome = label, "cannot record the delivered intent; it will be retried");
             let (_, settle) = retry(format!("store error: {e}"), None);
-            if let Err(e) = deps.store.apply(claim, Vec::new(), Some(settle)).await {
+            if let Err(e) = deps.store.apply(claim, progress, Some(settle)).await {
                 warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
             }
         }
