@@ -303,10 +303,7 @@ fn is_credential_key(key: &str) -> bool {
 fn strip_credentials(body: &mut Box<RawValue>) {
     let text = body.get().as_bytes();
     // A key may be spelled with escapes (`"Passw\u006frd"`): such a body is parsed too.
-    let may_hold = contains(text, b"\\u")
-        || ["pass", "pwd", "token", "secret"]
-            .iter()
-            .any(|w| contains(text, w.as_bytes()));
+    let may_hold = may_hold_credential(text);
     if !may_hold {
         return;
     }
@@ -342,9 +339,19 @@ fn strip_value(value: &mut Value) -> bool {
     }
 }
 
-/// Whether `needle` (lower case) occurs in `haystack`, in any ASCII letter case.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+/// Whether a body's text may hold a credential-like key: one of the words of [`is_credential_key`]
+/// in any letter case, or an escape (`\u`) that could spell one. One pass over the bytes, looking
+/// closer only where a word could start: most bodies hold none and are stored as they came.
+fn may_hold_credential(text: &[u8]) -> bool {
+    const WORDS: [&[u8]; 4] = [b"pass", b"pwd", b"token", b"secret"];
+    text.iter().enumerate().any(|(at, byte)| match byte | 0x20 {
+        b'p' | b't' | b's' => WORDS
+            .iter()
+            .any(|w| text.len() - at >= w.len() && text[at..at + w.len()].eq_ignore_ascii_case(w)),
+        // `\` | 0x20 is `|`: a backslash, followed by `u`.
+        b'|' => *byte == b'\\' && text.get(at + 1) == Some(&b'u'),
+        _ => false,
+    })
 }
 
 #[cfg(test)]
@@ -353,6 +360,31 @@ mod tests {
 
     fn raw(text: &str) -> Box<RawValue> {
         RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    #[test]
+    fn the_quick_scan_finds_every_word_in_any_case_and_escapes() {
+        for text in [
+            "PaSsWoRd",
+            "xpwd",
+            "apiTOKEN",
+            "Secret",
+            "tokenx",
+            r#""Passw\u006frd""#,
+            r"a\u0041",
+        ] {
+            assert!(may_hold_credential(text.as_bytes()), "{text}");
+        }
+        for text in [
+            r#"{"ID":"abc","Quantity":2,"Product":{"Name":"Shoes"}}"#,
+            "pas",
+            "toke",
+            "\\n",
+            "secre",
+            "",
+        ] {
+            assert!(!may_hold_credential(text.as_bytes()), "{text}");
+        }
     }
 
     #[test]
