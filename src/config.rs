@@ -110,14 +110,33 @@ impl OrderCloudSettings {
     }
 }
 
+/// Every API host OrderCloud documents: production, sandbox and staging in each region (US West,
+/// US East, Australia East, Europe West, Japan East; OrderCloud's supported-regions page). A token
+/// names its marketplace's host in `aud`; only these are called unless `ordercloud.api_urls` says
+/// otherwise.
+pub const ORDERCLOUD_API_HOSTS: [&str; 15] = [
+    "https://api.ordercloud.io",
+    "https://sandboxapi.ordercloud.io",
+    "https://stagingapi.ordercloud.io",
+    "https://useast-production.ordercloud.io",
+    "https://useast-sandbox.ordercloud.io",
+    "https://useast-staging.ordercloud.io",
+    "https://australiaeast-production.ordercloud.io",
+    "https://australiaeast-sandbox.ordercloud.io",
+    "https://australiaeast-staging.ordercloud.io",
+    "https://westeurope-production.ordercloud.io",
+    "https://westeurope-sandbox.ordercloud.io",
+    "https://westeurope-staging.ordercloud.io",
+    "https://japaneast-production.ordercloud.io",
+    "https://japaneast-sandbox.ordercloud.io",
+    "https://japaneast-staging.ordercloud.io",
+];
+
 impl Default for OrderCloudSettings {
     fn default() -> Self {
         Self {
             hash_keys: Vec::new(),
-            api_urls: vec![
-                "https://api.ordercloud.io".into(),
-                "https://sandboxapi.ordercloud.io".into(),
-            ],
+            api_urls: ORDERCLOUD_API_HOSTS.iter().map(|h| h.to_string()).collect(),
             request_timeout_ms: 10_000,
         }
     }

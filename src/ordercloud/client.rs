@@ -215,4 +215,27 @@ mod tests {
         );
         assert!(client.base_for(None).is_err());
     }
+
+    /// A merchant outside US West is not refused by default: every documented host is allowed, in
+    /// every region and environment, and nothing else is.
+    #[test]
+    fn every_documented_region_is_allowed_by_default() {
+        let client = OrderCloudClient::new(&OrderCloudSettings::default(), Health::default()).unwrap();
+        for region in ["useast", "australiaeast", "westeurope", "japaneast"] {
+            for env in ["production", "sandbox", "staging"] {
+                let host = format!("https://{region}-{env}.ordercloud.io");
+                assert_eq!(client.base_for(Some(&host)).unwrap(), host);
+            }
+        }
+        for host in ["https://stagingapi.ordercloud.io", "https://sandboxapi.ordercloud.io"] {
+            assert_eq!(client.base_for(Some(host)).unwrap(), host);
+        }
+        for host in [
+            "https://westeurope-production.ordercloud.io.evil.example",
+            "https://northpole-production.ordercloud.io",
+            "http://api.ordercloud.io",
+        ] {
+            assert!(client.base_for(Some(host)).is_err(), "{host}");
+        }
+    }
 }

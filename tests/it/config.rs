@@ -40,6 +40,35 @@ fn later_layers_win() {
     assert_eq!(s.ordercloud.hash_keys[0].expose(), "from-default-0001");
 }
 
+/// The shipped config/default.toml allows the same OrderCloud hosts as the built-in default: every
+/// documented one, so a token of `https://westeurope-production.ordercloud.io` is enriched.
+#[test]
+fn the_shipped_defaults_allow_every_documented_ordercloud_host() {
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    };
+    let s = Settings::load_with_env(
+        &sources,
+        Some(env(&[
+            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "shipped-default-01"),
+            ("FORWARDER__CDP__DRY_RUN", "true"),
+        ])),
+    )
+    .unwrap();
+    let built_in: Vec<String> = ordercloud_cdp_forwarder::config::ORDERCLOUD_API_HOSTS
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    assert_eq!(s.ordercloud.api_urls, built_in);
+    assert!(s
+        .ordercloud
+        .api_urls
+        .iter()
+        .any(|u| u == "https://westeurope-production.ordercloud.io"));
+    assert_eq!(s.ordercloud.api_urls.len(), 15);
+}
+
 #[test]
 fn environment_lists_are_comma_separated() {
     let dir = tempfile::tempdir().unwrap();
