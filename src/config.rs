@@ -49,6 +49,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub log: LogSettings,
     pub admin: AdminSettings,
+    pub reconcile: ReconcileSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -102,6 +103,10 @@ pub struct OrderCloudSettings {
     #[serde(deserialize_with = "list_or_commas")]
     pub api_urls: Vec<String>,
     pub request_timeout_ms: u64,
+    /// An API client of the marketplace (roles OrderReader and ApiClientReader), for the order
+    /// ledger's reconciliation; reconciliation is off while this is unset.
+    pub client_id: Option<String>,
+    pub client_secret: Secret,
 }
 
 impl OrderCloudSettings {
@@ -138,6 +143,8 @@ impl Default for OrderCloudSettings {
             hash_keys: Vec::new(),
             api_urls: ORDERCLOUD_API_HOSTS.iter().map(|h| h.to_string()).collect(),
             request_timeout_ms: 10_000,
+            client_id: None,
+            client_secret: Secret::default(),
         }
     }
 }
@@ -457,6 +464,56 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// The order ledger's reconciliation with OrderCloud (on while `ordercloud.client_id` is set): the
+/// submitted orders whose webhook never came are found and sent.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReconcileSettings {
+    /// OrderCloud API host to read orders from; the first of `ordercloud.api_urls` when unset.
+    pub api_url: Option<String>,
+    pub interval_secs: u64,
+    /// How old a submitted order must be before a missing webhook counts as lost (OrderCloud's order
+    /// lists are served from a search cache that lags seconds to minutes).
+    pub lag_secs: u64,
+    /// How far back the first pass looks.
+    pub lookback_secs: u64,
+    /// `FromUser.Username`s that mark an order as anonymous, besides the API clients' default
+    /// context users.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub anonymous_usernames: Vec<String>,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            api_url: None,
+            interval_secs: 300,
+            lag_secs: 300,
+            lookback_secs: 259_200,
+            anonymous_usernames: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Whether the reconciler runs.
+    pub fn reconciles(&self) -> bool {
+        self.ordercloud.client_id.as_deref().is_some_and(|c| !c.is_empty())
+    }
+
+    /// The OrderCloud API host the reconciler reads.
+    pub fn reconcile_api_url(&self) -> String {
+        self.reconcile
+            .api_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.ordercloud.api_urls.first().cloned())
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
 /// A configuration that cannot be used, with every problem found, each naming its key and fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -555,6 +612,49 @@ impl Settings {
         }
         if self.server.max_inflight == 0 {
             errors.push("server.max_inflight must be above 0, e.g. 512".into());
+        }
+        if self.reconciles() {
+            if self.ordercloud.client_secret.is_empty() {
+                errors.push(
+                    "ordercloud.client_id is set but ordercloud.client_secret is not: set \
+                     FORWARDER__ORDERCLOUD__CLIENT_SECRET, or unset the client id to turn reconciliation off"
+                        .into(),
+                );
+            }
+            let api = self.reconcile_api_url();
+            if !(api.starts_with("https://") || api.starts_with("http://")) {
+                errors.push(format!(
+                    "reconcile.api_url = {api:?} is not an http(s) URL: use e.g. https://api.ordercloud.io"
+                ));
+            }
+            let r = &self.reconcile;
+            if r.interval_secs == 0 {
+                errors.push("reconcile.interval_secs must be above 0, e.g. 300".into());
+            }
+            for (key, value) in [
+                ("reconcile.interval_secs", r.interval_secs),
+                ("reconcile.lag_secs", r.lag_secs),
+                ("reconcile.lookback_secs", r.lookback_secs),
+            ] {
+                if value > TEN_YEARS_SECS {
+                    errors.push(format!(
+                        "{key} ({value}) is more than ten years: use a number of seconds"
+                    ));
+                }
+            }
+            // An order is told apart from one already sent by its submit's dedupe record: it must be
+            // remembered for as long as a pass may look back.
+            let window = r
+                .lookback_secs
+                .saturating_add(r.lag_secs)
+                .saturating_add(r.interval_secs);
+            if self.store.dedupe_retention_secs < window {
+                errors.push(format!(
+                    "store.dedupe_retention_secs ({}) must cover reconcile.lookback_secs + lag_secs + \
+                     interval_secs ({window}): an order whose submit was forgotten would be sent again",
+                    self.store.dedupe_retention_secs
+                ));
+            }
         }
         if self.ordercloud.hash_keys.iter().all(|k| k.is_empty()) {
             errors.push(

@@ -10,6 +10,7 @@ pub mod health;
 pub mod http;
 pub mod ordercloud;
 pub mod planner;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 
@@ -109,6 +110,20 @@ impl Application {
             state.wake.clone(),
         )?;
         let workers = delivery::spawn(Arc::new(deps), stop_tx.subscribe());
+        let reconciler = if settings.reconciles() {
+            let reconciler = reconcile::Reconciler::new(
+                settings.clone(),
+                store.clone(),
+                state.health.clone(),
+                state.wake.clone(),
+            )?;
+            Some(tokio::spawn(reconcile::run_reconciler(
+                Arc::new(reconciler),
+                stop_tx.subscribe(),
+            )))
+        } else {
+            None
+        };
 
         let admin = admin_listener.map(|listener| {
             let (router, settings, refusals) = (
@@ -132,6 +147,9 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 let _ = stop_tx.send(true);
+                if let Some(reconciler) = &reconciler {
+                    reconciler.abort();
+                }
                 for worker in workers {
                     let _ = worker.await;
                 }
@@ -166,6 +184,10 @@ impl Application {
         tokio::join!(drain_server, drain_workers);
         if let Some(admin) = admin {
             admin.abort();
+        }
+        // A pass stopped midway leaves its lease to run out; every submit it stored is committed.
+        if let Some(reconciler) = reconciler {
+            reconciler.abort();
         }
         let _ = housekeeping.await;
         let _ = metrics_upkeep.await;

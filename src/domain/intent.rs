@@ -39,6 +39,12 @@ impl IntentKind {
     }
 }
 
+/// The dedupe key of an order's submit, whichever path brings it (the webhook, or reconciliation
+/// with OrderCloud): one submit per order is ever stored, so CDP gets one order per OrderCloud order.
+pub fn submit_dedupe_key(order_id: &str) -> String {
+    format!("order-submit:{order_id}")
+}
+
 /// Which OrderCloud API the shopper's call went through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
 use super::{error, AppState};
-use crate::domain::intent::{IntentSecrets, RawIntent};
+use crate::domain::intent::{submit_dedupe_key, IntentKind, IntentSecrets, RawIntent};
 use crate::domain::now_ms;
 use crate::ordercloud::envelope::Webhook;
 use crate::ordercloud::routes::{classify, RouteMatch};
@@ -208,7 +208,14 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
         mut response_body,
         ..
     } = webhook;
-    let dedupe_key = log_id.unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body)));
+    let submitted_order = (route.kind == IntentKind::OrderSubmitted)
+        .then(|| submitted_order_id(order_id.as_deref(), user_token.as_deref(), &response_body))
+        .flatten();
+    let dedupe_key = match &submitted_order {
+        // One submit per order, whether it comes as a webhook or from reconciliation.
+        Some(order) => submit_dedupe_key(order),
+        None => log_id.unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body))),
+    };
     let anon_key = query_params
         .keys()
         .find(|k| k.eq_ignore_ascii_case("anonUserToken"))
@@ -268,7 +275,23 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
         },
         dead_reason,
         needs_enrichment,
+        enrichment: None,
     }
+}
+
+/// The ID of the order a submit webhook submitted: the route's `orderID`, else the `ID` of the
+/// Order it answered with (Cart API routes name no order), else an anonymous token's `orderid`.
+fn submitted_order_id(route_order: Option<&str>, token: Option<&str>, response: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct OrderId {
+        #[serde(rename = "ID")]
+        id: Option<String>,
+    }
+    route_order
+        .map(str::to_string)
+        .or_else(|| serde_json::from_str::<OrderId>(response.get()).ok().and_then(|o| o.id))
+        .or_else(|| token.and_then(|t| token::decode_claims(t).ok()).and_then(|c| c.orderid))
+        .filter(|id| !id.is_empty())
 }
 
 /// Removes top-level fields of an object body, returning each one's value when it is a string.

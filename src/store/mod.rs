@@ -65,6 +65,9 @@ pub struct NewIntent {
     pub dead_reason: Option<String>,
     /// False when nothing has to be read from OrderCloud before delivery.
     pub needs_enrichment: bool,
+    /// What enrichment would find, when it is known already (an order found by reconciliation,
+    /// read with the forwarder's own API client): stored with the intent, which is then enriched.
+    pub enrichment: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +262,16 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Forgets dedupe records older than `before_ms`.
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError>;
+    /// Which of `keys` the dedupe remembers (each at most once).
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// Takes or renews the reconciler's lease for `holder` until `lease` from now: `Some(watermark)`
+    /// (how far earlier passes looked, epoch ms, `None` before the first) when it is `holder`'s,
+    /// `None` while another holds it.
+    async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError>;
+    /// Records how far a pass looked, if `holder` still holds the lease (false otherwise: nothing
+    /// written).
+    async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError>;
     /// Flushes and closes; later calls fail.
     async fn close(&self);
 

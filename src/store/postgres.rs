@@ -250,7 +250,7 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .collect();
     let mut ids: HashMap<String, i64> = HashMap::new();
     if !new.is_empty() {
-        let mut cols: [Vec<Option<String>>; 7] = Default::default();
+        let mut cols: [Vec<Option<String>>; 8] = Default::default();
         let mut enriched = Vec::with_capacity(new.len());
         for item in &new {
             let dead = item.dead_reason.is_some();
@@ -266,15 +266,17 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
             cols[4].push(secrets);
             cols[5].push(Some(if dead { "dead" } else { "pending" }.to_string()));
             cols[6].push(item.dead_reason.clone());
-            enriched.push(!item.needs_enrichment);
+            cols[7].push(item.enrichment.as_ref().map(Value::to_string));
+            enriched.push(!item.needs_enrichment || item.enrichment.is_some());
         }
-        let [dedupe, shopper, kind, intent, secrets, state, error] = cols;
+        let [dedupe, shopper, kind, intent, secrets, state, error, enrichment] = cols;
         let rows = sqlx::query(
             "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, next_attempt_at, \
-             last_error, created_at, updated_at, dead_at) \
-             SELECT d, s, k, i, sec, e, st, $9, le, $9, $9, CASE WHEN st = 'dead' THEN $9 END \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[], $8::text[]) \
-             WITH ORDINALITY AS t(d, s, k, i, sec, e, st, le, ord) ORDER BY ord \
+             last_error, created_at, updated_at, dead_at, enrichment) \
+             SELECT d, s, k, i, sec, e, st, $9, le, $9, $9, CASE WHEN st = 'dead' THEN $9 END, en \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[], $8::text[], \
+                         $10::text[]) \
+             WITH ORDINALITY AS t(d, s, k, i, sec, e, st, le, en, ord) ORDER BY ord \
              RETURNING id, dedupe_key",
         )
         .bind(dedupe)
@@ -286,6 +288,7 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .bind(state)
         .bind(error)
         .bind(now)
+        .bind(enrichment)
         .fetch_all(&mut *tx)
         .await?;
         ids = rows.into_iter().map(|r| (r.get("dedupe_key"), r.get("id"))).collect();
@@ -702,6 +705,43 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key = ANY($1)")
+                .bind(keys)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "INSERT INTO reconciler AS r (name, holder, lease_until) \
+             VALUES ('orders', $1, forwarder_now_ms() + $2) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until \
+             WHERE r.holder = excluded.holder OR r.lease_until < forwarder_now_ms() OR r.holder IS NULL \
+             RETURNING watermark",
+        )
+        .bind(holder)
+        .bind(lease_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get::<Option<i64>, _>("watermark")))
+    }
+
+    async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE reconciler SET watermark = $1 \
+             WHERE name = 'orders' AND holder = $2 AND lease_until >= forwarder_now_ms()",
+        )
+        .bind(watermark_ms)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {

@@ -112,6 +112,47 @@ fn missing_hash_key_is_named_with_the_fix() {
     assert!(err.contains("FORWARDER__ORDERCLOUD__HASH_KEYS"), "{err}");
 }
 
+/// The order ledger's settings: a client id needs its secret; the dedupe must remember submits
+/// for as long as a pass looks back; the secret never prints.
+#[test]
+fn reconciliation_settings_are_checked_and_the_client_secret_never_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let base = [
+        ("FORWARDER__ORDERCLOUD__HASH_KEYS", "reconcile-key-0001"),
+        ("FORWARDER__CDP__DRY_RUN", "true"),
+        ("FORWARDER__ORDERCLOUD__CLIENT_ID", "ledger"),
+    ];
+    let err = Settings::load_with_env(&sources, Some(env(&base)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ordercloud.client_secret"), "{err}");
+    let mut short = base.to_vec();
+    short.extend([
+        ("FORWARDER__ORDERCLOUD__CLIENT_SECRET", "ledger-secret-123"),
+        ("FORWARDER__STORE__DEDUPE_RETENTION_SECS", "3600"),
+    ]);
+    let err = Settings::load_with_env(&sources, Some(env(&short)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.dedupe_retention_secs"), "{err}");
+    assert!(!err.contains("ledger-secret-123"), "{err}");
+    let mut good = base.to_vec();
+    good.push(("FORWARDER__ORDERCLOUD__CLIENT_SECRET", "ledger-secret-123"));
+    let s = Settings::load_with_env(&sources, Some(env(&good))).unwrap();
+    assert!(s.reconciles());
+    assert_eq!(
+        s.reconcile_api_url(),
+        "https://api.ordercloud.io",
+        "the first of ordercloud.api_urls"
+    );
+    let printed = format!("{s:?} {}", serde_json::to_string(&s).unwrap());
+    assert!(!printed.contains("ledger-secret-123"), "{printed}");
+}
+
 #[test]
 fn invalid_values_are_all_reported() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ mod operate;
 mod orders;
 mod postgres;
 mod property;
+mod reconcile;
 mod restart;
 mod store;
 mod world;

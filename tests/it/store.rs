@@ -117,6 +117,8 @@ contract!(
     a_stale_enrichment_claim_writes_nothing,
     an_unreadable_row_is_dead_lettered_alone_and_the_rest_of_the_batch_is_claimed,
     the_claims_of_a_dead_service_are_taken_over_before_their_lease_ends,
+    the_dedupe_says_which_keys_it_knows_and_an_enrichment_given_at_intake_comes_back,
+    one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -144,6 +146,7 @@ fn intent(shopper: &str, dedupe: &str) -> NewIntent {
         secrets: IntentSecrets::default(),
         dead_reason: None,
         needs_enrichment: false,
+        enrichment: None,
     }
 }
 
@@ -414,6 +417,64 @@ async fn a_batch_with_the_same_key_twice_stores_it_once(backend: Backend) {
     );
     assert_eq!(outcomes.iter().filter(|o| **o == EnqueueOutcome::Duplicate).count(), 1);
     assert_eq!(store.pending(10).await.unwrap().len(), 1);
+    store.close().await;
+}
+
+/// The order ledger's look-up: the dedupe tells which keys it holds (also just stored ones), and an
+/// intent stored with its enrichment (a reconciled submit) is claimed enriched, with it.
+async fn the_dedupe_says_which_keys_it_knows_and_an_enrichment_given_at_intake_comes_back(backend: Backend) {
+    let Some(place) = backend.place("known_keys") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "order-submit:O1").await;
+    let mut given = intent("s2", "order-submit:O2");
+    given.enrichment = Some(json!({"identity": "b-u", "lines": [{"ID": "L1"}]}));
+    assert!(matches!(store.enqueue(given).await.unwrap(), EnqueueOutcome::Queued(_)));
+    let asked: Vec<String> = ["order-submit:O1", "order-submit:O3", "order-submit:O2"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let mut known = store.known_dedupe_keys(&asked).await.unwrap();
+    known.sort();
+    assert_eq!(known, ["order-submit:O1", "order-submit:O2"]);
+    assert!(store.known_dedupe_keys(&[]).await.unwrap().is_empty());
+    let claimed = store.claim(10, LONG).await.unwrap();
+    let s2 = claimed.iter().find(|c| c.shopper_key == "s2").expect("s2 claimed");
+    assert_eq!(s2.enrichment, Some(json!({"identity": "b-u", "lines": [{"ID": "L1"}]})));
+    store.close().await;
+}
+
+/// One holder at a time: another is refused while the lease runs, takes over once it ran out and
+/// reads the watermark the first left; the first holder can then move nothing.
+async fn one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark(backend: Backend) {
+    let Some(place) = backend.place("reconciler_lease") else {
+        return;
+    };
+    let store = place.service().await;
+    assert_eq!(
+        store.lease_reconciler("a", LONG).await.unwrap(),
+        Some(None),
+        "first pass: no watermark"
+    );
+    assert_eq!(store.lease_reconciler("b", LONG).await.unwrap(), None, "a holds it");
+    assert!(store.advance_reconciler("a", 1_000).await.unwrap());
+    assert!(
+        !store.advance_reconciler("b", 2_000).await.unwrap(),
+        "b does not hold it"
+    );
+    assert_eq!(
+        store.lease_reconciler("a", Duration::from_millis(50)).await.unwrap(),
+        Some(Some(1_000))
+    );
+    let taken = eventually("a's short lease to run out", Duration::from_secs(5), || async {
+        store.lease_reconciler("b", LONG).await.unwrap()
+    })
+    .await;
+    assert_eq!(taken, Some(1_000), "b goes on from a's watermark");
+    assert!(!store.advance_reconciler("a", 3_000).await.unwrap(), "a lost it");
+    assert!(store.advance_reconciler("b", 4_000).await.unwrap());
+    assert_eq!(store.lease_reconciler("b", LONG).await.unwrap(), Some(Some(4_000)));
     store.close().await;
 }
 

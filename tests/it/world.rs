@@ -18,6 +18,9 @@ pub const POS: &str = "test-shop";
 pub const WEB_CLIENT: &str = "web-client";
 pub const APP_CLIENT: &str = "app-client";
 
+/// `FromUser.Username` of anonymous shoppers' orders: the API client's default context user.
+pub const ANON_TEMPLATE_USERNAME: &str = "anon-template";
+
 pub struct World {
     pub oc: OrderCloudFake,
     pub cdp: CdpFake,
@@ -165,12 +168,17 @@ impl<'w> Shopper<'w> {
             .user
             .clone()
             .unwrap_or(("anon-buyer".into(), "anon-template-user".into()));
+        // OrderCloud's OrderUser: the user's own login, or the anonymous template user's.
+        let username = match &self.user {
+            Some((_, user)) => format!("{user}-login"),
+            None => ANON_TEMPLATE_USERNAME.to_string(),
+        };
         let xp = match &self.storefront_browser {
             Some(b) => json!({"cdpBrowserId": b}),
             None => json!({}),
         };
         json!({"ID": self.order_id, "FromCompanyID": company,
-               "FromUser": {"ID": user, "Username": "u", "Email": null, "FirstName": null, "LastName": null},
+               "FromUser": {"ID": user, "Username": username, "Email": null, "FirstName": null, "LastName": null},
                "Status": "Unsubmitted", "Currency": "USD", "Subtotal": total, "Total": (total * 100.0).round() / 100.0,
                "LineItemCount": self.lines.len(), "xp": xp})
     }
@@ -268,6 +276,14 @@ impl<'w> Shopper<'w> {
             order.clone(),
         );
         self.world.app.deliver(&w).await;
+        order["Total"].as_f64().unwrap()
+    }
+
+    /// The order is submitted in OrderCloud, and its webhook never arrives (OrderCloud documents no
+    /// retry; a portal submit fires none). Returns the order's expected revenue.
+    pub fn submit_without_webhook(&mut self) -> f64 {
+        let order = self.order_json();
+        self.world.oc.submit(&self.order_id);
         order["Total"].as_f64().unwrap()
     }
 

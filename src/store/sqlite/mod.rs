@@ -161,6 +161,7 @@ struct IntentRow {
     intent: String,
     secrets: Option<String>,
     enriched: bool,
+    enrichment: Option<String>,
     dead_reason: Option<String>,
 }
 
@@ -175,7 +176,8 @@ impl IntentRow {
             kind: item.intent.kind.label(),
             intent: to_json_text(&item.intent)?,
             secrets,
-            enriched: !item.needs_enrichment,
+            enriched: !item.needs_enrichment || item.enrichment.is_some(),
+            enrichment: item.enrichment.as_ref().map(Value::to_string),
             seen_key: SeenKey::new(&item.dedupe_key),
             dedupe_key: item.dedupe_key,
             shopper_key: item.shopper_key,
@@ -194,8 +196,8 @@ impl IntentRow {
         let queue = if dead { id } else { shoppers_queue };
         conn.prepare_cached(
             "INSERT INTO intents (id, queue_id, dedupe_key, shopper_key, kind, intent, secrets, enriched, state, \
-             next_attempt_at, last_error, created_at, updated_at, dead_at) \
-             VALUES (?11, ?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10)",
+             next_attempt_at, last_error, created_at, updated_at, dead_at, enrichment) \
+             VALUES (?11, ?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8, ?10, ?13)",
         )?
         .execute(params![
             self.dedupe_key,
@@ -210,6 +212,7 @@ impl IntentRow {
             dead.then_some(now),
             id,
             queue,
+            self.enrichment,
         ])?;
         seen.remember(conn, self.seen_key.clone(), seen_row, now)?;
         queues.stored(id, &self.shopper_key, (!dead).then_some(queue));
@@ -733,6 +736,53 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        // Keys not yet merged into seen_webhooks are in seen_recent (committed with their intent).
+        let list = serde_json::to_string(keys)?;
+        Ok(sqlx::query_scalar(
+            "SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key IN (SELECT value FROM json_each(?1)) \
+             UNION SELECT dedupe_key FROM seen_recent WHERE dedupe_key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(list)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
+        let holder = holder.to_string();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        self.writer
+            .write(move |c| {
+                let now = now_ms();
+                c.prepare_cached(
+                    "INSERT INTO reconciler (name, holder, lease_until) VALUES ('orders', ?1, ?2) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until \
+                     WHERE reconciler.holder = excluded.holder OR reconciler.lease_until < ?3 \
+                        OR reconciler.holder IS NULL",
+                )?
+                .execute(params![holder, now.saturating_add(lease_ms), now])?;
+                let (current, watermark): (Option<String>, Option<i64>) = c
+                    .prepare_cached("SELECT holder, watermark FROM reconciler WHERE name = 'orders'")?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok((current.as_deref() == Some(holder.as_str())).then_some(watermark))
+            })
+            .await
+    }
+
+    async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
+        let holder = holder.to_string();
+        self.writer
+            .write(move |c| {
+                run(
+                    c,
+                    "UPDATE reconciler SET watermark = ?1 WHERE name = 'orders' AND holder = ?2 AND lease_until >= ?3",
+                    params![watermark_ms, holder, now_ms()],
+                )
+                .map(|n| n == 1)
+            })
+            .await
+    }
+
     async fn close(&self) {
         // The readers first: the last connection to close removes the WAL, which a read-only one
         // cannot do.
@@ -875,7 +925,7 @@ mod tests {
     use rusqlite::Connection;
 
     /// The SQLite migrations, in order.
-    const MIGRATIONS: [&str; 8] = [
+    const MIGRATIONS: [&str; 9] = [
         include_str!("../../../migrations/sqlite/0001_initial.sql"),
         include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
         include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
@@ -884,6 +934,7 @@ mod tests {
         include_str!("../../../migrations/sqlite/0006_shopper_queues.sql"),
         include_str!("../../../migrations/sqlite/0007_queues_in_memory.sql"),
         include_str!("../../../migrations/sqlite/0008_progress_per_event.sql"),
+        include_str!("../../../migrations/sqlite/0009_reconciler.sql"),
     ];
 
     /// An in-memory database with the first `migrations` of the store's schema applied.

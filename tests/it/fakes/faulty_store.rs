@@ -185,6 +185,15 @@ impl Store for FaultyStore {
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_dedupe(before_ms).await
     }
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        self.inner.known_dedupe_keys(keys).await
+    }
+    async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
+        self.inner.lease_reconciler(holder, lease).await
+    }
+    async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
+        self.inner.advance_reconciler(holder, watermark_ms).await
+    }
     async fn close(&self) {
         self.inner.close().await
     }

@@ -2,7 +2,12 @@
 //! (`ordercloud.md` §5, §7, §8):
 //! - `GET /v1/me` → MeUser: how `<BuyerID>-<UserID>` is resolved, since the JWT carries neither (§7.2);
 //! - `GET /v1/cart`, `GET /v1/cart/lineitems`: the Cart API carries no order ID in webhooks (§5);
-//! - `GET /v1/orders/{direction}/{orderID}/lineitems`: submit returns only the Order (§5).
+//! - `GET /v1/orders/{direction}/{orderID}/lineitems`: submit returns only the Order (§5);
+//! - for the forwarder's own API client (§15 of the reference, reconciliation): `POST /oauth/token`
+//!   (client credentials; a wrong id or secret is 400 `invalid_client`), `GET /v1/orders/Incoming`
+//!   (submitted orders, `DateSubmitted=>…` filter, `sortBy=DateSubmitted`, list pages, served from a
+//!   search cache that lags behind submits: [`OrderCloudFake::set_search_lag`]), the lines of any
+//!   incoming order, and `GET /v1/apiclients` (each client's `DefaultContextUserName`).
 //!
 //! Tokens are opaque strings here: the test registers the JWT it puts in a webhook and the fake
 //! maps it to a user or an anonymous shopper. Calls with an unknown or expired token get 401, as
@@ -52,6 +57,8 @@ struct User {
 enum Owner {
     User(String),
     Anon(String),
+    /// The marketplace's API client (client credentials): reads every incoming order.
+    ApiClient(String),
 }
 
 struct OrderRecord {
@@ -73,6 +80,10 @@ struct OcState {
     script: VecDeque<u16>,
     delay: Duration,
     calls: Vec<String>,
+    /// API clients: id → (secret, DefaultContextUserName).
+    api_clients: Vec<(String, String, String)>,
+    /// Orders submitted less than this long ago are not listed yet (the search cache's lag).
+    search_lag: Duration,
 }
 
 impl OcState {
@@ -105,6 +116,9 @@ impl OrderCloudFake {
             .route("/v1/cart", get(cart))
             .route("/v1/cart/lineitems", get(cart_lines))
             .route("/v1/orders/{direction}/{order_id}/lineitems", get(order_lines))
+            .route("/v1/orders/{direction}", get(orders_list))
+            .route("/v1/apiclients", get(api_clients))
+            .route("/oauth/token", axum::routing::post(oauth_token))
             .fallback(unknown_route)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -232,6 +246,40 @@ impl OrderCloudFake {
         }
     }
 
+    /// An API client of the marketplace whose anonymous shoppers act as `default_context_username`.
+    pub fn add_api_client(&self, client_id: &str, secret: &str, default_context_username: &str) {
+        self.lock()
+            .api_clients
+            .push((client_id.into(), secret.into(), default_context_username.into()));
+    }
+
+    /// Orders submitted less than `lag` ago are left out of `GET /v1/orders/Incoming`.
+    pub fn set_search_lag(&self, lag: Duration) {
+        self.lock().search_lag = lag;
+    }
+
+    /// A submitted order as an API client reads it (as `submit` leaves it), with its lines: for
+    /// orders placed without a shopper of the test (the portal, another storefront).
+    pub fn put_submitted(&self, order: Value, lines: Vec<Value>, date_submitted: chrono::DateTime<chrono::Utc>) {
+        let id = order["ID"].as_str().expect("order needs a string \"ID\"").to_string();
+        let mut order = order;
+        order["IsSubmitted"] = json!(true);
+        order["Status"] = json!("Open");
+        order["DateSubmitted"] = json!(date_submitted.to_rfc3339());
+        let mut st = self.lock();
+        let seq = st.next_seq();
+        st.orders.insert(
+            id.clone(),
+            OrderRecord {
+                order,
+                lines,
+                owner: Owner::Anon(id),
+                submitted: true,
+                seq,
+            },
+        );
+    }
+
     /// The next requests (any route) are answered with these statuses, one each, before any
     /// other processing; the body is OrderCloud's error shape.
     pub fn script(&self, statuses: Vec<u16>) {
@@ -333,6 +381,13 @@ async fn me(State(state): State<Shared>, method: Method, uri: Uri, headers: Head
             })
         }
         // §7.1: anonymous tokens act as the shared template user (`usr` = anon-template).
+        Owner::ApiClient(_) => {
+            return oc_error(
+                StatusCode::FORBIDDEN,
+                "InsufficientRoles",
+                "A shopper's token is required.",
+            )
+        }
         Owner::Anon(_) => json!({
             "ID": "anon-template-user", "Username": "anon-template", "FirstName": null, "LastName": null,
             "Email": null, "Phone": null, "Active": true,
@@ -401,8 +456,140 @@ async fn order_lines(
     let st = lock(&state);
     match st.orders.get(&order_id) {
         Some(record) if record.owner == owner && direction != "incoming" => list_page(&record.lines, raw),
+        // The marketplace owner's client sees every submitted order as incoming.
+        Some(record) if matches!(owner, Owner::ApiClient(_)) && direction == "incoming" && record.submitted => {
+            list_page(&record.lines, raw)
+        }
         _ => not_found("Order"),
     }
+}
+
+/// `POST /oauth/token`, form-encoded client credentials → `{access_token, token_type, expires_in}`;
+/// a wrong id or secret is 400 `{"error":"invalid_client"}`.
+async fn oauth_token(State(state): State<Shared>, uri: Uri, body: String) -> Response {
+    let mut st = lock(&state);
+    st.calls.push(format!("POST {}", uri.path()));
+    if let Some(status) = st.script.pop_front() {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return oc_error(status, "Scripted", &format!("scripted {}", status.as_u16()));
+    }
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    let (Some(id), Some(secret)) = (form.get("client_id"), form.get("client_secret")) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_client"}))).into_response();
+    };
+    if !st.api_clients.iter().any(|(i, s, _)| i == id && s == secret) {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_client"}))).into_response();
+    }
+    let seq = st.next_seq();
+    let token = format!("client-token-{seq}");
+    st.tokens.insert(token.clone(), Owner::ApiClient(id.clone()));
+    Json(json!({"access_token": token, "token_type": "bearer", "expires_in": 600, "refresh_token": null}))
+        .into_response()
+}
+
+/// `GET /v1/orders/Incoming` (API clients only): submitted orders, filtered by `DateSubmitted`
+/// (`>x`, `>=x`, `<x`, `<=x`), sorted by `sortBy=DateSubmitted`, in list pages; orders submitted
+/// within the search lag are not there yet.
+async fn orders_list(
+    State(state): State<Shared>,
+    Path(direction): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let owner = match begin(&state, &method, &uri, &headers).await {
+        Ok(owner) => owner,
+        Err(response) => return response,
+    };
+    if !matches!(owner, Owner::ApiClient(_)) || !direction.eq_ignore_ascii_case("incoming") {
+        return oc_error(StatusCode::FORBIDDEN, "InsufficientRoles", "OrderReader is required.");
+    }
+    let query: Vec<(String, String)> = url::form_urlencoded::parse(raw.clone().unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let st = lock(&state);
+    let visible_until = chrono::Utc::now() - chrono::Duration::from_std(st.search_lag).unwrap();
+    let submitted_at = |o: &Value| {
+        o["DateSubmitted"]
+            .as_str()
+            .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+            .map(|d| d.with_timezone(&chrono::Utc))
+    };
+    let mut orders: Vec<Value> = st
+        .orders
+        .values()
+        .filter(|r| r.submitted)
+        .map(|r| r.order.clone())
+        .filter(|o| submitted_at(o).is_some_and(|d| d <= visible_until))
+        .collect();
+    for (key, value) in &query {
+        if !key.eq_ignore_ascii_case("DateSubmitted") {
+            continue;
+        }
+        let (op, at) = ["<=", ">=", "<", ">"]
+            .iter()
+            .find_map(|op| value.strip_prefix(op).map(|rest| (*op, rest)))
+            .unwrap_or(("=", value.as_str()));
+        let Ok(at) = chrono::DateTime::parse_from_rfc3339(at) else {
+            let message = format!("DateSubmitted: {value:?} is not a date");
+            return oc_error(StatusCode::BAD_REQUEST, "InvalidRequest", &message);
+        };
+        orders.retain(|o| {
+            let d = submitted_at(o).unwrap();
+            match op {
+                ">" => d > at,
+                ">=" => d >= at,
+                "<" => d < at,
+                "<=" => d <= at,
+                _ => d == at,
+            }
+        });
+    }
+    let sort = query
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("sortBy"))
+        .map(|(_, v)| v.as_str());
+    match sort {
+        Some("DateSubmitted") => orders.sort_by_key(|o| submitted_at(o)),
+        Some("!DateSubmitted") => orders.sort_by_key(|o| std::cmp::Reverse(submitted_at(o))),
+        _ => orders.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str())),
+    }
+    list_page(&orders, raw)
+}
+
+/// `GET /v1/apiclients` (API clients only) → list page of `{ID, DefaultContextUserName}`.
+async fn api_clients(
+    State(state): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let owner = match begin(&state, &method, &uri, &headers).await {
+        Ok(owner) => owner,
+        Err(response) => return response,
+    };
+    if !matches!(owner, Owner::ApiClient(_)) {
+        return oc_error(
+            StatusCode::FORBIDDEN,
+            "InsufficientRoles",
+            "ApiClientReader is required.",
+        );
+    }
+    let clients: Vec<Value> = lock(&state)
+        .api_clients
+        .iter()
+        .map(|(id, _, user)| json!({"ID": id, "DefaultContextUserName": user, "Active": true}))
+        .collect();
+    list_page(&clients, raw)
 }
 
 async fn unknown_route(State(state): State<Shared>, method: Method, uri: Uri) -> Response {

@@ -1,0 +1,152 @@
+//! One reconciliation pass: take the window's lease, list the orders submitted in the window page
+//! by page, look their submits up in the dedupe (one query a page), and store a submit for each
+//! order that has none — read its lines first, so only lost orders cost more calls. Then move the
+//! watermark to the end of what was looked at.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value;
+
+use super::submit::{shopper_of, submit_of};
+use super::Reconciler;
+use crate::domain::intent::submit_dedupe_key;
+use crate::domain::now_ms;
+use crate::ordercloud::admin::AdminError;
+use crate::store::{EnqueueOutcome, StoreError};
+
+/// Pages one pass reads at most (10,000 orders); the next pass goes on from the last order read.
+const MAX_PAGES: u32 = 100;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Orders listed in the window.
+    pub listed: u64,
+    /// Submits stored by this pass (orders whose webhook never came).
+    pub sent: u64,
+    /// False when another replica holds the window.
+    pub ran: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    OrderCloud(#[from] AdminError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("another replica took the reconciliation window over during the pass")]
+    LeaseLost,
+}
+
+pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
+    let Some(watermark) = r.store.lease_reconciler(&r.holder, r.lease()).await? else {
+        return Ok(Report::default());
+    };
+    r.saw_watermark(watermark);
+    let settings = &r.settings.reconcile;
+    let now = now_ms();
+    let lag = secs_to_ms(settings.lag_secs);
+    let until = now - lag;
+    let floor = now - secs_to_ms(settings.lookback_secs);
+    // Each pass looks back over the lag again: orders the search cache showed late are found then.
+    let from = watermark.map_or(floor, |w| w - lag).max(floor);
+    let mut report = Report {
+        ran: true,
+        ..Report::default()
+    };
+    if from >= until {
+        return Ok(report);
+    }
+    let anonymous = r.anonymous_usernames().await?;
+    let api = r.ordercloud.base().to_string();
+    let from_text = iso(from);
+    let mut reached = until;
+    for page in 1..=MAX_PAGES {
+        let list = r.ordercloud.submitted_orders(&from_text, page).await?;
+        let items = list.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
+        let mut in_window = Vec::with_capacity(items.len());
+        let mut past_window = false;
+        for order in items {
+            let (Some(id), Some(submitted)) = (
+                order.get("ID").and_then(Value::as_str).map(str::to_string),
+                order.get("DateSubmitted").and_then(Value::as_str).and_then(parse_ms),
+            ) else {
+                continue;
+            };
+            if submitted > until {
+                past_window = true;
+                break;
+            }
+            in_window.push((id, submitted, order));
+        }
+        report.listed += in_window.len() as u64;
+        let keys: Vec<String> = in_window.iter().map(|(id, _, _)| submit_dedupe_key(id)).collect();
+        let known = r.store.known_dedupe_keys(&keys).await?;
+        for ((id, submitted, order), key) in in_window.iter().zip(&keys) {
+            if known.contains(key) {
+                continue;
+            }
+            let Some(shopper) = shopper_of(order, &api, &anonymous) else {
+                tracing::warn!(order = %id, "a submitted order without FromCompanyID and FromUser: not reconciled");
+                continue;
+            };
+            let lines = r.ordercloud.order_lines(id).await?;
+            let submit = submit_of(order, lines, shopper, &api, *submitted);
+            if let EnqueueOutcome::Queued(_) = r.store.enqueue(submit).await? {
+                report.sent += 1;
+                metrics::counter!("orders_reconciled_total").increment(1);
+                tracing::info!(order = %id, "the order's submit webhook never came: sent from reconciliation");
+            }
+        }
+        let total_pages = list.pointer("/Meta/TotalPages").and_then(Value::as_u64).unwrap_or(1);
+        if past_window || u64::from(page) >= total_pages {
+            break;
+        }
+        if page == MAX_PAGES {
+            // The rest is the next pass's: it starts at the last order looked at.
+            reached = in_window.last().map_or(until, |(_, submitted, _)| *submitted);
+        } else if r.store.lease_reconciler(&r.holder, r.lease()).await?.is_none() {
+            return Err(PassError::LeaseLost);
+        }
+    }
+    if !r.store.advance_reconciler(&r.holder, reached).await? {
+        return Err(PassError::LeaseLost);
+    }
+    r.saw_watermark(Some(reached));
+    Ok(report)
+}
+
+fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// An epoch-ms time as OrderCloud's filters take it (UTC, `Z`: no `+` to be read as a space).
+fn iso(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_ms(text: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+        .or_else(|| {
+            // OrderCloud may omit the offset: the time is UTC then.
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|t| t.and_utc().timestamp_millis())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_go_out_in_utc_and_come_back_with_or_without_an_offset() {
+        assert_eq!(iso(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(parse_ms("1970-01-01T00:00:01.500Z"), Some(1500));
+        assert_eq!(parse_ms("1970-01-01T01:00:01+01:00"), Some(1000));
+        assert_eq!(parse_ms("1970-01-01T00:00:02.25"), Some(2250));
+        assert_eq!(parse_ms("yesterday"), None);
+    }
+}

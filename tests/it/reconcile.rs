@@ -1,0 +1,205 @@
+//! The order ledger's reconciliation with OrderCloud: orders submitted in OrderCloud whose webhook
+//! never came reach CDP once, whichever path brings them first.
+
+use std::time::Duration;
+
+use ordercloud_cdp_forwarder::config::Secret;
+use serde_json::{json, Value};
+
+use crate::helpers::eventually;
+use crate::world::{World, ANON_TEMPLATE_USERNAME};
+
+const CLIENT: &str = "reconcile-client";
+const SECRET: &str = "reconcile-secret-0001";
+const WEB_CLIENT: &str = "web-client";
+
+/// A world whose service reconciles every second, counting an order lost after a second.
+async fn reconciling_world(secret: &str) -> World {
+    let secret = secret.to_string();
+    let world = World::start_with(Duration::from_secs(1200), move |s| {
+        s.ordercloud.client_id = Some(CLIENT.into());
+        s.ordercloud.client_secret = Secret::new(secret);
+        s.reconcile.interval_secs = 1;
+        s.reconcile.lag_secs = 1;
+        s.reconcile.lookback_secs = 3600;
+    })
+    .await;
+    world.oc.add_api_client(CLIENT, SECRET, ANON_TEMPLATE_USERNAME);
+    world
+}
+
+fn orders_of(world: &World, reference: &str) -> usize {
+    world
+        .cdp
+        .orders()
+        .iter()
+        .filter(|o| o.reference_id == reference)
+        .count()
+}
+
+fn checkouts_of(world: &World, reference: &str) -> usize {
+    world
+        .cdp
+        .requests()
+        .iter()
+        .filter(|r| r.event_type == "CHECKOUT" && r.event.get("reference_id") == Some(&json!(reference)))
+        .count()
+}
+
+/// A submit whose webhook never arrives lands within lag + interval, once, with every line, under
+/// the anonymous shopper's identity; its late webhook then changes nothing.
+#[tokio::test]
+async fn a_submit_whose_webhook_never_came_lands_once_and_its_late_webhook_changes_nothing() {
+    let world = reconciling_world(SECRET).await;
+    let mut shopper = world.anonymous("O-LOST", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 10.0).await;
+    shopper.add("L2", "SKU-2", 2, 5.0).await;
+    world.drained().await;
+    let revenue = shopper.submit_without_webhook();
+
+    let order = world.order("O-LOST").await;
+    assert_eq!(order.lines.len(), 2, "every line: {order:?}");
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.shopper.as_deref(), Some("anon-O-LOST"));
+    world.drained().await;
+
+    // The webhook comes after all: 200, and nothing more is sent.
+    shopper.submit().await;
+    world.drained().await;
+    // Two more passes list the order again (its submit time moved): they find it known.
+    let passes_before = world
+        .oc
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("GET /v1/orders/Incoming?"))
+        .count();
+    eventually("two more reconciliation passes", Duration::from_secs(10), || async {
+        let passes = world
+            .oc
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("GET /v1/orders/Incoming?"))
+            .count();
+        (passes >= passes_before + 2).then_some(())
+    })
+    .await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-LOST"), 1, "one CDP order");
+    assert_eq!(checkouts_of(&world, "O-LOST"), 1, "one CHECKOUT sent");
+}
+
+/// A registered shopper's lost submit is sent as `<Buyer>-<User>`, in the shopper's own queue.
+#[tokio::test]
+async fn a_registered_order_found_by_reconciliation_keeps_its_buyer_and_user() {
+    let world = reconciling_world(SECRET).await;
+    let mut shopper = world.registered("buyer1", "jo", WEB_CLIENT);
+    shopper.open_cart("O-REG");
+    shopper.add("L1", "SKU-1", 3, 2.5).await;
+    world.drained().await;
+    shopper.submit_without_webhook();
+    let order = world.order("O-REG").await;
+    assert_eq!(order.shopper.as_deref(), Some("buyer1-jo"));
+    assert_eq!(order.lines.len(), 1);
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-REG"), 1);
+}
+
+/// A webhook that arrives in time is the only path: reconciliation finds its order known and
+/// reads no lines for it.
+#[tokio::test]
+async fn an_order_whose_webhook_came_is_not_sent_again() {
+    let world = reconciling_world(SECRET).await;
+    let mut shopper = world.anonymous("O-ONTIME", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 10.0).await;
+    shopper.submit().await;
+    world.order("O-ONTIME").await;
+    let listed = |world: &World| {
+        world
+            .oc
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("GET /v1/orders/Incoming?"))
+            .count()
+    };
+    let before = listed(&world);
+    eventually("two more reconciliation passes", Duration::from_secs(10), || async {
+        (listed(&world) >= before + 2).then_some(())
+    })
+    .await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-ONTIME"), 1);
+    let line_reads = world
+        .oc
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("GET /v1/orders/Incoming/O-ONTIME/lineitems"))
+        .count();
+    assert_eq!(line_reads, 0, "a known order costs no line reads");
+}
+
+/// More than a page of orders, and an order with more than a page of lines: every order lands
+/// once, with every line.
+#[tokio::test]
+async fn orders_and_lines_are_read_across_pages() {
+    let world = reconciling_world(SECRET).await;
+    let submitted = chrono::Utc::now() - chrono::Duration::seconds(30);
+    let line = |i: usize| {
+        json!({"ID": format!("L{i}"), "ProductID": format!("SKU-{i}"), "Quantity": 1, "UnitPrice": 1.0,
+               "LineSubtotal": 1.0, "LineTotal": 1.0, "Product": {"ID": format!("SKU-{i}"), "Name": "Thing"}, "xp": {}})
+    };
+    let order = |id: &str, lines: usize| {
+        json!({"ID": id, "FromCompanyID": "anon-buyer",
+               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
+               "Currency": "USD", "Total": lines as f64, "Subtotal": lines as f64, "LineItemCount": lines, "xp": {}})
+    };
+    world
+        .oc
+        .put_submitted(order("P-BIG", 130), (0..130).map(line).collect(), submitted);
+    for n in 0..119 {
+        let id = format!("P-{n:03}");
+        world.oc.put_submitted(
+            order(&id, 1),
+            vec![line(0)],
+            submitted + chrono::Duration::milliseconds(n),
+        );
+    }
+    eventually("120 orders in CDP", Duration::from_secs(60), || async {
+        (world.cdp.orders().len() >= 120).then_some(())
+    })
+    .await;
+    world.drained().await;
+    let orders = world.cdp.orders();
+    assert_eq!(orders.len(), 120, "each order once");
+    let big = orders.iter().find(|o| o.reference_id == "P-BIG").unwrap();
+    assert_eq!(big.lines.len(), 130, "every line of the order with two pages of them");
+    let pages: Vec<String> = world
+        .oc
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("GET /v1/orders/Incoming?") && c.contains("page=2"))
+        .collect();
+    assert!(!pages.is_empty(), "the second page of orders was read");
+}
+
+/// Wrong client credentials: readiness names the reconciler and stays ready; webhooks flow.
+#[tokio::test]
+async fn bad_client_credentials_show_in_readiness_and_webhooks_keep_flowing() {
+    let world = reconciling_world("not-the-secret-0001").await;
+    let report: Value = eventually("readiness to name the reconciler", Duration::from_secs(10), || async {
+        let ready = world.app.ops_get("/health/ready").await;
+        let status = ready.status();
+        let body: Value = ready.json().await.unwrap();
+        body.to_string().contains("reconciler").then_some((status, body))
+    })
+    .await
+    .1;
+    let text = report.to_string();
+    assert!(text.contains("ordercloud.client_secret"), "the fix is named: {text}");
+    assert!(!text.contains("not-the-secret-0001"), "the secret never shows: {text}");
+    assert_eq!(world.app.get("/health/ready").await.status(), 200, "still ready");
+
+    let mut shopper = world.anonymous("O-FLOW", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 10.0).await;
+    shopper.submit().await;
+    world.order("O-FLOW").await;
+}
