@@ -227,6 +227,9 @@ pub struct CdpSettings {
     pub order_events: OrderEvents,
     pub payment_type: String,
     pub card_type: Option<String>,
+    /// The REST API's token (HTTP Basic `client_key:api_token`), for the order ledger's landing
+    /// check; the check is off while it is unset. A secret.
+    pub api_token: Option<Secret>,
 }
 
 impl Default for CdpSettings {
@@ -253,6 +256,7 @@ impl Default for CdpSettings {
             order_events: OrderEvents::ConfirmCheckout,
             payment_type: "other".into(),
             card_type: None,
+            api_token: None,
         }
     }
 }
@@ -481,6 +485,11 @@ pub struct ReconcileSettings {
     /// context users.
     #[serde(deserialize_with = "list_or_commas")]
     pub anonymous_usernames: Vec<String>,
+    /// How long after CDP acknowledged an order's CHECKOUT the landing check asks CDP for the
+    /// order; `cdp.session_timeout_secs + 60` when unset.
+    pub verify_after_secs: Option<u64>,
+    /// How many times an order CDP does not hold is sent again before it becomes a dead letter.
+    pub repairs: u32,
 }
 
 impl Default for ReconcileSettings {
@@ -491,6 +500,8 @@ impl Default for ReconcileSettings {
             lag_secs: 300,
             lookback_secs: 259_200,
             anonymous_usernames: Vec::new(),
+            verify_after_secs: None,
+            repairs: 1,
         }
     }
 }
@@ -499,6 +510,20 @@ impl Settings {
     /// Whether the reconciler runs.
     pub fn reconciles(&self) -> bool {
         self.ordercloud.client_id.as_deref().is_some_and(|c| !c.is_empty())
+    }
+
+    /// Whether the landing check asks CDP for every order whose CHECKOUT it acknowledged.
+    pub fn verifies_orders(&self) -> bool {
+        self.cdp.api_token.as_ref().is_some_and(|t| !t.is_empty()) && !self.cdp.dry_run
+    }
+
+    /// How long after an order's CHECKOUT was acknowledged CDP is asked for it.
+    pub fn verify_after(&self) -> Duration {
+        Duration::from_secs(
+            self.reconcile
+                .verify_after_secs
+                .unwrap_or(self.cdp.session_timeout_secs.saturating_add(60)),
+        )
     }
 
     /// The OrderCloud API host the reconciler reads.

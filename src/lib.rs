@@ -124,6 +124,20 @@ impl Application {
         } else {
             None
         };
+        let verifier = if settings.verifies_orders() {
+            let verifier = reconcile::verify::Verifier::new(
+                settings.clone(),
+                store.clone(),
+                state.health.clone(),
+                state.wake.clone(),
+            )?;
+            Some(tokio::spawn(reconcile::verify::run_verifier(
+                Arc::new(verifier),
+                stop_tx.subscribe(),
+            )))
+        } else {
+            None
+        };
 
         let admin = admin_listener.map(|listener| {
             let (router, settings, refusals) = (
@@ -147,8 +161,8 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 let _ = stop_tx.send(true);
-                if let Some(reconciler) = &reconciler {
-                    reconciler.abort();
+                for task in reconciler.iter().chain(verifier.iter()) {
+                    task.abort();
                 }
                 for worker in workers {
                     let _ = worker.await;
@@ -186,8 +200,8 @@ impl Application {
             admin.abort();
         }
         // A pass stopped midway leaves its lease to run out; every submit it stored is committed.
-        if let Some(reconciler) = reconciler {
-            reconciler.abort();
+        for task in reconciler.iter().chain(verifier.iter()) {
+            task.abort();
         }
         let _ = housekeeping.await;
         let _ = metrics_upkeep.await;

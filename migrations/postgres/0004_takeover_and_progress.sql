@@ -12,33 +12,19 @@ CREATE FUNCTION forwarder_now_ms() RETURNS BIGINT
 ALTER TABLE intents ADD COLUMN replica_id TEXT;
 -- Enrichment claims: a stale enricher's writes are refused.
 ALTER TABLE intents ADD COLUMN enrich_claim TEXT;
--- Claims and releases update an intent's row without touching an indexed column: room on each
--- page lets PostgreSQL make those updates heap-only (no new index entries, less to scan past while
--- a backlog drains). For the same reason there is no index on claim_id: the check that a shopper
--- has no intent in flight reads the shopper's few pending rows.
-ALTER TABLE intents SET (fillfactor = 80);
-
--- Delivery records its progress after each event CDP acknowledges: the plan (the JSON array of the
--- intent's events) once, and `sent`, how many CDP acknowledged. In a narrow table of its own, so
--- that each event rewrites a few bytes rather than the intent's whole row. Plans stored by earlier
--- versions in `intents.progress` (as {"events": [...], "sent": n}) are still read
--- (src/delivery/send.rs, stored_plan): replicas of both versions may share the database while a
--- rolling upgrade runs.
-CREATE TABLE intent_progress (
-    intent_id BIGINT PRIMARY KEY,
-    sent      BIGINT NOT NULL DEFAULT 0,
-    plan      TEXT
-);
-
+-- Delivery records its progress after each event CDP acknowledges: the plan (the JSON array of
+-- the intent's events) once in `progress`, and `sent`, the events acknowledged. Plans stored in the
+-- earlier shape ({"events": [...], "sent": n}) are read as they are (src/delivery/send.rs,
+-- stored_plan): replicas of both versions may share the database during a rolling upgrade.
+ALTER TABLE intents ADD COLUMN sent BIGINT NOT NULL DEFAULT 0;
+-- Intents held by a worker, by shopper: a replayed dead letter (older than the intent in flight)
+-- waits until its shopper has none in flight.
+CREATE INDEX intents_claimed ON intents (shopper_key) WHERE claim_id IS NOT NULL;
 -- Everything a delivery writes under its claim, in one call (one round trip): the claim is checked
 -- (and its row locked until commit) first; nothing is written if another worker holds the intent
 -- (returns false). Writes run in the order given: the plan and the count of events acknowledged,
 -- the record of the cart (ops 'put', 'delete_line', 'delete_cart', 'move'), shoppers' records, CDP
 -- sessions' facts; then the settlement ('ack', 'retry', 'dead', or NULL for none).
---
--- Committed without waiting for the WAL's flush (like SQLite's delivery bookkeeping): a crash of
--- the database server may lose the last fraction of a second of it, and then a few events are sent
--- again (delivery is at least once). Intake's commits, which a 200 stands for, still wait.
 CREATE FUNCTION forwarder_apply(
     p_id BIGINT, p_claim TEXT, p_now BIGINT,
     p_set_plan BOOLEAN, p_plan TEXT, p_sent BIGINT,
@@ -48,28 +34,15 @@ CREATE FUNCTION forwarder_apply(
     p_session_channels TEXT[], p_session_browsers TEXT[], p_session_shoppers TEXT[],
     p_session_at BIGINT[], p_session_facts TEXT[],
     p_settle TEXT, p_settle_at BIGINT, p_settle_text TEXT
-) RETURNS BOOLEAN LANGUAGE plpgsql
--- Statements of a few rows each: compiling them (JIT, on by default in PostgreSQL) would cost more
--- than running them.
-SET jit = off
-AS $$
+) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
-    -- A takeover's claim waits for this lock, then finds the claim changed or not.
-    PERFORM 1 FROM intents WHERE id = p_id AND claim_id = p_claim AND state = 'pending' FOR SHARE;
+    UPDATE intents
+    SET updated_at = p_now,
+        progress = CASE WHEN p_set_plan THEN p_plan ELSE progress END,
+        sent = COALESCE(p_sent, CASE WHEN p_set_plan THEN 0 ELSE sent END)
+    WHERE id = p_id AND claim_id = p_claim AND state = 'pending';
     IF NOT FOUND THEN
         RETURN FALSE;
-    END IF;
-    IF p_set_plan OR p_sent IS NOT NULL THEN
-        INSERT INTO intent_progress AS p (intent_id, sent, plan)
-        VALUES (p_id, COALESCE(p_sent, 0), p_plan)
-        ON CONFLICT (intent_id) DO UPDATE
-        SET sent = COALESCE(p_sent, CASE WHEN p_set_plan THEN 0 ELSE p.sent END),
-            plan = CASE WHEN p_set_plan THEN p_plan ELSE p.plan END;
-        IF p_set_plan THEN
-            -- A plan an earlier version stored is replaced too.
-            UPDATE intents SET progress = NULL WHERE id = p_id AND progress IS NOT NULL;
-        END IF;
     END IF;
     FOR i IN 1 .. COALESCE(array_length(p_cart_ops, 1), 0) LOOP
         CASE p_cart_ops[i]
@@ -101,7 +74,6 @@ BEGIN
     CASE p_settle
         WHEN 'ack' THEN
             DELETE FROM intents WHERE id = p_id;
-            DELETE FROM intent_progress WHERE intent_id = p_id;
         WHEN 'retry' THEN
             UPDATE intents SET next_attempt_at = p_settle_at, last_error = p_settle_text, claim_id = NULL,
                 lease_until = NULL, replica_id = NULL, updated_at = p_now
@@ -119,72 +91,52 @@ $$;
 
 -- Claims the head of up to p_limit shoppers' queues, in one call. Candidates are heads whose claim
 -- (if any) is not live (a claim is live while its lease runs and its replica, when it has one,
--- heartbeats), of shoppers with no other intent in flight (a replayed dead letter, older than the
--- intent running, waits); a transaction-level advisory lock per shopper makes concurrent claimers
--- of one shopper take turns (the losers skip it). The second statement, which starts once those
--- locks are held, checks again with a snapshot that sees every claim committed before. A claim lost
--- in a crash of the database server is made again: it is not waited for.
+-- heartbeats), of shoppers with no other intent in flight (a replayed dead letter, older
+-- than the intent running, waits); a transaction-level advisory lock per shopper makes concurrent
+-- claimers of one shopper take turns (the losers skip it). The second statement, which starts once
+-- those locks are held, checks again with a snapshot that sees every claim committed before.
 CREATE FUNCTION forwarder_claim(
     p_claim TEXT, p_replica TEXT, p_lease BIGINT, p_now BIGINT, p_limit INTEGER, p_takeover BIGINT
 ) RETURNS TABLE (id BIGINT, shopper_key TEXT, intent TEXT, enrichment TEXT, progress TEXT, sent BIGINT,
                  attempts BIGINT, created_at BIGINT)
-LANGUAGE plpgsql
--- The plan that fits a queue of any size: a walk of the pending intents in id order and index probes
--- per shopper, stopped at the first 64 candidates. Left to itself, the planner trusts statistics
--- that lag a fast-filling queue (a table it thinks nearly empty) and reads, filters and sorts the
--- whole queue at every claim (measured: 40 ms a claim with 7,000 events queued); and the costs
--- those settings add would have it compile the plan (JIT) at every call, which takes longer than
--- running it. Both checks of a shopper are subqueries with a LIMIT, so that they stay probes of the
--- shopper's few pending rows (the cheaper first: most rows the walk passes are behind an older
--- intent of their shopper) instead of becoming a scan of every claimed row of the queue.
-SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
-SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
-AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     db_now BIGINT := forwarder_now_ms();
     ids BIGINT[];
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
-    SELECT array_agg(c.id) INTO ids FROM (SELECT h.id FROM (
+    SELECT array_agg(c.id) INTO ids FROM (
         SELECT i.id, i.shopper_key FROM intents i
         WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= p_now
           AND NOT (i.claim_id IS NOT NULL AND i.lease_until >= db_now
                AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
                                                    AND r.heartbeat_at >= db_now - p_takeover)))
-          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
-          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id <> i.id
-               AND o.claim_id IS NOT NULL AND o.lease_until >= db_now
+          AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+                          AND o.state = 'pending' AND o.id < i.id)
+          AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+                          AND o.claim_id IS NOT NULL AND o.state = 'pending' AND o.id <> i.id
+                          AND (o.claim_id IS NOT NULL AND o.lease_until >= db_now
                AND (o.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = o.replica_id
-                                                   AND r.heartbeat_at >= db_now - p_takeover))
-               LIMIT 1) IS NULL
-        ORDER BY i.id LIMIT 64 OFFSET 0) h
+                                                   AND r.heartbeat_at >= db_now - p_takeover))))
+        ORDER BY i.id LIMIT p_limit OFFSET 0) c
     -- Advisory locks are the database's, not the schema's: the schema is part of the key.
-    WHERE pg_try_advisory_xact_lock(hashtextextended(current_schema() || '/' || h.shopper_key, 7306))
-    LIMIT p_limit) c;
+    WHERE pg_try_advisory_xact_lock(hashtextextended(current_schema() || '/' || c.shopper_key, 7306));
     IF ids IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH claimed AS (
-        UPDATE intents i SET claim_id = p_claim, replica_id = p_replica, lease_until = db_now + p_lease,
-            attempts = i.attempts + 1, updated_at = p_now
-        WHERE i.id = ANY(ids) AND i.state = 'pending' AND i.next_attempt_at <= p_now
-          AND NOT (i.claim_id IS NOT NULL AND i.lease_until >= db_now
-                   AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
-                                                       AND r.heartbeat_at >= db_now - p_takeover)))
-          AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-                          AND o.state = 'pending' AND o.id < i.id)
-          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id <> i.id
-               AND o.claim_id IS NOT NULL AND o.lease_until >= db_now
+    UPDATE intents i SET claim_id = p_claim, replica_id = p_replica, lease_until = db_now + p_lease,
+        attempts = i.attempts + 1, updated_at = p_now
+    WHERE i.id = ANY(ids) AND i.state = 'pending' AND i.next_attempt_at <= p_now
+      AND NOT (i.claim_id IS NOT NULL AND i.lease_until >= db_now
+               AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
+                                                   AND r.heartbeat_at >= db_now - p_takeover)))
+      AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+                      AND o.state = 'pending' AND o.id < i.id)
+      AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+                      AND o.claim_id IS NOT NULL AND o.state = 'pending' AND o.id <> i.id
+                      AND (o.claim_id IS NOT NULL AND o.lease_until >= db_now
                AND (o.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = o.replica_id
-                                                   AND r.heartbeat_at >= db_now - p_takeover))
-               LIMIT 1) IS NULL
-        RETURNING i.id, i.shopper_key, i.intent, i.enrichment, i.progress, i.attempts, i.created_at)
-    SELECT c.id, c.shopper_key, c.intent, c.enrichment, COALESCE(p.plan, c.progress), COALESCE(p.sent, 0),
-           c.attempts, c.created_at
-    FROM claimed c LEFT JOIN intent_progress p ON p.intent_id = c.id;
+                                                   AND r.heartbeat_at >= db_now - p_takeover))))
+    RETURNING i.id, i.shopper_key, i.intent, i.enrichment, i.progress, i.sent, i.attempts, i.created_at;
 END
 $$;

@@ -7,3 +7,19 @@ CREATE TABLE reconciler (
     holder      TEXT,
     lease_until INTEGER NOT NULL DEFAULT 0
 );
+
+-- The landing check (src/reconcile/verify.rs): an order whose CHECKOUT CDP acknowledged, to be
+-- looked up in CDP at `due_at`; with the submit's intent and enrichment, to send it again if CDP
+-- holds no such order. Written with the delivery's write that records the CHECKOUT.
+CREATE TABLE order_checks (
+    order_id    TEXT    PRIMARY KEY,
+    shopper_key TEXT    NOT NULL,
+    intent      TEXT    NOT NULL,
+    enrichment  TEXT,
+    due_at      INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    repairs     INTEGER NOT NULL DEFAULT 0,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT
+);
+CREATE INDEX order_checks_due ON order_checks (due_at);

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod events;
+pub mod orders;
 
 pub use client::{classify, AnswerHeaders, CdpClient, Outcome};
 pub use events::{Event, EventKind, Identifier, OrderItem, OrderPayload, Product, SessionRef};

@@ -21,7 +21,7 @@ use crate::cdp::{Event, EventKind, Outcome, SessionRef};
 use crate::domain::intent::IntentKind;
 use crate::domain::now_ms;
 use crate::planner;
-use crate::store::{ClaimedIntent, Write};
+use crate::store::{ClaimedIntent, OrderCheck, Write};
 
 /// Below this much lease left, no request is started.
 pub const MIN_WINDOW: Duration = Duration::from_secs(1);
@@ -101,6 +101,9 @@ pub async fn send(
                 }
                 writes.push(Write::Sent(progress.sent));
                 writes.push(Write::Session(facts));
+                if let Some(check) = landing_check(deps, claimed, &progress.events[progress.sent - 1]) {
+                    writes.push(Write::CheckOrder(check));
+                }
                 // The last event's progress is recorded with the ack, in the same write.
                 if progress.sent < progress.events.len() {
                     deps.store
@@ -149,6 +152,28 @@ pub async fn send(
         }
     }
     Ok(writes)
+}
+
+/// After CDP acknowledged an order's CHECKOUT (or ORDER_CHECKOUT): the landing check that asks CDP
+/// for the order later (when `cdp.api_token` is set), recorded with the event's progress.
+fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<OrderCheck> {
+    if !deps.settings.verifies_orders() {
+        return None;
+    }
+    let order_id = match &event.kind {
+        EventKind::Checkout { reference_id, .. } => reference_id.clone(),
+        EventKind::OrderCheckout { order } => order.reference_id.clone(),
+        _ => return None,
+    };
+    Some(OrderCheck {
+        order_id,
+        shopper_key: claimed.shopper_key.clone(),
+        intent: serde_json::to_value(&claimed.intent).ok()?,
+        enrichment: claimed.enrichment.clone(),
+        due_at_ms: now_ms() + deps.settings.verify_after().as_millis() as i64,
+        repairs: 0,
+        attempts: 0,
+    })
 }
 
 /// The stored plan, when it can go on: some of it was acknowledged and the session of its next

@@ -10,6 +10,7 @@
 
 mod pass;
 pub mod submit;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;

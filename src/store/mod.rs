@@ -144,6 +144,35 @@ pub enum Write {
         order_id: String,
         to_shopper: String,
     },
+    /// CDP acknowledged the order's CHECKOUT: ask CDP for the order at `due_at_ms` (the landing
+    /// check), with what is needed to send it again. An earlier check of the order keeps its count
+    /// of repairs.
+    CheckOrder(OrderCheck),
+}
+
+/// An order the landing check will look up in CDP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderCheck {
+    pub order_id: String,
+    pub shopper_key: String,
+    /// The submit's intent and enrichment (JSON), to send the order again.
+    pub intent: Value,
+    pub enrichment: Option<Value>,
+    pub due_at_ms: i64,
+    /// Claimed checks only: how many times it was sent again, and checks that failed.
+    pub repairs: i64,
+    pub attempts: i64,
+}
+
+/// How a landing check ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckOutcome {
+    /// CDP holds the order, or it was dead-lettered: the check is done.
+    Done,
+    /// Sent again: check again at `due_at_ms`.
+    Repaired { due_at_ms: i64 },
+    /// CDP's REST API failed: ask again at `due_at_ms`.
+    Retry { due_at_ms: i64, error: String },
 }
 
 /// Whether a replica's claims can be taken over by the others (PostgreSQL): read before claiming,
@@ -272,6 +301,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records how far a pass looked, if `holder` still holds the lease (false otherwise: nothing
     /// written).
     async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError>;
+
+    /// Up to `limit` landing checks that are due, leased for `lease` (a check whose lease ran out is
+    /// due again).
+    async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError>;
+    async fn settle_order_check(&self, order_id: &str, outcome: CheckOutcome) -> Result<(), StoreError>;
     /// Flushes and closes; later calls fail.
     async fn close(&self);
 
@@ -312,6 +346,39 @@ pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<DynSto
         Ok(Arc::new(sqlite::SqliteStore::open(settings, role).await?))
     } else {
         Ok(Arc::new(postgres::PostgresStore::open(settings, role).await?))
+    }
+}
+
+/// Records a landing check, or moves an existing one's time (its count of repairs stays):
+/// `$1`..`$5` = order id, shopper key, intent, enrichment, due at. Both stores run it as is.
+pub(crate) const ORDER_CHECK_UPSERT: &str =
+    "INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (order_id) DO UPDATE SET shopper_key = excluded.shopper_key, intent = excluded.intent, \
+       enrichment = excluded.enrichment, due_at = excluded.due_at, lease_until = 0, attempts = 0";
+
+/// A landing check as both stores read it.
+pub(crate) struct CheckRow {
+    pub order_id: String,
+    pub shopper_key: String,
+    pub intent: String,
+    pub enrichment: Option<String>,
+    pub due_at_ms: i64,
+    pub repairs: i64,
+    pub attempts: i64,
+}
+
+impl CheckRow {
+    pub fn decode(self) -> Result<OrderCheck, StoreError> {
+        Ok(OrderCheck {
+            intent: serde_json::from_str(&self.intent)?,
+            enrichment: self.enrichment.as_deref().map(serde_json::from_str).transpose()?,
+            order_id: self.order_id,
+            shopper_key: self.shopper_key,
+            due_at_ms: self.due_at_ms,
+            repairs: self.repairs,
+            attempts: self.attempts,
+        })
     }
 }
 

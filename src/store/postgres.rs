@@ -371,7 +371,14 @@ impl Store for PostgresStore {
             Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(error)),
             Some(Settle::Dead { reason }) => (Some("dead"), None, Some(reason)),
         };
-        let held: bool = sqlx::query_scalar(
+        let checks = std::mem::take(&mut args.checks);
+        // A landing check (one per submit) goes in the same transaction, after the claim was checked.
+        let mut tx = if checks.is_empty() {
+            None
+        } else {
+            Some(self.pool.begin().await?)
+        };
+        let call = sqlx::query_scalar(
             "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
              $16, $17, $18, $19, $20, $21, $22, $23)",
         )
@@ -397,14 +404,28 @@ impl Store for PostgresStore {
         .bind(args.session_facts)
         .bind(settle)
         .bind(settle_at)
-        .bind(settle_text)
-        .fetch_one(&self.pool)
-        .await?;
-        if held {
-            Ok(())
-        } else {
-            Err(StoreError::StaleClaim(claim.intent_id))
+        .bind(settle_text);
+        let held: bool = match tx.as_mut() {
+            Some(tx) => call.fetch_one(&mut **tx).await?,
+            None => call.fetch_one(&self.pool).await?,
+        };
+        if !held {
+            return Err(StoreError::StaleClaim(claim.intent_id));
         }
+        if let Some(mut tx) = tx {
+            for check in checks {
+                sqlx::query(ORDER_CHECK_UPSERT)
+                    .bind(&check.order_id)
+                    .bind(&check.shopper_key)
+                    .bind(check.intent.to_string())
+                    .bind(check.enrichment.as_ref().map(Value::to_string))
+                    .bind(check.due_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
     }
 
     fn liveness(&self) -> Option<Liveness> {
@@ -707,6 +728,56 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "UPDATE order_checks SET lease_until = forwarder_now_ms() + $1 WHERE order_id IN ( \
+               SELECT order_id FROM order_checks WHERE due_at <= $2 AND lease_until < forwarder_now_ms() \
+               ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING order_id, shopper_key, intent, enrichment, due_at, repairs, attempts",
+        )
+        .bind(lease_ms)
+        .bind(now_ms())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                CheckRow {
+                    order_id: r.get("order_id"),
+                    shopper_key: r.get("shopper_key"),
+                    intent: r.get("intent"),
+                    enrichment: r.get("enrichment"),
+                    due_at_ms: r.get("due_at"),
+                    repairs: r.get("repairs"),
+                    attempts: r.get("attempts"),
+                }
+                .decode()
+            })
+            .collect()
+    }
+
+    async fn settle_order_check(&self, order_id: &str, outcome: CheckOutcome) -> Result<(), StoreError> {
+        let query = match outcome {
+            CheckOutcome::Done => sqlx::query("DELETE FROM order_checks WHERE order_id = $1").bind(order_id),
+            CheckOutcome::Repaired { due_at_ms } => sqlx::query(
+                "UPDATE order_checks SET repairs = repairs + 1, due_at = $2, lease_until = 0, last_error = NULL \
+                 WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .bind(due_at_ms),
+            CheckOutcome::Retry { due_at_ms, error } => sqlx::query(
+                "UPDATE order_checks SET attempts = attempts + 1, due_at = $2, lease_until = 0, last_error = $3 \
+                 WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .bind(due_at_ms)
+            .bind(error),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key = ANY($1)")
@@ -784,6 +855,8 @@ struct ApplyArgs {
     session_shoppers: Vec<String>,
     session_at: Vec<i64>,
     session_facts: Vec<String>,
+    /// Landing checks: written after `forwarder_apply`, in its transaction.
+    checks: Vec<OrderCheck>,
 }
 
 impl ApplyArgs {
@@ -823,6 +896,7 @@ impl ApplyArgs {
             }
             Write::DeleteCart { order_id } => self.cart("delete_cart", order_id, None, None, None, None),
             Write::MoveCart { order_id, to_shopper } => self.cart("move", order_id, None, Some(to_shopper), None, None),
+            Write::CheckOrder(check) => self.checks.push(check),
         }
         Ok(())
     }

@@ -203,3 +203,100 @@ async fn bad_client_credentials_show_in_readiness_and_webhooks_keep_flowing() {
     shopper.submit().await;
     world.order("O-FLOW").await;
 }
+
+const CDP_API_TOKEN: &str = "cdp-api-token-0001";
+
+/// A world whose service asks CDP for each order 3 s after its CHECKOUT (sessions time out after
+/// 2 s, so a repair opens a new one), and sends a missing order again once.
+async fn verifying_world() -> World {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(3);
+        s.reconcile.repairs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world
+}
+
+fn lookups_of(world: &World, reference: &str) -> usize {
+    let wanted = format!("GET /v2.1/orders?referenceId={reference}");
+    world.cdp.rest_calls().iter().filter(|c| **c == wanted).count()
+}
+
+/// CDP answers 201 to the CHECKOUT and builds no order: the landing check finds it missing and
+/// sends it again, once; the next check finds it and sends nothing more.
+#[tokio::test]
+async fn an_order_cdp_acknowledged_but_never_built_is_repaired_once() {
+    let world = verifying_world().await;
+    world.cdp.lose_order("O-LOSE", 1);
+    let mut shopper = world.anonymous("O-LOSE", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    let revenue = shopper.submit().await;
+    let order = world.order("O-LOSE").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.lines.len(), 1, "{order:?}");
+    eventually(
+        "the repaired order to be checked again",
+        Duration::from_secs(20),
+        || async { (lookups_of(&world, "O-LOSE") >= 2).then_some(()) },
+    )
+    .await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-LOSE"), 1, "one CDP order");
+    assert_eq!(checkouts_of(&world, "O-LOSE"), 2, "the lost CHECKOUT and the repair's");
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+}
+
+/// Still missing after its repairs: a dead letter with the reason, listed like any other.
+#[tokio::test]
+async fn an_order_still_missing_after_its_repair_is_a_dead_letter_with_the_reason() {
+    let world = verifying_world().await;
+    world.cdp.lose_order("O-GONE", 2);
+    let mut shopper = world.anonymous("O-GONE", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 4.0).await;
+    shopper.submit().await;
+    let dead = eventually("the dead letter", Duration::from_secs(30), || async {
+        let dead = world.dead_letters().await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert_eq!(
+        reason,
+        "CDP acknowledged the CHECKOUT of order O-GONE but holds no order"
+    );
+    assert_eq!(orders_of(&world, "O-GONE"), 0);
+    assert_eq!(checkouts_of(&world, "O-GONE"), 2, "sent once, repaired once, no more");
+    assert_eq!(lookups_of(&world, "O-GONE"), 2);
+}
+
+/// CDP's REST API refusing the token: the check is retried (readiness shows it, still ready); the
+/// order is not sent again meanwhile.
+#[tokio::test]
+async fn a_failing_order_lookup_is_retried_and_sends_nothing() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new("not-the-cdp-token-1"));
+        s.reconcile.verify_after_secs = Some(1);
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    let mut shopper = world.anonymous("O-CHECK", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 4.0).await;
+    shopper.submit().await;
+    world.order("O-CHECK").await;
+    eventually("the lookup to be tried again", Duration::from_secs(20), || async {
+        (lookups_of(&world, "O-CHECK") >= 2).then_some(())
+    })
+    .await;
+    let ready = world.app.ops_get("/health/ready").await;
+    let text = ready.text().await.unwrap();
+    assert!(text.contains("cdp.api_token"), "{text}");
+    assert!(!text.contains("not-the-cdp-token-1"), "{text}");
+    assert_eq!(world.app.get("/health/ready").await.status(), 200);
+    assert_eq!(checkouts_of(&world, "O-CHECK"), 1);
+}

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ordercloud_cdp_forwarder::config::StoreSettings;
 use ordercloud_cdp_forwarder::domain::intent::{Intent, IntentKind, IntentSecrets, RouteFamily};
 use ordercloud_cdp_forwarder::domain::{now_ms, CartLine, SessionFacts, ShopperState};
-use ordercloud_cdp_forwarder::store::{self, DynStore, EnqueueOutcome, NewIntent, Role, Settle, StoreError, Write};
+use ordercloud_cdp_forwarder::store::{
+    self, CheckOutcome, Claim, DynStore, EnqueueOutcome, NewIntent, OrderCheck, Role, Settle, StoreError, Write,
+};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -119,6 +121,7 @@ contract!(
     the_claims_of_a_dead_service_are_taken_over_before_their_lease_ends,
     the_dedupe_says_which_keys_it_knows_and_an_enrichment_given_at_intake_comes_back,
     one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark,
+    a_landing_check_is_written_with_the_claim_leased_and_settled,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -475,6 +478,83 @@ async fn one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark
     assert!(!store.advance_reconciler("a", 3_000).await.unwrap(), "a lost it");
     assert!(store.advance_reconciler("b", 4_000).await.unwrap());
     assert_eq!(store.lease_reconciler("b", LONG).await.unwrap(), Some(Some(4_000)));
+    store.close().await;
+}
+
+fn check(order: &str, due_at_ms: i64) -> OrderCheck {
+    OrderCheck {
+        order_id: order.into(),
+        shopper_key: "s1".into(),
+        intent: json!({"kind": "order_submitted", "order_id": order}),
+        enrichment: Some(json!({"identity": "anon-x"})),
+        due_at_ms,
+        repairs: 0,
+        attempts: 0,
+    }
+}
+
+/// The landing check rides with the write that records the CHECKOUT (refused with a stale claim),
+/// is leased while it runs, keeps its count of repairs, waits out a retry, and goes when done.
+async fn a_landing_check_is_written_with_the_claim_leased_and_settled(backend: Backend) {
+    let Some(place) = backend.place("order_checks") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "k1").await;
+    let claimed = store.claim(10, LONG).await.unwrap().remove(0);
+    let due = now_ms() - 1;
+    store
+        .apply(&claimed.claim, vec![Write::CheckOrder(check("O1", due))], None)
+        .await
+        .unwrap();
+    let stale = Claim {
+        intent_id: claimed.claim.intent_id,
+        claim_id: "not-the-claim".into(),
+    };
+    let refused = store
+        .apply(&stale, vec![Write::CheckOrder(check("O2", due))], None)
+        .await;
+    assert!(matches!(refused, Err(StoreError::StaleClaim(_))), "{refused:?}");
+    store.ack(&claimed.claim).await.unwrap();
+
+    let due_now = store.claim_order_checks(10, LONG).await.unwrap();
+    assert_eq!(due_now.len(), 1, "O2 was never written: {due_now:?}");
+    assert_eq!(due_now[0].order_id, "O1");
+    assert_eq!(due_now[0].intent, json!({"kind": "order_submitted", "order_id": "O1"}));
+    assert_eq!(due_now[0].enrichment, Some(json!({"identity": "anon-x"})));
+    assert!(store.claim_order_checks(10, LONG).await.unwrap().is_empty(), "leased");
+
+    store
+        .settle_order_check(
+            "O1",
+            CheckOutcome::Repaired {
+                due_at_ms: now_ms() - 1,
+            },
+        )
+        .await
+        .unwrap();
+    let again = store.claim_order_checks(10, LONG).await.unwrap();
+    assert_eq!(again[0].repairs, 1);
+    store
+        .settle_order_check(
+            "O1",
+            CheckOutcome::Retry {
+                due_at_ms: now_ms() + 60_000,
+                error: "CDP down".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        store.claim_order_checks(10, LONG).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    store.settle_order_check("O1", CheckOutcome::Done).await.unwrap();
+    store
+        .settle_order_check("O1", CheckOutcome::Repaired { due_at_ms: 0 })
+        .await
+        .unwrap();
+    assert!(store.claim_order_checks(10, LONG).await.unwrap().is_empty(), "gone");
     store.close().await;
 }
 

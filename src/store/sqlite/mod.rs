@@ -783,6 +783,61 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .writer
+            .write(move |c| {
+                let now = now_ms();
+                let mut stmt = c.prepare_cached(
+                    "UPDATE order_checks SET lease_until = ?1 WHERE order_id IN ( \
+                       SELECT order_id FROM order_checks WHERE due_at <= ?2 AND lease_until < ?2 \
+                       ORDER BY due_at LIMIT ?3) \
+                     RETURNING order_id, shopper_key, intent, enrichment, due_at, repairs, attempts",
+                )?;
+                let rows = stmt
+                    .query_map(params![now.saturating_add(lease_ms), now, limit as i64], |r| {
+                        Ok(CheckRow {
+                            order_id: r.get(0)?,
+                            shopper_key: r.get(1)?,
+                            intent: r.get(2)?,
+                            enrichment: r.get(3)?,
+                            due_at_ms: r.get(4)?,
+                            repairs: r.get(5)?,
+                            attempts: r.get(6)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter().map(CheckRow::decode).collect()
+    }
+
+    async fn settle_order_check(&self, order_id: &str, outcome: CheckOutcome) -> Result<(), StoreError> {
+        let order_id = order_id.to_string();
+        self.writer
+            .write(move |c| {
+                match outcome {
+                    CheckOutcome::Done => run(c, "DELETE FROM order_checks WHERE order_id = ?1", params![order_id]),
+                    CheckOutcome::Repaired { due_at_ms } => run(
+                        c,
+                        "UPDATE order_checks SET repairs = repairs + 1, due_at = ?2, lease_until = 0, \
+                         last_error = NULL WHERE order_id = ?1",
+                        params![order_id, due_at_ms],
+                    ),
+                    CheckOutcome::Retry { due_at_ms, error } => run(
+                        c,
+                        "UPDATE order_checks SET attempts = attempts + 1, due_at = ?2, lease_until = 0, \
+                         last_error = ?3 WHERE order_id = ?1",
+                        params![order_id, due_at_ms, error],
+                    ),
+                }
+                .map(drop)
+            })
+            .await
+    }
+
     async fn close(&self) {
         // The readers first: the last connection to close removes the WAL, which a read-only one
         // cannot do.
@@ -820,6 +875,11 @@ enum EncodedWrite {
         order_id: String,
         to_shopper: String,
     },
+    CheckOrder {
+        check: OrderCheck,
+        intent: String,
+        enrichment: Option<String>,
+    },
 }
 
 impl EncodedWrite {
@@ -843,6 +903,11 @@ impl EncodedWrite {
             Write::DeleteCartLine { order_id, line_id } => EncodedWrite::DeleteCartLine { order_id, line_id },
             Write::DeleteCart { order_id } => EncodedWrite::DeleteCart { order_id },
             Write::MoveCart { order_id, to_shopper } => EncodedWrite::MoveCart { order_id, to_shopper },
+            Write::CheckOrder(check) => EncodedWrite::CheckOrder {
+                intent: check.intent.to_string(),
+                enrichment: check.enrichment.as_ref().map(Value::to_string),
+                check,
+            },
         })
     }
 
@@ -892,6 +957,15 @@ impl EncodedWrite {
                 c,
                 "UPDATE cart_lines SET shopper_key = ?1 WHERE order_id = ?2",
                 params![to_shopper, order_id],
+            ),
+            EncodedWrite::CheckOrder {
+                check,
+                intent,
+                enrichment,
+            } => run(
+                c,
+                ORDER_CHECK_UPSERT,
+                params![check.order_id, check.shopper_key, intent, enrichment, check.due_at_ms],
             ),
         }
         .map(drop)

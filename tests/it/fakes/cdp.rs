@@ -190,6 +190,7 @@ impl CdpFake {
             .route("/v1.2/browser/create.json", get(browser_create))
             .route("/v1.2/event/create.json", get(event_get))
             .route("/v1.2/events", post(event_post))
+            .route("/v2.1/orders", get(rest_orders))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -251,6 +252,21 @@ impl CdpFake {
     /// Every event request, in arrival order, whatever the answer.
     pub fn requests(&self) -> Vec<Request> {
         self.lock().requests.clone()
+    }
+
+    /// The REST API accepts HTTP Basic `client_key:token` from now on.
+    pub fn set_api_token(&self, token: &str) {
+        self.lock().api_token = Some(token.to_string());
+    }
+
+    /// The next `times` CHECKOUTs of order `reference` are answered 201 and build no order.
+    pub fn lose_order(&self, reference: &str, times: usize) {
+        self.lock().lose_orders.insert(reference.to_string(), times);
+    }
+
+    /// REST calls received, e.g. `"GET /v2.1/orders?referenceId=O1"`.
+    pub fn rest_calls(&self) -> Vec<String> {
+        self.lock().rest_calls.clone()
     }
 
     /// Orders built so far, in order of creation.
@@ -376,6 +392,13 @@ struct CdpState {
     orders: Vec<Order>,
     failed: Vec<Request>,
     lost: Vec<Request>,
+    /// The REST API's token (HTTP Basic `client_key:api_token`, §15); none: every REST call is 401.
+    api_token: Option<String>,
+    /// Order references whose next CHECKOUTs are acknowledged (201) but build no order (§13 item 4):
+    /// how many more to lose.
+    lose_orders: HashMap<String, usize>,
+    /// REST calls received: `GET /v2.1/orders?referenceId=…`.
+    rest_calls: Vec<String>,
 }
 
 /// The outcome of an event that passed the client-key and JSON checks.
@@ -440,6 +463,9 @@ impl CdpState {
             orders: Vec::new(),
             failed: Vec::new(),
             lost: Vec::new(),
+            api_token: None,
+            lose_orders: HashMap::new(),
+            rest_calls: Vec::new(),
         }
     }
 
@@ -649,7 +675,11 @@ impl CdpState {
                 session.last_event_at = now;
                 session.last_was_clear = event_type == "CLEAR_CART";
                 if let Some(order) = order {
-                    self.orders.push(order);
+                    match self.lose_orders.get_mut(&order.reference_id) {
+                        // 201, and no order is built.
+                        Some(left) if *left > 0 => *left -= 1,
+                        _ => self.orders.push(order),
+                    }
                 }
                 if let Some(identity) = new_identity {
                     self.identities.insert(browser_id, identity);
@@ -1626,4 +1656,45 @@ async fn cdp_fake_scripts_answer_before_processing() {
         2.0,
         "scripted 2xx and normal events were applied"
     );
+}
+
+/// `GET /v2.1/orders?referenceId=…` (§15): HTTP Basic `client_key:api_token`, else 401; a collection
+/// `{href, offset, limit, items: [{ref, referenceId, status}]}`, `items` empty when CDP holds none.
+async fn rest_orders(
+    State(state): State<Arc<Mutex<CdpState>>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let mut st = lock(&state);
+    let target = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string());
+    st.rest_calls.push(format!("GET {target}"));
+    let expected = st.api_token.as_ref().map(|token| {
+        use base64::Engine as _;
+        let pair = format!("{}:{token}", st.client_key);
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+    });
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if expected.is_none() || given != expected.as_deref() {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"status": 401, "code": 401, "message": "Unauthorized"})),
+        )
+            .into_response();
+    }
+    let reference = url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "referenceId")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let items: Vec<Value> = st
+        .orders
+        .iter()
+        .filter(|o| o.reference_id == reference)
+        .enumerate()
+        .map(|(i, o)| json!({"ref": format!("order-ref-{i}"), "referenceId": o.reference_id, "status": o.status}))
+        .collect();
+    axum::Json(json!({"href": target, "offset": 0, "limit": 10, "items": items})).into_response()
 }

@@ -185,6 +185,20 @@ impl Store for FaultyStore {
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_dedupe(before_ms).await
     }
+    async fn claim_order_checks(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<ordercloud_cdp_forwarder::store::OrderCheck>, StoreError> {
+        self.inner.claim_order_checks(limit, lease).await
+    }
+    async fn settle_order_check(
+        &self,
+        order_id: &str,
+        outcome: ordercloud_cdp_forwarder::store::CheckOutcome,
+    ) -> Result<(), StoreError> {
+        self.inner.settle_order_check(order_id, outcome).await
+    }
     async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
         self.inner.known_dedupe_keys(keys).await
     }

@@ -1,0 +1,77 @@
+//! CDP's Order REST API, for the order ledger's landing check: does CDP hold an order with this
+//! reference? `GET {host}/v2.1/orders?referenceId={ref}` with HTTP Basic `client_key:api_token`;
+//! the answer is a collection whose `items` hold orders with a `referenceId` (an empty `items`, or
+//! a 404, means none). No redirect is followed: it would carry the API token elsewhere.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::config::{Secret, Settings};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("CDP refused the REST API credentials (HTTP {0}): check cdp.client_key and cdp.api_token")]
+    Credentials(u16),
+    #[error("CDP's order REST API is unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub struct OrderLookup {
+    http: reqwest::Client,
+    host: String,
+    client_key: Secret,
+    api_token: Secret,
+}
+
+impl OrderLookup {
+    pub fn new(settings: &Settings) -> anyhow::Result<OrderLookup> {
+        let timeout = settings.delivery.request_timeout();
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(OrderLookup {
+            http,
+            host: settings.cdp.host(),
+            client_key: settings.cdp.client_key.clone(),
+            api_token: settings.cdp.api_token.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Whether CDP holds an order whose `referenceId` is `reference`.
+    pub async fn holds(&self, reference: &str) -> Result<bool, LookupError> {
+        let started = Instant::now();
+        let result = self
+            .http
+            .get(format!("{}/v2.1/orders", self.host))
+            .query(&[("referenceId", reference)])
+            .basic_auth(self.client_key.expose(), Some(self.api_token.expose()))
+            .send()
+            .await;
+        let outcome = match result {
+            Err(e) => Err(LookupError::Unavailable(e.without_url().to_string())),
+            Ok(response) => match response.status().as_u16() {
+                200..=299 => match response.json::<Value>().await {
+                    Ok(body) => Ok(body.get("items").and_then(Value::as_array).is_some_and(|items| {
+                        items
+                            .iter()
+                            .any(|o| o.get("referenceId").and_then(Value::as_str) == Some(reference))
+                    })),
+                    Err(e) => Err(LookupError::Unavailable(format!(
+                        "unreadable answer: {}",
+                        e.without_url()
+                    ))),
+                },
+                404 => Ok(false),
+                status @ (401 | 403) => Err(LookupError::Credentials(status)),
+                status => Err(LookupError::Unavailable(format!("HTTP {status}"))),
+            },
+        };
+        metrics::histogram!("forwarder_cdp_request_duration_seconds", "event" => "ORDER_LOOKUP")
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
