@@ -23,7 +23,7 @@ use crate::health::Health;
 use crate::ordercloud::admin::{AdminClient, AdminError};
 use crate::store::DynStore;
 
-pub use pass::Report;
+pub use pass::{PassError, Report};
 
 /// What the reconciler works with.
 pub struct Reconciler {
@@ -76,6 +76,11 @@ impl Reconciler {
     fn lease(&self) -> Duration {
         Duration::from_secs(self.settings.reconcile.interval_secs.max(60) * 2)
     }
+}
+
+/// One pass now (what the loop runs each interval).
+pub async fn run_pass(reconciler: &Reconciler) -> Result<Report, PassError> {
+    pass::run(reconciler).await
 }
 
 /// Runs a pass every `reconcile.interval_secs` until stopped.
