@@ -194,6 +194,16 @@ fn main() {
             });
         }
         while writers.join_next().await.is_some() {}
+        // The window starts before the orders (a fresh store's starts at its migration).
+        store
+            .lease_reconciler("bench", std::time::Duration::from_millis(200))
+            .await
+            .unwrap();
+        store
+            .advance_reconciler("bench", (now - chrono::Duration::seconds(7_200)).timestamp_millis())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let reconciler = reconcile::Reconciler::new(
             settings.clone(),
             store.clone(),

@@ -647,9 +647,18 @@ impl Settings {
                 );
             }
             let api = self.reconcile_api_url();
-            if !(api.starts_with("https://") || api.starts_with("http://")) {
+            let explicit = self.reconcile.api_url.as_deref().is_some_and(|u| !u.is_empty());
+            if !explicit && self.ordercloud.api_urls.len() > 1 {
+                // The marketplace lives on one of them; a guess would read another region's.
+                errors.push(
+                    "reconcile.api_url is not set and ordercloud.api_urls lists several hosts: set it to your \
+                     marketplace's API host, e.g. FORWARDER__RECONCILE__API_URL=https://westeurope-production.ordercloud.io"
+                        .into(),
+                );
+            } else if !(api.starts_with("https://") || is_loopback_http(&api)) {
+                // The client secret goes there.
                 errors.push(format!(
-                    "reconcile.api_url = {api:?} is not an http(s) URL: use e.g. https://api.ordercloud.io"
+                    "reconcile.api_url = {api:?} is not an https URL: use e.g. https://api.ordercloud.io"
                 ));
             }
             let r = &self.reconcile;
@@ -908,6 +917,13 @@ pub const MIN_HASH_KEY_BYTES: usize = 16;
 
 /// Longer than any setting in seconds needs to be (and short enough for epoch-millisecond sums).
 const TEN_YEARS_SECS: u64 = 10 * 365 * 86_400;
+
+/// `http://127.0.0.1…` or `http://localhost…`: plain HTTP that never leaves the machine (tests, a
+/// local stand-in).
+fn is_loopback_http(url: &str) -> bool {
+    url.strip_prefix("http://")
+        .is_some_and(|rest| rest.starts_with("127.0.0.1") || rest.starts_with("localhost") || rest.starts_with("[::1]"))
+}
 
 fn is_upper_code(value: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&value.len())

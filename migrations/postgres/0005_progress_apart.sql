@@ -19,9 +19,11 @@ CREATE TABLE intent_progress (
     sent      BIGINT NOT NULL DEFAULT 0,
     plan      TEXT
 );
+-- Dead letters' too: one replayed later goes on from its progress (an order whose CHECKOUT CDP
+-- acknowledged is never planned again).
 INSERT INTO intent_progress (intent_id, sent, plan)
-    SELECT id, sent, progress FROM intents WHERE state = 'pending' AND sent > 0;
-UPDATE intents SET progress = NULL WHERE state = 'pending' AND sent > 0;
+    SELECT id, sent, progress FROM intents WHERE sent > 0;
+UPDATE intents SET progress = NULL WHERE sent > 0;
 
 -- Everything a delivery writes under its claim, in one call (one round trip): the claim is checked
 -- (and its row locked until commit) first; nothing is written if another worker holds the intent

@@ -7,6 +7,9 @@ CREATE TABLE reconciler (
     holder      TEXT,
     lease_until BIGINT NOT NULL DEFAULT 0
 );
+-- The first pass looks no further back than this migration: submits stored before it are keyed by
+-- their LogID, not by their order, and would look lost.
+INSERT INTO reconciler (name, watermark) VALUES ('orders', forwarder_now_ms());
 
 -- The landing check (src/reconcile/verify.rs): an order whose CHECKOUT CDP acknowledged, to be
 -- looked up in CDP at `due_at`; with the submit's intent and enrichment, to send it again if CDP
@@ -17,6 +20,8 @@ CREATE TABLE order_checks (
     intent      TEXT    NOT NULL,
     enrichment  TEXT,
     due_at      BIGINT NOT NULL,
+    -- The due time the CHECKOUT's write set: names this round of checks (repairs' dedupe keys).
+    since       BIGINT NOT NULL,
     attempts    BIGINT NOT NULL DEFAULT 0,
     repairs     BIGINT NOT NULL DEFAULT 0,
     lease_until BIGINT NOT NULL DEFAULT 0,

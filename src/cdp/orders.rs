@@ -47,7 +47,7 @@ impl OrderLookup {
         let result = self
             .http
             .get(format!("{}/v2.1/orders", self.host))
-            .query(&[("referenceId", reference)])
+            .query(&[("referenceId", reference), ("expand", "true")])
             .basic_auth(self.client_key.expose(), Some(self.api_token.expose()))
             .send()
             .await;
@@ -55,11 +55,11 @@ impl OrderLookup {
             Err(e) => Err(LookupError::Unavailable(e.without_url().to_string())),
             Ok(response) => match response.status().as_u16() {
                 200..=299 => match response.json::<Value>().await {
-                    Ok(body) => Ok(body.get("items").and_then(Value::as_array).is_some_and(|items| {
-                        items
-                            .iter()
-                            .any(|o| o.get("referenceId").and_then(Value::as_str) == Some(reference))
-                    })),
+                    Ok(body) => match body.get("items").and_then(Value::as_array) {
+                        Some(items) => Ok(holds_in(items, reference)),
+                        // Not the collection documented: asked again, never taken for "none".
+                        None => Err(LookupError::Unavailable("an answer without items".into())),
+                    },
                     Err(e) => Err(LookupError::Unavailable(format!(
                         "unreadable answer: {}",
                         e.without_url()
@@ -73,5 +73,31 @@ impl OrderLookup {
         metrics::histogram!("forwarder_cdp_request_duration_seconds", "event" => "ORDER_LOOKUP")
             .record(started.elapsed().as_secs_f64());
         outcome
+    }
+}
+
+/// Whether a page of `GET /v2.1/orders?referenceId=` holds the order. The items' field set is not
+/// confirmed (an unexpanded item may carry only `href`): any item that names no other reference
+/// counts. Erring this way can only miss a repair, never send an order twice.
+fn holds_in(items: &[Value], reference: &str) -> bool {
+    items
+        .iter()
+        .any(|o| match o.get("referenceId").and_then(Value::as_str) {
+            Some(r) => r == reference,
+            None => true,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_item_that_names_no_reference_counts_and_another_reference_does_not() {
+        assert!(holds_in(&[json!({"ref": "r1", "referenceId": "O1"})], "O1"));
+        assert!(holds_in(&[json!({"href": "https://x/v2.1/orders/r1"})], "O1"));
+        assert!(!holds_in(&[json!({"ref": "r1", "referenceId": "O2"})], "O1"));
+        assert!(!holds_in(&[], "O1"));
     }
 }

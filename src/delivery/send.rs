@@ -171,6 +171,7 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
         intent: serde_json::to_value(&claimed.intent).ok()?,
         enrichment: claimed.enrichment.clone(),
         due_at_ms: now_ms() + deps.settings.verify_after().as_millis() as i64,
+        since_ms: 0,
         repairs: 0,
         attempts: 0,
     })

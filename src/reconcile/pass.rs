@@ -1,7 +1,7 @@
 //! One reconciliation pass: take the window's lease, list the orders submitted in the window page
 //! by page, look their submits up in the dedupe (one query a page), and store a submit for each
 //! order that has none — read its lines first, so only lost orders cost more calls. Then move the
-//! watermark to the end of what was looked at.
+//! watermark to the end of the window.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
@@ -13,8 +13,10 @@ use crate::domain::now_ms;
 use crate::ordercloud::admin::AdminError;
 use crate::store::{EnqueueOutcome, StoreError};
 
-/// Pages one pass reads at most (10,000 orders); the next pass goes on from the last order read.
+/// Pages read with one query (10,000 orders); a window with more is read in several.
 const MAX_PAGES: u32 = 100;
+/// A bound on the queries of one pass (a million orders), against a server that never stops.
+const MAX_WINDOWS: u32 = 100;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -57,61 +59,94 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     }
     let anonymous = r.anonymous_usernames().await?;
     let api = r.ordercloud.base().to_string();
-    let from_text = iso(from);
-    let mut reached = until;
-    for page in 1..=MAX_PAGES {
-        let list = r.ordercloud.submitted_orders(&from_text, page).await?;
-        let items = list.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
-        let mut in_window = Vec::with_capacity(items.len());
-        let mut past_window = false;
-        for order in items {
-            let (Some(id), Some(submitted)) = (
-                order.get("ID").and_then(Value::as_str).map(str::to_string),
-                order.get("DateSubmitted").and_then(Value::as_str).and_then(parse_ms),
-            ) else {
-                continue;
-            };
-            if submitted > until {
-                past_window = true;
-                break;
+    // Listed a hundred pages at a time; a window that holds more goes on from the last order read
+    // (the same query from a later time), so a pass always finishes its window.
+    let mut window_from = from;
+    'windows: for _ in 0..MAX_WINDOWS {
+        let from_text = iso(window_from);
+        let mut last_read = None;
+        for page in 1..=MAX_PAGES {
+            let list = r.ordercloud.submitted_orders(&from_text, page).await?;
+            let items = list.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut in_window = Vec::with_capacity(items.len());
+            let mut past_window = false;
+            for order in items {
+                let (Some(id), Some(submitted)) = (
+                    order.get("ID").and_then(Value::as_str).map(str::to_string),
+                    order.get("DateSubmitted").and_then(Value::as_str).and_then(parse_ms),
+                ) else {
+                    continue;
+                };
+                if submitted > until {
+                    past_window = true;
+                    break;
+                }
+                in_window.push((id, submitted, order));
             }
-            in_window.push((id, submitted, order));
-        }
-        report.listed += in_window.len() as u64;
-        let keys: Vec<String> = in_window.iter().map(|(id, _, _)| submit_dedupe_key(id)).collect();
-        let known = r.store.known_dedupe_keys(&keys).await?;
-        for ((id, submitted, order), key) in in_window.iter().zip(&keys) {
-            if known.contains(key) {
-                continue;
+            report.listed += in_window.len() as u64;
+            if let Some((_, submitted, _)) = in_window.last() {
+                last_read = Some(*submitted);
             }
-            let Some(shopper) = shopper_of(order, &api, &anonymous) else {
-                tracing::warn!(order = %id, "a submitted order without FromCompanyID and FromUser: not reconciled");
-                continue;
-            };
-            let lines = r.ordercloud.order_lines(id).await?;
-            let submit = submit_of(order, lines, shopper, &api, *submitted);
-            if let EnqueueOutcome::Queued(_) = r.store.enqueue(submit).await? {
-                report.sent += 1;
-                metrics::counter!("orders_reconciled_total").increment(1);
-                tracing::info!(order = %id, "the order's submit webhook never came: sent from reconciliation");
+            send_lost(r, &in_window, &api, &anonymous, &mut report).await?;
+            let total_pages = list.pointer("/Meta/TotalPages").and_then(Value::as_u64).unwrap_or(1);
+            if past_window || u64::from(page) >= total_pages {
+                break 'windows;
+            }
+            if r.store.lease_reconciler(&r.holder, r.lease()).await?.is_none() {
+                return Err(PassError::LeaseLost);
             }
         }
-        let total_pages = list.pointer("/Meta/TotalPages").and_then(Value::as_u64).unwrap_or(1);
-        if past_window || u64::from(page) >= total_pages {
-            break;
-        }
-        if page == MAX_PAGES {
-            // The rest is the next pass's: it starts at the last order looked at.
-            reached = in_window.last().map_or(until, |(_, submitted, _)| *submitted);
-        } else if r.store.lease_reconciler(&r.holder, r.lease()).await?.is_none() {
-            return Err(PassError::LeaseLost);
+        match last_read {
+            // A hundred pages all submitted at one instant (or a server ignoring the filter): the
+            // next window would be this one again.
+            Some(last) if last > window_from => window_from = last,
+            _ => break,
         }
     }
+    let reached = until;
     if !r.store.advance_reconciler(&r.holder, reached).await? {
         return Err(PassError::LeaseLost);
     }
     r.saw_watermark(Some(reached));
     Ok(report)
+}
+
+/// Stores the submit of each order of a page that the service holds none for.
+async fn send_lost(
+    r: &Reconciler,
+    orders: &[(String, i64, Value)],
+    api: &str,
+    anonymous: &[String],
+    report: &mut Report,
+) -> Result<(), PassError> {
+    let keys: Vec<String> = orders.iter().map(|(id, _, _)| submit_dedupe_key(id)).collect();
+    let known = r.store.known_dedupe_keys(&keys).await?;
+    for ((id, submitted, order), key) in orders.iter().zip(&keys) {
+        if known.contains(key) {
+            continue;
+        }
+        let Some(shopper) = shopper_of(order, api, anonymous) else {
+            tracing::warn!(order = %id, "a submitted order without FromCompanyID and FromUser: not reconciled");
+            continue;
+        };
+        let lines = match r.ordercloud.order_lines(id).await {
+            Ok(lines) => lines,
+            // This order's lines cannot be read (deleted meanwhile?): it is left out, the others go
+            // on; OrderCloud down or the credentials refused stop the pass (the window is kept).
+            Err(e @ AdminError::Permanent(..)) => {
+                tracing::warn!(order = %id, error = %e, "cannot read a lost order's lines: not reconciled");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let submit = submit_of(order, lines, shopper, api, *submitted);
+        if let EnqueueOutcome::Queued(_) = r.store.enqueue(submit).await? {
+            report.sent += 1;
+            metrics::counter!("orders_reconciled_total").increment(1);
+            tracing::info!(order = %id, "the order's submit webhook never came: sent from reconciliation");
+        }
+    }
+    Ok(())
 }
 
 fn secs_to_ms(secs: u64) -> i64 {

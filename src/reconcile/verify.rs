@@ -17,7 +17,7 @@ use crate::config::Settings;
 use crate::domain::intent::RawIntent;
 use crate::domain::now_ms;
 use crate::health::Health;
-use crate::store::{CheckOutcome, DynStore, NewIntent, OrderCheck, StoreError};
+use crate::store::{CheckOutcome, DynStore, EnqueueOutcome, NewIntent, OrderCheck, StoreError};
 
 /// Checks claimed at a time.
 const BATCH: usize = 32;
@@ -72,7 +72,16 @@ async fn check_due(v: &Verifier) -> Result<usize, StoreError> {
     let lease = v.settings.delivery.request_timeout() * 2 + Duration::from_secs(30);
     let checks = v.store.claim_order_checks(BATCH, lease).await?;
     for check in &checks {
-        let outcome = check_one(v, check).await?;
+        // One check that fails (a store error, a submit that cannot be read back) waits its turn
+        // again; the others go on.
+        let outcome = check_one(v, check).await.unwrap_or_else(|e| {
+            warn!(order = %check.order_id, error = %e, "landing check failed; tried again later");
+            let wait = crate::delivery::backoff::retry_delay(&v.settings.delivery, check.attempts + 1, None);
+            CheckOutcome::Retry {
+                due_at_ms: now_ms() + wait.as_millis() as i64,
+                error: e.to_string(),
+            }
+        });
         v.store.settle_order_check(&check.order_id, outcome).await?;
     }
     Ok(checks.len())
@@ -103,17 +112,25 @@ async fn check_one(v: &Verifier, check: &OrderCheck) -> Result<CheckOutcome, Sto
     }
     let repairs_allowed = i64::from(v.settings.reconcile.repairs);
     if check.repairs < repairs_allowed {
-        let repair = copy_of_submit(check, format!("order-repair:{order}:{}", check.repairs + 1), None)?;
-        v.store.enqueue(repair).await?;
-        v.wake.notify_waiters();
-        metrics::counter!("orders_verified_total", "outcome" => "repaired").increment(1);
-        warn!(order = %order, repair = check.repairs + 1, "CDP acknowledged the order's CHECKOUT but holds no order: sent again");
+        // Keyed by this round of checks and the repair's number: a check tried again after its
+        // repair was stored (its settling failed) stores none twice; a round after a replay of the
+        // order is a new one.
+        let key = format!("order-repair:{order}:{}:{}", check.since_ms, check.repairs + 1);
+        if let EnqueueOutcome::Queued(_) = v.store.enqueue(copy_of_submit(check, key, None)?).await? {
+            v.wake.notify_waiters();
+            metrics::counter!("orders_verified_total", "outcome" => "repaired").increment(1);
+            warn!(order = %order, repair = check.repairs + 1, "CDP acknowledged the order's CHECKOUT but holds no order: sent again");
+        }
+        // The repair's CHECKOUT sets the next check; this one is only for a repair that never
+        // gets that far (it ages out to a dead letter of its own first).
+        let later = v.settings.delivery.max_age() + v.settings.verify_after();
         return Ok(CheckOutcome::Repaired {
-            due_at_ms: now_ms() + v.settings.verify_after().as_millis() as i64,
+            due_at_ms: now_ms() + later.as_millis() as i64,
         });
     }
     let reason = missing_reason(order);
-    let dead = copy_of_submit(check, format!("order-missing:{order}"), Some(reason.clone()))?;
+    let key = format!("order-missing:{order}:{}", check.since_ms);
+    let dead = copy_of_submit(check, key, Some(reason.clone()))?;
     v.store.enqueue(dead).await?;
     metrics::counter!("orders_verified_total", "outcome" => "missing").increment(1);
     metrics::counter!("forwarder_dead_letters_total", "stage" => "landing_check").increment(1);

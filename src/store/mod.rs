@@ -159,7 +159,9 @@ pub struct OrderCheck {
     pub intent: Value,
     pub enrichment: Option<Value>,
     pub due_at_ms: i64,
-    /// Claimed checks only: how many times it was sent again, and checks that failed.
+    /// Claimed checks only: the due time the CHECKOUT's write set (names this round of checks),
+    /// how many times it was sent again, and checks that failed.
+    pub since_ms: i64,
     pub repairs: i64,
     pub attempts: i64,
 }
@@ -352,10 +354,11 @@ pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<DynSto
 /// Records a landing check, or moves an existing one's time (its count of repairs stays):
 /// `$1`..`$5` = order id, shopper key, intent, enrichment, due at. Both stores run it as is.
 pub(crate) const ORDER_CHECK_UPSERT: &str =
-    "INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at) \
-     VALUES ($1, $2, $3, $4, $5) \
+    "INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at, since) \
+     VALUES ($1, $2, $3, $4, $5, $5) \
      ON CONFLICT (order_id) DO UPDATE SET shopper_key = excluded.shopper_key, intent = excluded.intent, \
-       enrichment = excluded.enrichment, due_at = excluded.due_at, lease_until = 0, attempts = 0";
+       enrichment = excluded.enrichment, due_at = excluded.due_at, since = excluded.since, lease_until = 0, \
+       attempts = 0";
 
 /// A landing check as both stores read it.
 pub(crate) struct CheckRow {
@@ -364,6 +367,7 @@ pub(crate) struct CheckRow {
     pub intent: String,
     pub enrichment: Option<String>,
     pub due_at_ms: i64,
+    pub since_ms: i64,
     pub repairs: i64,
     pub attempts: i64,
 }
@@ -376,6 +380,7 @@ impl CheckRow {
             order_id: self.order_id,
             shopper_key: self.shopper_key,
             due_at_ms: self.due_at_ms,
+            since_ms: self.since_ms,
             repairs: self.repairs,
             attempts: self.attempts,
         })

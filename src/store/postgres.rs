@@ -734,7 +734,7 @@ impl Store for PostgresStore {
             "UPDATE order_checks SET lease_until = forwarder_now_ms() + $1 WHERE order_id IN ( \
                SELECT order_id FROM order_checks WHERE due_at <= $2 AND lease_until < forwarder_now_ms() \
                ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING order_id, shopper_key, intent, enrichment, due_at, repairs, attempts",
+             RETURNING order_id, shopper_key, intent, enrichment, due_at, since, repairs, attempts",
         )
         .bind(lease_ms)
         .bind(now_ms())
@@ -749,6 +749,7 @@ impl Store for PostgresStore {
                     intent: r.get("intent"),
                     enrichment: r.get("enrichment"),
                     due_at_ms: r.get("due_at"),
+                    since_ms: r.get("since"),
                     repairs: r.get("repairs"),
                     attempts: r.get("attempts"),
                 }

@@ -142,13 +142,28 @@ fn reconciliation_settings_are_checked_and_the_client_secret_never_prints() {
     assert!(!err.contains("ledger-secret-123"), "{err}");
     let mut good = base.to_vec();
     good.push(("FORWARDER__ORDERCLOUD__CLIENT_SECRET", "ledger-secret-123"));
+    // The default ordercloud.api_urls lists every region's host: which one is the marketplace's?
+    let err = Settings::load_with_env(&sources, Some(env(&good)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reconcile.api_url"), "{err}");
+    good.push((
+        "FORWARDER__ORDERCLOUD__API_URLS",
+        "https://westeurope-production.ordercloud.io",
+    ));
     let s = Settings::load_with_env(&sources, Some(env(&good))).unwrap();
     assert!(s.reconciles());
     assert_eq!(
         s.reconcile_api_url(),
-        "https://api.ordercloud.io",
-        "the first of ordercloud.api_urls"
+        "https://westeurope-production.ordercloud.io",
+        "the only one of ordercloud.api_urls"
     );
+    // The client secret never goes over plain HTTP to another machine.
+    good.push(("FORWARDER__RECONCILE__API_URL", "http://api.ordercloud.io"));
+    let err = Settings::load_with_env(&sources, Some(env(&good)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("https"), "{err}");
     let printed = format!("{s:?} {}", serde_json::to_string(&s).unwrap());
     assert!(!printed.contains("ledger-secret-123"), "{printed}");
 }

@@ -793,7 +793,7 @@ impl Store for SqliteStore {
                     "UPDATE order_checks SET lease_until = ?1 WHERE order_id IN ( \
                        SELECT order_id FROM order_checks WHERE due_at <= ?2 AND lease_until < ?2 \
                        ORDER BY due_at LIMIT ?3) \
-                     RETURNING order_id, shopper_key, intent, enrichment, due_at, repairs, attempts",
+                     RETURNING order_id, shopper_key, intent, enrichment, due_at, since, repairs, attempts",
                 )?;
                 let rows = stmt
                     .query_map(params![now.saturating_add(lease_ms), now, limit as i64], |r| {
@@ -803,8 +803,9 @@ impl Store for SqliteStore {
                             intent: r.get(2)?,
                             enrichment: r.get(3)?,
                             due_at_ms: r.get(4)?,
-                            repairs: r.get(5)?,
-                            attempts: r.get(6)?,
+                            since_ms: r.get(5)?,
+                            repairs: r.get(6)?,
+                            attempts: r.get(7)?,
                         })
                     })?
                     .collect::<Result<Vec<_>, _>>()?;

@@ -84,6 +84,8 @@ struct OcState {
     api_clients: Vec<(String, String, String)>,
     /// Orders submitted less than this long ago are not listed yet (the search cache's lag).
     search_lag: Duration,
+    /// Orders whose lines answer 404 (deleted since they were listed).
+    lines_gone: HashSet<String>,
 }
 
 impl OcState {
@@ -251,6 +253,11 @@ impl OrderCloudFake {
         self.lock()
             .api_clients
             .push((client_id.into(), secret.into(), default_context_username.into()));
+    }
+
+    /// The order's lines answer 404 from now on (it was deleted after being listed).
+    pub fn lose_lines(&self, order_id: &str) {
+        self.lock().lines_gone.insert(order_id.to_string());
     }
 
     /// Orders submitted less than `lag` ago are left out of `GET /v1/orders/Incoming`.
@@ -454,6 +461,9 @@ async fn order_lines(
         );
     }
     let st = lock(&state);
+    if st.lines_gone.contains(&order_id) {
+        return not_found("Order");
+    }
     match st.orders.get(&order_id) {
         Some(record) if record.owner == owner && direction != "incoming" => list_page(&record.lines, raw),
         // The marketplace owner's client sees every submitted order as incoming.
