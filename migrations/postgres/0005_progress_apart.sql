@@ -33,7 +33,9 @@ UPDATE intents SET progress = NULL WHERE sent > 0;
 --
 -- Committed without waiting for the WAL's flush (like SQLite's delivery bookkeeping): a crash of
 -- the database server may lose the last fraction of a second of it, and then a few events are sent
--- again (delivery is at least once). Intake's commits, which a 200 stands for, still wait.
+-- again (delivery is at least once). The caller turns the wait back on (SET LOCAL after this call,
+-- in its transaction) for the progress of a CONFIRM or a CHECKOUT, which must not be sent twice;
+-- intake's commits, which a 200 stands for, always wait.
 CREATE OR REPLACE FUNCTION forwarder_apply(
     p_id BIGINT, p_claim TEXT, p_now BIGINT,
     p_set_plan BOOLEAN, p_plan TEXT, p_sent BIGINT,

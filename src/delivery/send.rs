@@ -101,7 +101,15 @@ pub async fn send(
                 }
                 writes.push(Write::Sent(progress.sent));
                 writes.push(Write::Session(facts));
-                if let Some(check) = landing_check(deps, claimed, &progress.events[progress.sent - 1]) {
+                let acked = &progress.events[progress.sent - 1];
+                if matches!(
+                    acked.kind,
+                    EventKind::Confirm { .. } | EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
+                ) {
+                    // Lost to a crash of the machine or the database, it would be sent again.
+                    writes.push(Write::Durable);
+                }
+                if let Some(check) = landing_check(deps, claimed, acked) {
                     writes.push(Write::CheckOrder(check));
                 }
                 // The last event's progress is recorded with the ack, in the same write.

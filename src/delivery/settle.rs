@@ -142,7 +142,7 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
     // cannot be recorded, so that no acknowledged event — a CHECKOUT above all — is sent again.
     let progress: Vec<Write> = writes
         .iter()
-        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_)))
+        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_) | Write::Durable))
         .cloned()
         .collect();
     match deps.store.apply(claim, writes, Some(settle)).await {

@@ -144,6 +144,10 @@ pub enum Write {
         order_id: String,
         to_shopper: String,
     },
+    /// The commit waits until it is on disk, whatever the store does for delivery's other writes:
+    /// the progress of a CONFIRM or a CHECKOUT, which would be sent again (a second order) if a
+    /// crash of the machine or the database server lost it.
+    Durable,
     /// CDP acknowledged the order's CHECKOUT: ask CDP for the order at `due_at_ms` (the landing
     /// check), with what is needed to send it again. An earlier check of the order keeps its count
     /// of repairs.

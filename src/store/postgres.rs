@@ -373,7 +373,8 @@ impl Store for PostgresStore {
         };
         let checks = std::mem::take(&mut args.checks);
         // A landing check (one per submit) goes in the same transaction, after the claim was checked.
-        let mut tx = if checks.is_empty() {
+        let durable = args.durable;
+        let mut tx = if checks.is_empty() && !durable {
             None
         } else {
             Some(self.pool.begin().await?)
@@ -413,6 +414,12 @@ impl Store for PostgresStore {
             return Err(StoreError::StaleClaim(claim.intent_id));
         }
         if let Some(mut tx) = tx {
+            if durable {
+                // After the function's own setting: the last one in the transaction holds at commit.
+                sqlx::query("SET LOCAL synchronous_commit = on")
+                    .execute(&mut *tx)
+                    .await?;
+            }
             for check in checks {
                 sqlx::query(ORDER_CHECK_UPSERT)
                     .bind(&check.order_id)
@@ -858,6 +865,8 @@ struct ApplyArgs {
     session_facts: Vec<String>,
     /// Landing checks: written after `forwarder_apply`, in its transaction.
     checks: Vec<OrderCheck>,
+    /// The commit waits for the WAL's flush (`forwarder_apply` turns that off for its own).
+    durable: bool,
 }
 
 impl ApplyArgs {
@@ -898,6 +907,7 @@ impl ApplyArgs {
             Write::DeleteCart { order_id } => self.cart("delete_cart", order_id, None, None, None, None),
             Write::MoveCart { order_id, to_shopper } => self.cart("move", order_id, None, Some(to_shopper), None, None),
             Write::CheckOrder(check) => self.checks.push(check),
+            Write::Durable => self.durable = true,
         }
         Ok(())
     }

@@ -122,6 +122,30 @@ async fn a_store_failure_on_one_shopper_ages_out_to_a_dead_letter_while_others_f
     world.drained().await;
 }
 
+/// The writes that record a CONFIRM's or a CHECKOUT's acknowledgement wait for the disk (a crash of
+/// the machine or the database must not lose them: the order would be sent again); the others need
+/// not.
+#[tokio::test]
+async fn the_progress_of_a_confirm_and_a_checkout_is_committed_to_disk() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let mut shopper = world.anonymous("O-DISK", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    assert!(
+        store.durable_applies().is_empty(),
+        "a line's ADD needs no wait for the disk"
+    );
+    shopper.submit().await;
+    world.order("O-DISK").await;
+    world.drained().await;
+    let durable = store.durable_applies();
+    assert_eq!(
+        durable.len(),
+        2,
+        "the CONFIRM's and the CHECKOUT's progress: {durable:?}"
+    );
+}
+
 /// An ack the store refuses every time (a record only the ack carries): the intent is not tried
 /// forever, resending nothing — it ages out to a dead letter, and CDP got each event once.
 #[tokio::test]

@@ -332,49 +332,54 @@ impl Store for SqliteStore {
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
         let claim = claim.clone();
         let queues = self.queues.clone();
+        let durable = writes.contains(&Write::Durable);
         // Encoded here, not on the one writer thread.
         let writes = writes
             .into_iter()
+            .filter(|w| *w != Write::Durable)
             .map(EncodedWrite::new)
             .collect::<Result<Vec<_>, _>>()?;
-        self.writer
-            .write(move |c| {
-                let shopper = intent_shopper(
-                    c,
-                    "SELECT shopper_key FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
-                    params![claim.intent_id, claim.claim_id],
-                )?
-                .ok_or(StoreError::StaleClaim(claim.intent_id))?;
-                for write in &writes {
-                    write.run(c, claim.intent_id)?;
+        let job = move |c: &Connection| {
+            let shopper = intent_shopper(
+                c,
+                "SELECT shopper_key FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
+                params![claim.intent_id, claim.claim_id],
+            )?
+            .ok_or(StoreError::StaleClaim(claim.intent_id))?;
+            for write in &writes {
+                write.run(c, claim.intent_id)?;
+            }
+            match settle {
+                None => {}
+                Some(Settle::Ack) => {
+                    run(c, "DELETE FROM intents WHERE id = ?1", params![claim.intent_id])?;
+                    queues.left(&shopper);
                 }
-                match settle {
-                    None => {}
-                    Some(Settle::Ack) => {
-                        run(c, "DELETE FROM intents WHERE id = ?1", params![claim.intent_id])?;
-                        queues.left(&shopper);
-                    }
-                    Some(Settle::Retry { at_ms, error }) => {
-                        run(
-                            c,
-                            "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, \
+                Some(Settle::Retry { at_ms, error }) => {
+                    run(
+                        c,
+                        "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, \
                              lease_until = NULL, updated_at = ?3 WHERE id = ?4",
-                            params![at_ms, error, now_ms(), claim.intent_id],
-                        )?;
-                    }
-                    Some(Settle::Dead { reason }) => {
-                        run(
-                            c,
-                            "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, \
-                             secrets = NULL, claim_id = NULL, lease_until = NULL WHERE id = ?3",
-                            params![reason, now_ms(), claim.intent_id],
-                        )?;
-                        queues.left(&shopper);
-                    }
+                        params![at_ms, error, now_ms(), claim.intent_id],
+                    )?;
                 }
-                Ok(())
-            })
-            .await
+                Some(Settle::Dead { reason }) => {
+                    run(
+                        c,
+                        "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, \
+                             secrets = NULL, claim_id = NULL, lease_until = NULL WHERE id = ?3",
+                        params![reason, now_ms(), claim.intent_id],
+                    )?;
+                    queues.left(&shopper);
+                }
+            }
+            Ok(())
+        };
+        if durable {
+            self.writer.write_durable(job).await
+        } else {
+            self.writer.write(job).await
+        }
     }
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
@@ -904,6 +909,7 @@ impl EncodedWrite {
             Write::DeleteCartLine { order_id, line_id } => EncodedWrite::DeleteCartLine { order_id, line_id },
             Write::DeleteCart { order_id } => EncodedWrite::DeleteCart { order_id },
             Write::MoveCart { order_id, to_shopper } => EncodedWrite::MoveCart { order_id, to_shopper },
+            Write::Durable => unreachable!("taken out before encoding"),
             Write::CheckOrder(check) => EncodedWrite::CheckOrder {
                 intent: check.intent.to_string(),
                 enrichment: check.enrichment.as_ref().map(Value::to_string),

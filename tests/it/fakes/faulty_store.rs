@@ -36,6 +36,8 @@ pub struct FaultyStore {
     claims: Mutex<Vec<(i64, String, Instant)>>,
     /// Faults of every shopper not named in `faults`.
     everyone: Mutex<Faults>,
+    /// Every apply that asked for a commit on disk (`Write::Durable`): the `Sent` count it recorded.
+    durable: Mutex<Vec<Option<usize>>>,
 }
 
 impl FaultyStore {
@@ -46,11 +48,17 @@ impl FaultyStore {
             shoppers: Mutex::default(),
             claims: Mutex::default(),
             everyone: Mutex::default(),
+            durable: Mutex::default(),
         })
     }
 
     pub fn set(&self, shopper: &str, faults: Faults) {
         self.faults.lock().unwrap().insert(shopper.to_string(), faults);
+    }
+
+    /// The applies that asked for a commit on disk, by the count of events they recorded as sent.
+    pub fn durable_applies(&self) -> Vec<Option<usize>> {
+        self.durable.lock().unwrap().clone()
     }
 
     /// Faults for every shopper not named with [`FaultyStore::set`].
@@ -123,6 +131,13 @@ impl Store for FaultyStore {
             return Err(StoreError::Unavailable(
                 "injected: the database refuses this record".into(),
             ));
+        }
+        if writes.contains(&Write::Durable) {
+            let sent = writes.iter().find_map(|w| match w {
+                Write::Sent(n) => Some(*n),
+                _ => None,
+            });
+            self.durable.lock().unwrap().push(sent);
         }
         if faults.ack_fails && settle == Some(Settle::Ack) {
             return Err(StoreError::Unavailable("injected: the database refuses the ack".into()));
