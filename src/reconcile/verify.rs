@@ -20,7 +20,7 @@ use crate::health::Health;
 use crate::store::{CheckOutcome, DynStore, EnqueueOutcome, NewIntent, OrderCheck, StoreError};
 
 /// Checks claimed at a time.
-const BATCH: usize = 32;
+const BATCH: usize = 16;
 
 pub struct Verifier {
     pub settings: Arc<Settings>,
@@ -69,7 +69,9 @@ pub async fn run_verifier(v: Arc<Verifier>, mut stop: watch::Receiver<bool>) {
 
 /// Checks the orders that are due; how many it looked at.
 async fn check_due(v: &Verifier) -> Result<usize, StoreError> {
-    let lease = v.settings.delivery.request_timeout() * 2 + Duration::from_secs(30);
+    // Long enough for the whole batch, each lookup taking its full timeout: another replica does
+    // not take a check over while this one works through it.
+    let lease = v.settings.delivery.request_timeout() * (BATCH as u32 + 1) + Duration::from_secs(30);
     let checks = v.store.claim_order_checks(BATCH, lease).await?;
     for check in &checks {
         // One check that fails (a store error, a submit that cannot be read back) waits its turn
