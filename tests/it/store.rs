@@ -906,3 +906,57 @@ async fn postgres_a_live_replicas_claim_is_never_taken_over() {
     other.close().await;
     live.close().await;
 }
+
+/// PostgreSQL: a database migrated by the release before this one (migrations up to 0004, as they
+/// landed) upgrades with the progress of its intents, dead letters' included: a dead letter whose
+/// CHECKOUT CDP acknowledged, replayed after the upgrade, goes on from there and plans no second
+/// order.
+#[tokio::test]
+async fn postgres_an_upgrade_keeps_every_intents_progress() {
+    use sqlx::migrate::Migrate as _;
+    use sqlx::Connection as _;
+    let Some(place) = Backend::Postgres.place("upgrade_keeps_progress") else {
+        return;
+    };
+    let schema = place.settings.schema.clone().unwrap();
+    let mut conn = sqlx::PgConnection::connect(&place.settings.url).await.unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let migrator = sqlx::migrate!("migrations/postgres");
+    conn.ensure_migrations_table().await.unwrap();
+    for migration in migrator.iter().filter(|m| m.version <= 4) {
+        conn.apply(migration).await.unwrap();
+    }
+    // As the release before stored them: the plan in `progress`, the count in `sent`.
+    let stored = serde_json::to_string(&intent("s1", "any").intent).unwrap();
+    sqlx::query(
+        "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+           created_at, updated_at, dead_at, progress, sent) \
+         VALUES ('dead-one', 's1', 'submit', $1, true, 'dead', 0, 0, 0, 0, '[\"a\",\"b\",\"c\"]', 3), \
+                ('pending-one', 's2', 'submit', $1, true, 'pending', 0, 0, 0, NULL, '[\"x\",\"y\"]', 1)",
+    )
+    .bind(stored)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let store = place.service().await;
+    assert_eq!(store.replay_dead_letters(None, None).await.unwrap(), 1);
+    let mut claimed = store.claim(10, LONG).await.unwrap();
+    claimed.sort_by(|a, b| a.shopper_key.cmp(&b.shopper_key));
+    let progress: Vec<(String, Option<serde_json::Value>, usize)> = claimed
+        .iter()
+        .map(|c| (c.shopper_key.clone(), c.plan.clone(), c.sent))
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            ("s1".to_string(), Some(json!(["a", "b", "c"])), 3),
+            ("s2".to_string(), Some(json!(["x", "y"])), 1)
+        ]
+    );
+    store.close().await;
+}
