@@ -354,6 +354,12 @@ fn run(
             }
         }
     }
+    // Closing: everything is copied into the file and the WAL emptied, whichever connection closes
+    // last (that one would remove it, but only if no other holds it then): the WAL's frames keep
+    // the old versions of pages, erased tokens among them (`secure_delete` clears the file only).
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "SQLite: the WAL could not be emptied at close");
+    }
     drop(to_syncer);
     let _ = syncer.join();
 }
