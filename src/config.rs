@@ -473,7 +473,8 @@ pub struct AdminSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ReconcileSettings {
-    /// OrderCloud API host to read orders from; the first of `ordercloud.api_urls` when unset.
+    /// The marketplace's OrderCloud API host to read orders from (https); required while
+    /// `ordercloud.api_urls` lists several, else that one host.
     pub api_url: Option<String>,
     pub interval_secs: u64,
     /// How old a submitted order must be before a missing webhook counts as lost (OrderCloud's order

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod health;
 pub mod http;
 pub mod ordercloud;
+pub mod outbound;
 pub mod planner;
 pub mod reconcile;
 pub mod store;

@@ -104,13 +104,9 @@ pub struct CdpClient {
 
 impl CdpClient {
     pub fn new(settings: &CdpSettings, request_timeout: Duration) -> anyhow::Result<CdpClient> {
-        let http = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .connect_timeout(request_timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
+        let http = crate::outbound::client_builder(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(CdpClient {
             http,

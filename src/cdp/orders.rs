@@ -3,7 +3,7 @@
 //! the answer is a collection whose `items` hold orders with a `referenceId` (an empty `items`, or
 //! a 404, means none). No redirect is followed: it would carry the API token elsewhere.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -27,12 +27,7 @@ pub struct OrderLookup {
 impl OrderLookup {
     pub fn new(settings: &Settings) -> anyhow::Result<OrderLookup> {
         let timeout = settings.delivery.request_timeout();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = crate::outbound::client_builder(timeout).build()?;
         Ok(OrderLookup {
             http,
             host: settings.cdp.host(),

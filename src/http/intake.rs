@@ -208,8 +208,13 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
         mut response_body,
         ..
     } = webhook;
+    let claims = match user_token.as_deref() {
+        None => Err(token::TokenError::Missing),
+        Some(t) => token::decode_claims(t),
+    };
+    let token_order = claims.as_ref().ok().and_then(|c| c.orderid.as_deref());
     let submitted_order = (route.kind == IntentKind::OrderSubmitted)
-        .then(|| submitted_order_id(order_id.as_deref(), user_token.as_deref(), &response_body))
+        .then(|| submitted_order_id(order_id.as_deref(), token_order, &response_body))
         .flatten();
     let dedupe_key = match &submitted_order {
         // One submit per order, whether it comes as a webhook or from reconciliation.
@@ -233,10 +238,6 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
     strip_credentials(&mut response_body);
     strip_credentials_in_map(&mut query_params);
 
-    let claims = match user_token.as_deref() {
-        None => Err(token::TokenError::Missing),
-        Some(t) => token::decode_claims(t),
-    };
     let (shopper_key, dead_reason) = match claims.as_ref().map_err(Clone::clone).and_then(token::shopper_key) {
         Ok(key) => (key, None),
         Err(e) => (
@@ -281,7 +282,7 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
 
 /// The ID of the order a submit webhook submitted: the route's `orderID`, else the `ID` of the
 /// Order it answered with (Cart API routes name no order), else an anonymous token's `orderid`.
-fn submitted_order_id(route_order: Option<&str>, token: Option<&str>, response: &RawValue) -> Option<String> {
+fn submitted_order_id(route_order: Option<&str>, token_order: Option<&str>, response: &RawValue) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct OrderId {
         #[serde(rename = "ID")]
@@ -290,7 +291,7 @@ fn submitted_order_id(route_order: Option<&str>, token: Option<&str>, response: 
     route_order
         .map(str::to_string)
         .or_else(|| serde_json::from_str::<OrderId>(response.get()).ok().and_then(|o| o.id))
-        .or_else(|| token.and_then(|t| token::decode_claims(t).ok()).and_then(|c| c.orderid))
+        .or_else(|| token_order.map(str::to_string))
         .filter(|id| !id.is_empty())
 }
 

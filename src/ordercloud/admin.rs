@@ -51,12 +51,7 @@ pub struct AdminClient {
 impl AdminClient {
     pub fn new(settings: &Settings) -> anyhow::Result<AdminClient> {
         let timeout = settings.ordercloud.request_timeout();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = crate::outbound::client_builder(timeout).build()?;
         Ok(AdminClient {
             http,
             base: settings.reconcile_api_url(),

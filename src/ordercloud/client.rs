@@ -2,7 +2,7 @@
 //! Only hosts listed in `ordercloud.api_urls` are ever called (the token's `aud` is not trusted),
 //! and no redirect is followed (it would carry the shopper's token to wherever it points).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -50,12 +50,7 @@ pub struct OrderCloudClient {
 impl OrderCloudClient {
     pub fn new(settings: &OrderCloudSettings, health: Health) -> anyhow::Result<OrderCloudClient> {
         let timeout = settings.request_timeout();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ordercloud-cdp-forwarder/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = crate::outbound::client_builder(timeout).build()?;
         Ok(OrderCloudClient {
             http,
             api_urls: settings.api_urls.iter().map(|u| normalize(u)).collect(),

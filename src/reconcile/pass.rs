@@ -24,8 +24,6 @@ pub struct Report {
     pub listed: u64,
     /// Submits stored by this pass (orders whose webhook never came).
     pub sent: u64,
-    /// False when another replica holds the window.
-    pub ran: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +48,7 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     let floor = now - secs_to_ms(settings.lookback_secs);
     // Each pass looks back over the lag again: orders the search cache showed late are found then.
     let from = watermark.map_or(floor, |w| w - lag).max(floor);
-    let mut report = Report {
-        ran: true,
-        ..Report::default()
-    };
+    let mut report = Report::default();
     if from >= until {
         return Ok(report);
     }

@@ -43,7 +43,7 @@ impl Verifier {
 }
 
 /// The reason a check gives up with.
-pub fn missing_reason(order_id: &str) -> String {
+fn missing_reason(order_id: &str) -> String {
     format!("CDP acknowledged the CHECKOUT of order {order_id} but holds no order")
 }
 

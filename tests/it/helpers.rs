@@ -125,6 +125,15 @@ fn serve(dir: tempfile::TempDir, settings: Settings, app: Application) -> TestAp
 }
 
 impl TestApp {
+    /// Waits for the first dead letters to appear.
+    pub async fn dead_letters(&self) -> Vec<ordercloud_cdp_forwarder::store::DeadLetter> {
+        eventually("a dead letter", Duration::from_secs(10), || async {
+            let dead = self.store.dead_letters(None, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        })
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

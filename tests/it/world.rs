@@ -464,11 +464,7 @@ pub async fn post_orders(binary: &Binary, oc: &OrderCloudFake, prefix: &str, sho
 impl World {
     /// Waits for the first dead letters to appear.
     pub async fn dead_letters(&self) -> Vec<ordercloud_cdp_forwarder::store::DeadLetter> {
-        eventually("a dead letter", Duration::from_secs(10), || async {
-            let dead = self.app.store.dead_letters(None, 10).await.unwrap();
-            (!dead.is_empty()).then_some(dead)
-        })
-        .await
+        self.app.dead_letters().await
     }
 }
 
