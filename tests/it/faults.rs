@@ -269,6 +269,41 @@ async fn a_redirect_from_cdp_is_followed_nowhere_and_nothing_is_acknowledged() {
     );
 }
 
+/// OrderCloud answering a redirect during enrichment: nothing is read from wherever it points, the
+/// intent is not taken as enriched, readiness warns (and stays ready: webhooks still come in), and
+/// the read is retried until OrderCloud answers.
+#[tokio::test]
+async fn a_redirect_from_ordercloud_is_a_warning_and_the_read_is_retried() {
+    let world = World::start().await;
+    world.oc.script(vec![307; 40]);
+    let mut shopper = world.registered("buyer1", "moved", WEB_CLIENT);
+    shopper.open_cart("O-OC-REDIRECT");
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    let warning = eventually("readiness to warn of the redirect", Duration::from_secs(10), || async {
+        let ready = world.app.ops_get("/health/ready").await;
+        let status = ready.status();
+        let body = ready.text().await.unwrap();
+        body.contains("redirect").then_some((status, body))
+    })
+    .await;
+    assert_eq!(warning.0, 200, "a warning, still ready: {}", warning.1);
+    assert!(warning.1.contains("ordercloud"), "{}", warning.1);
+    assert!(warning.1.contains("307"), "{}", warning.1);
+    eventually(
+        "the shopper's ADD once OrderCloud answers",
+        Duration::from_secs(30),
+        || async {
+            world
+                .cdp
+                .requests()
+                .iter()
+                .any(|r| r.event_type == "ADD" && r.answered < 300 && r.answered > 0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// A storefront browser id that PostgreSQL could not store (a NUL) or CDP would not know is
 /// ignored; the shopper gets a minted browser and the order lands.
 #[tokio::test]
