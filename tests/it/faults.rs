@@ -304,6 +304,25 @@ async fn a_redirect_from_ordercloud_is_a_warning_and_the_read_is_retried() {
     .await;
 }
 
+/// A scrape of /metrics reads the gauges refreshed in the background: fifty scrapes cost the store
+/// no count of its queue.
+#[tokio::test]
+async fn metrics_scrapes_do_not_count_the_queue() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let before = store.stats_calls();
+    for _ in 0..50 {
+        let scrape = world.app.ops_get("/metrics").await;
+        assert_eq!(scrape.status(), 200);
+        assert!(scrape.text().await.unwrap().contains("forwarder_queue_pending"));
+    }
+    // The background refresh (every 5 s) may have run once or twice meanwhile.
+    assert!(
+        store.stats_calls() - before <= 2,
+        "{} counts for 50 scrapes",
+        store.stats_calls() - before
+    );
+}
+
 /// A storefront browser id that PostgreSQL could not store (a NUL) or CDP would not know is
 /// ignored; the shopper gets a minted browser and the order lands.
 #[tokio::test]

@@ -38,6 +38,8 @@ pub struct FaultyStore {
     everyone: Mutex<Faults>,
     /// Every apply that asked for a commit on disk (`Write::Durable`): the `Sent` count it recorded.
     durable: Mutex<Vec<Option<usize>>>,
+    /// Calls of `stats` (the queue's counts).
+    stats_calls: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyStore {
@@ -49,6 +51,7 @@ impl FaultyStore {
             claims: Mutex::default(),
             everyone: Mutex::default(),
             durable: Mutex::default(),
+            stats_calls: Default::default(),
         })
     }
 
@@ -59,6 +62,11 @@ impl FaultyStore {
     /// The applies that asked for a commit on disk, by the count of events they recorded as sent.
     pub fn durable_applies(&self) -> Vec<Option<usize>> {
         self.durable.lock().unwrap().clone()
+    }
+
+    /// How many times the queue's counts were read.
+    pub fn stats_calls(&self) -> usize {
+        self.stats_calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Faults for every shopper not named with [`FaultyStore::set`].
@@ -192,6 +200,7 @@ impl Store for FaultyStore {
         self.inner.count_dead_letters_before(before_ms).await
     }
     async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.stats_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.stats().await
     }
     async fn ping(&self) -> Result<(), StoreError> {
