@@ -79,7 +79,7 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
                 }
                 match serde_json::to_value(&enrichment) {
                     Ok(value) => store.save_enrichment(claim, &value, &identities).await,
-                    Err(e) => Err(StoreError::Corrupt(e.to_string())),
+                    Err(e) => Err(StoreError::from(e)),
                 }
             }
             Err(EnrichError::Retry(reason)) if deps.too_old(job.created_at_ms) => {

@@ -41,9 +41,8 @@ impl GroupCommit {
                         }
                     }
                     Err(e) => {
-                        let msg = e.to_string();
                         for reply in replies {
-                            let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                            let _ = reply.send(Err(e.clone()));
                         }
                     }
                 }

@@ -22,33 +22,69 @@ pub mod sqlite;
 /// The queue key of webhooks without a usable shopper (they go straight to the dead letters).
 pub const UNIDENTIFIED_SHOPPER: &str = "unidentified";
 
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in the store. The database's own error stays attached as the
+/// [`source`](std::error::Error::source) (shared, so that one failed batch can answer each of its
+/// callers with it).
+#[derive(Debug, Clone)]
 pub enum StoreError {
-    #[error("store unavailable: {0}")]
+    /// The database refused or could not be reached (PostgreSQL, or SQLite's readers).
+    Database(Arc<sqlx::Error>),
+    /// SQLite's writer failed.
+    Sqlite(Arc<rusqlite::Error>),
+    /// SQLite's WAL could not be flushed to disk: the commit may not survive a crash.
+    Sync(Arc<std::io::Error>),
+    /// The store is closed, or its writer stopped: there is no database error to show.
     Unavailable(String),
     /// The claim was taken over by another worker (its lease expired, or its replica stopped
     /// heartbeating), or the intent left the queue: do not act on it. Nothing was written.
-    #[error("claim {0} is no longer held")]
     StaleClaim(i64),
-    #[error("stored data is corrupt: {0}")]
+    /// Stored JSON that cannot be read back (or written: a value JSON cannot hold).
+    Json(Arc<serde_json::Error>),
+    /// Stored data of a shape the store never writes.
     Corrupt(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Database(e) => write!(f, "store unavailable: {e}"),
+            StoreError::Sqlite(e) => write!(f, "store unavailable: {e}"),
+            StoreError::Sync(e) => write!(f, "store unavailable: fsync of the SQLite WAL failed: {e}"),
+            StoreError::Unavailable(what) => write!(f, "store unavailable: {what}"),
+            StoreError::StaleClaim(id) => write!(f, "claim {id} is no longer held"),
+            StoreError::Json(e) => write!(f, "stored data is corrupt: {e}"),
+            StoreError::Corrupt(what) => write!(f, "stored data is corrupt: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Database(e) => Some(&**e),
+            StoreError::Sqlite(e) => Some(&**e),
+            StoreError::Sync(e) => Some(&**e),
+            StoreError::Json(e) => Some(&**e),
+            StoreError::Unavailable(_) | StoreError::StaleClaim(_) | StoreError::Corrupt(_) => None,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Database(Arc::new(e))
     }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Sqlite(Arc::new(e))
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError::Corrupt(e.to_string())
+        StoreError::Json(Arc::new(e))
     }
 }
 

@@ -122,6 +122,7 @@ contract!(
     the_dedupe_says_which_keys_it_knows_and_an_enrichment_given_at_intake_comes_back,
     one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark,
     a_landing_check_is_written_with_the_claim_leased_and_settled,
+    a_database_error_keeps_its_source,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -561,6 +562,47 @@ async fn a_landing_check_is_written_with_the_claim_leased_and_settled(backend: B
 }
 
 /// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
+/// The database's own error, found at the end of the error's sources: what an operator reads in
+/// the log, and what code can match on.
+fn database_error_of(e: &StoreError) -> String {
+    let mut source: &dyn std::error::Error = e;
+    let mut database = None;
+    while let Some(next) = source.source() {
+        if next.downcast_ref::<sqlx::Error>().is_some() || next.downcast_ref::<rusqlite::Error>().is_some() {
+            database = Some(next.to_string());
+        }
+        source = next;
+    }
+    database.unwrap_or_else(|| panic!("no database error among the sources of {e:?}"))
+}
+
+async fn a_database_error_keeps_its_source(backend: Backend) {
+    let Some(place) = backend.place("error_source") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "e").await;
+    let claimed = store.claim(1, LONG).await.unwrap().remove(0);
+    place.execute("DROP TABLE cdp_sessions").await;
+
+    // A read.
+    let read = store.session("WEB", "b1").await.unwrap_err();
+    assert!(database_error_of(&read).contains("cdp_sessions"), "{read}");
+    // A write under a claim.
+    let facts = SessionFacts {
+        channel: "WEB".into(),
+        browser_id: "b1".into(),
+        shopper_key: "s1".into(),
+        ..SessionFacts::default()
+    };
+    let write = store
+        .apply(&claimed.claim, vec![Write::Session(facts)], Some(Settle::Ack))
+        .await
+        .unwrap_err();
+    assert!(database_error_of(&write).contains("cdp_sessions"), "{write}");
+    assert!(write.to_string().starts_with("store unavailable"), "{write}");
+}
+
 async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first(backend: Backend) {
     let Some(place) = backend.place("replay_after_empty") else {
         return;

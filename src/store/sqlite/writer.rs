@@ -35,7 +35,7 @@ use crate::store::StoreError;
 const MAX_BATCH: usize = 256;
 
 /// Answers the caller once the batch's commit outcome is known.
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// Runs against the connection inside the batch's transaction and returns how to answer;
 /// given `None` (the transaction could not start) it only returns the answer.
 type Job = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
@@ -148,11 +148,8 @@ impl Writer {
                 Some(conn) => in_savepoint(conn, f),
                 None => Err(StoreError::Unavailable("the SQLite transaction did not start".into())),
             };
-            Box::new(move |commit: Result<(), String>| {
-                let _ = answer.send(match commit {
-                    Ok(()) => result,
-                    Err(e) => Err(StoreError::Unavailable(e)),
-                });
+            Box::new(move |commit: Result<(), StoreError>| {
+                let _ = answer.send(commit.and(result));
             })
         });
         let stopped = || StoreError::Unavailable("store is closed".into());
@@ -327,7 +324,7 @@ fn run(
             }
             tracing::warn!(error = %e, "SQLite writer: batch not committed");
             invalidations.fetch_add(1, Ordering::Release);
-            e.to_string()
+            StoreError::from(e)
         });
         // Jobs not run (the transaction did not start) are answered with the batch's error.
         replies.extend(batch.drain(..).map(|work| ((work.job)(None), false)));
@@ -342,7 +339,7 @@ fn run(
         if !after_sync.is_empty() {
             if let Err(mpsc::SendError(replies)) = to_syncer.send(after_sync) {
                 for reply in replies {
-                    reply(Err("the SQLite syncer stopped".into()));
+                    reply(Err(StoreError::Unavailable("the SQLite syncer stopped".into())));
                 }
             }
         }
@@ -384,7 +381,7 @@ fn sync_then_answer(wal: &Path, queue: mpsc::Receiver<Vec<Reply>>) {
             // Reopened next time: the WAL may have been replaced.
             file = None;
             tracing::warn!(error = %e, wal = %wal.display(), "SQLite syncer: fsync of the WAL failed");
-            format!("fsync of the SQLite WAL failed: {e}")
+            StoreError::Sync(Arc::new(e))
         });
         for reply in replies {
             reply(outcome.clone());
