@@ -1,7 +1,7 @@
 //! Dead-letter operations shared by the CLI (`dead-letters …`) and the admin API (`/admin/dead-letters`).
 
 use crate::domain::now_ms;
-use crate::store::{DeadLetter, DynStore, StoreError};
+use crate::store::{DeadLetter, Operations, StoreError};
 
 /// Which dead letters to put back in their shoppers' queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +33,12 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
     Ok(now_ms() - n.saturating_mul(unit_ms))
 }
 
-pub async fn list(store: &DynStore, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+pub async fn list(store: &dyn Operations, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
     store.dead_letters(since_ms, limit).await
 }
 
 /// Puts the selected dead letters back in their shoppers' queues, in their original places.
-pub async fn replay(store: &DynStore, selection: &Selection) -> Result<u64, StoreError> {
+pub async fn replay(store: &dyn Operations, selection: &Selection) -> Result<u64, StoreError> {
     let replayed = match selection {
         Selection::Ids(ids) => store.replay_dead_letters(Some(ids), None).await?,
         Selection::All => store.replay_dead_letters(None, None).await?,
@@ -60,7 +60,7 @@ pub fn check_purge_age(before_ms: i64, force: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn purge(store: &DynStore, before_ms: i64) -> Result<u64, StoreError> {
+pub async fn purge(store: &dyn Operations, before_ms: i64) -> Result<u64, StoreError> {
     store.purge_dead_letters(before_ms).await
 }
 

@@ -213,7 +213,11 @@ impl Application {
 }
 
 /// Periodic upkeep: forgets dedupe records past their retention.
-async fn housekeeping(store: DynStore, settings: Arc<Settings>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn housekeeping(
+    store: Arc<dyn store::Operations>,
+    settings: Arc<Settings>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let retention_ms = i64::try_from(settings.store.dedupe_retention().as_millis()).unwrap_or(i64::MAX);
     loop {
         if let Err(e) = store.prune_dedupe(domain::now_ms().saturating_sub(retention_ms)).await {

@@ -151,7 +151,7 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
         let outcome = match command {
             DeadLetterCommand::List { json, since, limit } => {
                 let since = since.as_deref().map(parse).transpose()?;
-                let list = dead_letters::list(&store, since, limit).await?;
+                let list = dead_letters::list(&*store, since, limit).await?;
                 if json {
                     println!(
                         "{}",
@@ -172,7 +172,7 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
                     (true, false, Some(since)) => Selection::Since(parse(&since)?),
                     (true, false, None) => anyhow::bail!("give --id, --all or --since"),
                 };
-                let n = dead_letters::replay(&store, &selection).await?;
+                let n = dead_letters::replay(&*store, &selection).await?;
                 println!("replayed {n} dead letter(s)");
                 Ok(())
             }
@@ -181,7 +181,7 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
                 dead_letters::check_purge_age(before, force)
                     .map_err(|e| anyhow::anyhow!("{e}: give --force to purge them anyway"))?;
                 if yes {
-                    let n = dead_letters::purge(&store, before).await?;
+                    let n = dead_letters::purge(&*store, before).await?;
                     println!("purged {n} dead letter(s)");
                 } else {
                     let n = store.count_dead_letters_before(before).await?;

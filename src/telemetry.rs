@@ -1,6 +1,6 @@
 //! Logging (tracing, JSON by default) and the Prometheus metrics recorder.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -53,7 +53,7 @@ const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// refreshes the queue gauges from the store. The recorder keeps every sample (16 bytes each) until
 /// then: without this, a service nobody scrapes would grow by a few hundred KB a second under load.
 /// The gauges are read here rather than at each scrape, so `/metrics` costs the store nothing.
-pub async fn metrics_upkeep(store: crate::store::DynStore, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn metrics_upkeep(store: Arc<dyn crate::store::Operations>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let handle = metrics_handle();
     loop {
         if let Ok(stats) = store.stats().await {

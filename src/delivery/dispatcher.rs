@@ -44,7 +44,7 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        let Some(claiming) = Claiming::start(&deps.store, send::MIN_WINDOW) else {
+        let Some(claiming) = Claiming::start(&*deps.store, send::MIN_WINDOW) else {
             // The replica's heartbeats do not reach the database: anything it claimed could be taken
             // over at once. Claim again once they do.
             if !idle(&deps, &mut stop, poll * 5).await {

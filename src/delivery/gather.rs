@@ -63,7 +63,7 @@ pub struct Gathered {
 
 pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Failure> {
     let cdp = &deps.settings.cdp;
-    let store = &deps.store;
+    let store: &dyn crate::store::Shoppers = &*deps.store;
     let intent = &claimed.intent;
     let key = claimed.shopper_key.as_str();
     let enrichment: Enrichment = match &claimed.enrichment {
@@ -241,7 +241,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
 
 /// Reads a session's facts into `sessions`, unless they are there already.
 async fn read_session(
-    store: &crate::store::DynStore,
+    store: &dyn crate::store::Shoppers,
     sessions: &mut HashMap<SessionRef, SessionFacts>,
     session: SessionRef,
 ) -> Result<(), StoreError> {

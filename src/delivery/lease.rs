@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::store::{Claim, DynStore, StoreError};
+use crate::store::{Claim, Outbox, StoreError};
 
 pub struct Lease {
     state: Arc<Mutex<State>>,
-    store: DynStore,
+    store: Arc<dyn Outbox>,
     /// The store's [`crate::store::Liveness::epoch`] before the claim was made.
     epoch: Option<u64>,
     renewer: tokio::task::JoinHandle<()>,
@@ -33,7 +33,7 @@ struct State {
 impl Lease {
     /// Starts renewing the lease of `claim`, taken at `claimed` (what [`Claiming::start`] saw) for
     /// `lease`.
-    pub fn keep(store: DynStore, claim: Claim, lease: Duration, claimed: Claiming) -> Lease {
+    pub fn keep(store: Arc<dyn Outbox>, claim: Claim, lease: Duration, claimed: Claiming) -> Lease {
         let state = Arc::new(Mutex::new(State {
             until: claimed.at + lease,
             lost: false,
@@ -74,7 +74,7 @@ pub struct Claiming {
 impl Claiming {
     /// Read before claiming; `None` while the store's claims could be taken over by another replica
     /// within `min_window` (a replica cut off from the database claims nothing).
-    pub fn start(store: &DynStore, min_window: Duration) -> Option<Claiming> {
+    pub fn start(store: &dyn Outbox, min_window: Duration) -> Option<Claiming> {
         let at = Instant::now();
         match store.liveness() {
             Some(live) if live.safe_until < at + min_window => None,
@@ -94,7 +94,7 @@ impl Drop for Lease {
 
 /// Renews every third of the lease; retries a failed renewal every tenth (at most every second)
 /// until the lease would be over.
-async fn renew(store: DynStore, claim: Claim, lease: Duration, state: Arc<Mutex<State>>) {
+async fn renew(store: Arc<dyn Outbox>, claim: Claim, lease: Duration, state: Arc<Mutex<State>>) {
     let retry_every = (lease / 10).min(Duration::from_secs(1));
     loop {
         tokio::time::sleep(lease / 3).await;

@@ -73,7 +73,7 @@ async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Respon
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match dead_letters::list(&app.store, since, q.limit.unwrap_or(100).min(10_000)).await {
+    match dead_letters::list(&*app.store, since, q.limit.unwrap_or(100).min(10_000)).await {
         Ok(list) => Json(json!({"dead_letters": list})).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -97,7 +97,7 @@ async fn replay(State(app): State<AppState>, Json(body): Json<ReplayBody>) -> Re
         },
         _ => return error(StatusCode::BAD_REQUEST, "give exactly one of ids, all or since"),
     };
-    match dead_letters::replay(&app.store, &selection).await {
+    match dead_letters::replay(&*app.store, &selection).await {
         Ok(n) => {
             app.wake.notify_waiters();
             Json(json!({"replayed": n})).into_response()
@@ -136,7 +136,7 @@ async fn purge(State(app): State<AppState>, Json(body): Json<PurgeBody>) -> Resp
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         };
     }
-    match dead_letters::purge(&app.store, before).await {
+    match dead_letters::purge(&*app.store, before).await {
         Ok(n) => Json(json!({"purged": n})).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

@@ -1,5 +1,6 @@
 //! Durable state: the outbox of intents (one queue per shopper), the dedupe of webhooks, and the
-//! per-shopper state delivery needs. One trait; SQLite (embedded) and PostgreSQL implementations.
+//! per-shopper state delivery needs. One contract, split by role ([`roles`]); SQLite (embedded) and
+//! PostgreSQL implementations, both held to it by one test battery (`tests/it/store.rs`).
 //!
 //! The outbox table is the queue: an intent enters in the same transaction as its dedupe record
 //! and leaves only when acknowledged (deleted) or dead-lettered.
@@ -7,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -17,7 +17,10 @@ use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub mod group_commit;
 pub mod postgres;
+mod roles;
 pub mod sqlite;
+
+pub use roles::{DynStore, Intake, Ledger, Operations, Outbox, Shoppers, Store};
 
 /// The queue key of webhooks without a usable shopper (they go straight to the dead letters).
 pub const UNIDENTIFIED_SHOPPER: &str = "unidentified";
@@ -277,99 +280,6 @@ pub struct QueueStats {
     pub oldest_pending_age_ms: i64,
 }
 
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Dedupes on `dedupe_key` and appends to the shopper's queue in one transaction.
-    async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError>;
-
-    /// Claims the oldest pending intent of up to `limit` shoppers that have none in flight,
-    /// skipping shoppers whose head waits for a retry or for enrichment. A claim whose lease
-    /// expired, or whose replica stopped heartbeating (PostgreSQL), is taken over. A row that
-    /// cannot be decoded is dead-lettered on its own with the reason and not returned.
-    async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError>;
-    /// Extends a held lease while a long intent runs.
-    async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError>;
-    /// Applies `writes` in order and then `settle`, atomically, if `claim` still holds the intent;
-    /// [`StoreError::StaleClaim`] and nothing written otherwise.
-    async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError>;
-    /// How safe this process's claims are from takeover by another replica, whatever their leases
-    /// say (PostgreSQL: see [`Liveness`]). `None`: no other process takes claims over (SQLite).
-    fn liveness(&self) -> Option<Liveness> {
-        None
-    }
-
-    /// Intents whose OrderCloud reads have not run yet, each claimed for `lease`.
-    async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError>;
-    /// Stores enrichment results, erases the intent's tokens and records resolved identities
-    /// (`(shopper_key, identity)`), if `claim` still holds the job.
-    async fn save_enrichment(
-        &self,
-        claim: &Claim,
-        enrichment: &Value,
-        identities: &[(String, String)],
-    ) -> Result<(), StoreError>;
-    /// Enrichment failed for now: try again at `at_ms` (the attempt is counted).
-    async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError>;
-    /// Enrichment failed for good: dead-letter the intent.
-    async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError>;
-
-    async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError>;
-    async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError>;
-    /// Sessions of a shopper whose last event is at or after `since_ms`.
-    async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError>;
-    async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError>;
-
-    /// Pending intents, oldest first.
-    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError>;
-    async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
-    /// Puts dead letters back in their shoppers' queues, in their original order. Returns how many.
-    async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError>;
-    async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError>;
-    /// How many dead letters [`Store::purge_dead_letters`] would delete.
-    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError>;
-
-    async fn stats(&self) -> Result<QueueStats, StoreError>;
-    /// Succeeds when the store accepts writes (readiness).
-    async fn ping(&self) -> Result<(), StoreError>;
-    /// Forgets dedupe records older than `before_ms`.
-    async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError>;
-    /// Which of `keys` the dedupe remembers (each at most once).
-    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError>;
-
-    /// Takes or renews the reconciler's lease for `holder` until `lease` from now: `Some(watermark)`
-    /// (how far earlier passes looked, epoch ms, `None` before the first) when it is `holder`'s,
-    /// `None` while another holds it.
-    async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError>;
-    /// Records how far a pass looked, if `holder` still holds the lease (false otherwise: nothing
-    /// written).
-    async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError>;
-
-    /// Up to `limit` landing checks that are due, leased for `lease` (a check whose lease ran out is
-    /// due again).
-    async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError>;
-    async fn settle_order_check(&self, order_id: &str, outcome: CheckOutcome) -> Result<(), StoreError>;
-    /// Flushes and closes; later calls fail.
-    async fn close(&self);
-
-    /// Done: the intent leaves the queue.
-    async fn ack(&self, claim: &Claim) -> Result<(), StoreError> {
-        self.apply(claim, Vec::new(), Some(Settle::Ack)).await
-    }
-    /// Try again at `at_ms` (epoch ms); the claim is released.
-    async fn reschedule(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
-        let error = error.to_string();
-        self.apply(claim, Vec::new(), Some(Settle::Retry { at_ms, error }))
-            .await
-    }
-    /// Gives up: the intent becomes a dead letter with `reason`.
-    async fn dead_letter(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
-        let reason = reason.to_string();
-        self.apply(claim, Vec::new(), Some(Settle::Dead { reason })).await
-    }
-}
-
-pub type DynStore = Arc<dyn Store>;
-
 /// Who opens the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -482,7 +392,7 @@ pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<Clai
 }
 
 /// Dead-letters the rows [`decode_claimed`] could not read, each on its own.
-pub(crate) async fn dead_letter_unreadable(store: &dyn Store, unreadable: Vec<(Claim, String)>) {
+pub(crate) async fn dead_letter_unreadable(store: &dyn Outbox, unreadable: Vec<(Claim, String)>) {
     for (claim, reason) in unreadable {
         tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
         metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);

@@ -306,11 +306,23 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl Intake for PostgresStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
         self.writer.enqueue(item).await
     }
 
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key = ANY($1)")
+                .bind(keys)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}
+
+#[async_trait]
+impl Outbox for PostgresStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
@@ -558,7 +570,10 @@ impl Store for PostgresStore {
         .rows_affected();
         stale_unless_one(rows, claim)
     }
+}
 
+#[async_trait]
+impl Shoppers for PostgresStore {
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
         let row = sqlx::query("SELECT state, identity FROM shoppers WHERE shopper_key = $1")
             .bind(shopper_key)
@@ -616,7 +631,10 @@ impl Store for PostgresStore {
             })
             .collect()
     }
+}
 
+#[async_trait]
+impl Operations for PostgresStore {
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
@@ -735,6 +753,28 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM seen_webhooks WHERE seen_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
+        // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
+        // once (a graceful shutdown gives back everything else itself).
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.task.abort();
+        }
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Ledger for PostgresStore {
     async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let rows = sqlx::query(
@@ -786,15 +826,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key = ANY($1)")
-                .bind(keys)
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
     async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let row = sqlx::query(
@@ -821,25 +852,6 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM seen_webhooks WHERE seen_at < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
-    }
-
-    async fn close(&self) {
-        self.writer.close().await;
-        // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
-        // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
-        // once (a graceful shutdown gives back everything else itself).
-        if let Some(heartbeat) = &self.heartbeat {
-            heartbeat.task.abort();
-        }
-        self.pool.close().await;
     }
 }
 

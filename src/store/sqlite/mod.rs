@@ -252,7 +252,7 @@ fn run(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u6
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Intake for SqliteStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
         let row = IntentRow::new(item)?;
         // The row comes back to be freed here: memory freed on the thread that allocated it costs
@@ -266,6 +266,21 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        // Keys not yet merged into seen_webhooks are in seen_recent (committed with their intent).
+        let list = serde_json::to_string(keys)?;
+        Ok(sqlx::query_scalar(
+            "SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key IN (SELECT value FROM json_each(?1)) \
+             UNION SELECT dedupe_key FROM seen_recent WHERE dedupe_key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(list)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
@@ -530,7 +545,10 @@ impl Store for SqliteStore {
             })
             .await
     }
+}
 
+#[async_trait]
+impl Shoppers for SqliteStore {
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
         let row = sqlx::query("SELECT state, identity FROM shoppers WHERE shopper_key = ?1")
             .bind(shopper_key)
@@ -585,7 +603,10 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
 
+#[async_trait]
+impl Operations for SqliteStore {
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
@@ -741,18 +762,17 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
-        // Keys not yet merged into seen_webhooks are in seen_recent (committed with their intent).
-        let list = serde_json::to_string(keys)?;
-        Ok(sqlx::query_scalar(
-            "SELECT dedupe_key FROM seen_webhooks WHERE dedupe_key IN (SELECT value FROM json_each(?1)) \
-             UNION SELECT dedupe_key FROM seen_recent WHERE dedupe_key IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(list)
-        .fetch_all(&self.pool)
-        .await?)
+    async fn close(&self) {
+        // The readers first: the last connection to close removes the WAL, which a read-only one
+        // cannot do.
+        self.pool.close().await;
+        self.writer.close().await;
+        self.lock.lock().expect("lock holder").take();
     }
+}
 
+#[async_trait]
+impl Ledger for SqliteStore {
     async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
         let holder = holder.to_string();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
@@ -842,14 +862,6 @@ impl Store for SqliteStore {
                 .map(drop)
             })
             .await
-    }
-
-    async fn close(&self) {
-        // The readers first: the last connection to close removes the WAL, which a read-only one
-        // cannot do.
-        self.pool.close().await;
-        self.writer.close().await;
-        self.lock.lock().expect("lock holder").take();
     }
 }
 

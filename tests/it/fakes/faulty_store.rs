@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ordercloud_cdp_forwarder::domain::{CartLine, SessionFacts, ShopperState};
 use ordercloud_cdp_forwarder::store::{
-    Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, Liveness, NewIntent, QueueStats,
-    QueuedIntent, Settle, Store, StoreError, Write,
+    Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, Intake, Ledger, Liveness, NewIntent,
+    Operations, Outbox, QueueStats, QueuedIntent, Settle, Shoppers, StoreError, Write,
 };
 use serde_json::Value;
 
@@ -105,10 +105,18 @@ impl FaultyStore {
 }
 
 #[async_trait]
-impl Store for FaultyStore {
+impl Intake for FaultyStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
         self.inner.enqueue(item).await
     }
+
+    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        self.inner.known_dedupe_keys(keys).await
+    }
+}
+
+#[async_trait]
+impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let claimed = self.inner.claim(limit, lease).await?;
         let now = Instant::now();
@@ -124,12 +132,14 @@ impl Store for FaultyStore {
         }
         Ok(claimed)
     }
+
     async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
         if self.faults_of(claim.intent_id).extend_fails {
             return Err(StoreError::Unavailable("injected: the lease cannot be renewed".into()));
         }
         self.inner.extend(claim, lease).await
     }
+
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
         let faults = self.faults_of(claim.intent_id);
         let records = writes
@@ -152,12 +162,15 @@ impl Store for FaultyStore {
         }
         self.inner.apply(claim, writes, settle).await
     }
+
     fn liveness(&self) -> Option<Liveness> {
         self.inner.liveness()
     }
+
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         self.inner.claim_enrichment(limit, lease).await
     }
+
     async fn save_enrichment(
         &self,
         claim: &Claim,
@@ -166,49 +179,77 @@ impl Store for FaultyStore {
     ) -> Result<(), StoreError> {
         self.inner.save_enrichment(claim, enrichment, identities).await
     }
+
     async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
         self.inner.retry_enrichment(claim, at_ms, error).await
     }
+
     async fn dead_letter_enrichment(&self, claim: &Claim, reason: &str) -> Result<(), StoreError> {
         self.inner.dead_letter_enrichment(claim, reason).await
     }
+}
+
+#[async_trait]
+impl Shoppers for FaultyStore {
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
         self.inner.shopper(shopper_key).await
     }
+
     async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
         self.inner.session(channel, browser_id).await
     }
+
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
         self.inner.sessions_of(shopper_key, since_ms).await
     }
+
     async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
         self.inner.cart_lines(order_id).await
     }
+}
+
+#[async_trait]
+impl Operations for FaultyStore {
     async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
         self.inner.pending(limit).await
     }
+
     async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.inner.dead_letters(since_ms, limit).await
     }
+
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
         self.inner.replay_dead_letters(ids, since_ms).await
     }
+
     async fn purge_dead_letters(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.purge_dead_letters(before_ms).await
     }
+
     async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.count_dead_letters_before(before_ms).await
     }
+
     async fn stats(&self) -> Result<QueueStats, StoreError> {
         self.stats_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.stats().await
     }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_dedupe(before_ms).await
     }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl Ledger for FaultyStore {
     async fn claim_order_checks(
         &self,
         limit: usize,
@@ -216,6 +257,7 @@ impl Store for FaultyStore {
     ) -> Result<Vec<ordercloud_cdp_forwarder::store::OrderCheck>, StoreError> {
         self.inner.claim_order_checks(limit, lease).await
     }
+
     async fn settle_order_check(
         &self,
         order_id: &str,
@@ -223,16 +265,12 @@ impl Store for FaultyStore {
     ) -> Result<(), StoreError> {
         self.inner.settle_order_check(order_id, outcome).await
     }
-    async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
-        self.inner.known_dedupe_keys(keys).await
-    }
+
     async fn lease_reconciler(&self, holder: &str, lease: Duration) -> Result<Option<Option<i64>>, StoreError> {
         self.inner.lease_reconciler(holder, lease).await
     }
+
     async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
         self.inner.advance_reconciler(holder, watermark_ms).await
-    }
-    async fn close(&self) {
-        self.inner.close().await
     }
 }
