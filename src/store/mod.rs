@@ -18,6 +18,7 @@ use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 pub mod group_commit;
 pub mod postgres;
 mod roles;
+pub(crate) mod shared;
 pub mod sqlite;
 
 pub use roles::{DynStore, Intake, Ledger, Operations, Outbox, Shoppers, Store};
@@ -258,7 +259,7 @@ pub struct DeadLetter {
 }
 
 /// A pending intent as operators see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct QueuedIntent {
     pub id: i64,
     pub dedupe_key: String,
@@ -266,8 +267,10 @@ pub struct QueuedIntent {
     pub kind: String,
     pub attempts: i64,
     pub enriched: bool,
+    #[sqlx(rename = "next_attempt_at")]
     pub next_attempt_at_ms: i64,
     pub last_error: Option<String>,
+    #[sqlx(rename = "created_at")]
     pub created_at_ms: i64,
 }
 
@@ -298,120 +301,5 @@ pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<DynSto
         Ok(Arc::new(sqlite::SqliteStore::open(settings, role).await?))
     } else {
         Ok(Arc::new(postgres::PostgresStore::open(settings, role).await?))
-    }
-}
-
-/// Records a landing check, or moves an existing one's time (its count of repairs stays):
-/// `$1`..`$5` = order id, shopper key, intent, enrichment, due at. Both stores run it as is.
-pub(crate) const ORDER_CHECK_UPSERT: &str =
-    "INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at, since) \
-     VALUES ($1, $2, $3, $4, $5, $5) \
-     ON CONFLICT (order_id) DO UPDATE SET shopper_key = excluded.shopper_key, intent = excluded.intent, \
-       enrichment = excluded.enrichment, due_at = excluded.due_at, since = excluded.since, lease_until = 0, \
-       attempts = 0";
-
-/// A landing check as both stores read it.
-pub(crate) struct CheckRow {
-    pub order_id: String,
-    pub shopper_key: String,
-    pub intent: String,
-    pub enrichment: Option<String>,
-    pub due_at_ms: i64,
-    pub since_ms: i64,
-    pub repairs: i64,
-    pub attempts: i64,
-}
-
-impl CheckRow {
-    pub fn decode(self) -> Result<OrderCheck, StoreError> {
-        Ok(OrderCheck {
-            intent: serde_json::from_str(&self.intent)?,
-            enrichment: self.enrichment.as_deref().map(serde_json::from_str).transpose()?,
-            order_id: self.order_id,
-            shopper_key: self.shopper_key,
-            due_at_ms: self.due_at_ms,
-            since_ms: self.since_ms,
-            repairs: self.repairs,
-            attempts: self.attempts,
-        })
-    }
-}
-
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Result<Option<T>, StoreError> {
-    text.map(|t| serde_json::from_str(&t))
-        .transpose()
-        .map_err(StoreError::from)
-}
-
-/// A claimed row as a backend reads it, before its JSON (bytes, not yet known to be UTF-8) is decoded.
-pub(crate) struct ClaimedRow {
-    pub id: i64,
-    pub shopper_key: String,
-    pub intent: Vec<u8>,
-    pub enrichment: Option<Vec<u8>>,
-    pub plan: Option<Vec<u8>>,
-    pub sent: i64,
-    pub attempts: i64,
-    pub created_at_ms: i64,
-}
-
-/// Decodes claimed rows, oldest first. A row that cannot be read back (corrupt, or nested deeper
-/// than any webhook intake accepts) comes back apart with the reason, to be dead-lettered on its
-/// own while the rest of the batch is delivered.
-pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<ClaimedIntent>, Vec<(Claim, String)>) {
-    let mut claimed = Vec::with_capacity(rows.len());
-    let mut unreadable = Vec::new();
-    for row in rows {
-        let claim = Claim {
-            intent_id: row.id,
-            claim_id: claim_id.to_string(),
-        };
-        let decoded = (|| -> Result<_, serde_json::Error> {
-            Ok((
-                serde_json::from_slice::<Intent>(&row.intent)?,
-                row.enrichment.as_deref().map(serde_json::from_slice).transpose()?,
-                row.plan.as_deref().map(serde_json::from_slice).transpose()?,
-            ))
-        })();
-        match decoded {
-            Ok((intent, enrichment, plan)) => claimed.push(ClaimedIntent {
-                claim,
-                shopper_key: row.shopper_key,
-                intent,
-                enrichment,
-                plan,
-                sent: row.sent.max(0) as usize,
-                attempts: row.attempts,
-                created_at_ms: row.created_at_ms,
-            }),
-            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
-        }
-    }
-    claimed.sort_by_key(|c| c.claim.intent_id);
-    (claimed, unreadable)
-}
-
-/// Dead-letters the rows [`decode_claimed`] could not read, each on its own.
-pub(crate) async fn dead_letter_unreadable(store: &dyn Outbox, unreadable: Vec<(Claim, String)>) {
-    for (claim, reason) in unreadable {
-        tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
-        metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
-        if let Err(e) = store.dead_letter(&claim, &reason).await {
-            tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
-        }
-    }
-}
-
-/// An intent's stored JSON as operators see it: parsed when it can be, else its text (bytes that
-/// are not UTF-8 replaced).
-pub(crate) fn intent_for_operators(stored: Vec<u8>) -> Value {
-    serde_json::from_slice(&stored).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stored).into_owned()))
-}
-
-pub(crate) fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::StaleClaim(claim.intent_id))
     }
 }

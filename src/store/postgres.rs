@@ -21,6 +21,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, Row};
 
 use super::group_commit::{first_occurrences, GroupCommit};
+use super::shared::{self, *};
 use super::*;
 
 pub struct PostgresStore {
@@ -352,7 +353,7 @@ impl Outbox for PostgresStore {
             })
             .collect();
         let (claimed, unreadable) = decode_claimed(rows, &claim_id);
-        dead_letter_unreadable(self, unreadable).await;
+        dead_letter_unreadable(self, unreadable, ClaimedFor::Delivery).await;
         Ok(claimed)
     }
 
@@ -471,36 +472,19 @@ impl Outbox for PostgresStore {
         .bind(&claim_id)
         .fetch_all(&self.pool)
         .await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let claim = Claim {
-                intent_id: row.get("id"),
-                claim_id: claim_id.clone(),
-            };
-            let decoded = serde_json::from_str(row.get::<&str, _>("intent"))
-                .map_err(StoreError::from)
-                .and_then(|intent| Ok((intent, parse_json(row.get("secrets"))?.unwrap_or_default())));
-            match decoded {
-                Ok((intent, secrets)) => jobs.push(EnrichmentJob {
-                    claim,
-                    shopper_key: row.get("shopper_key"),
-                    intent,
-                    secrets,
-                    // This attempt, counted in the row only if it fails (retry_enrichment).
-                    attempts: row.get::<i64, _>("enrich_attempts") + 1,
-                    created_at_ms: row.get("created_at"),
-                }),
-                Err(e) => {
-                    let reason = format!("the stored intent cannot be read back: {e}");
-                    tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
-                    metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
-                    if let Err(e) = self.dead_letter_enrichment(&claim, &reason).await {
-                        tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
-                    }
-                }
-            }
-        }
-        jobs.sort_by_key(|j| j.claim.intent_id);
+        let rows = rows
+            .iter()
+            .map(|r| EnrichmentRow {
+                id: r.get("id"),
+                shopper_key: r.get("shopper_key"),
+                intent: r.get::<String, _>("intent").into_bytes(),
+                secrets: r.get::<Option<String>, _>("secrets").map(String::into_bytes),
+                enrich_attempts: r.get("enrich_attempts"),
+                created_at_ms: r.get("created_at"),
+            })
+            .collect();
+        let (jobs, unreadable) = decode_enrichment_jobs(rows, &claim_id);
+        dead_letter_unreadable(self, unreadable, ClaimedFor::Enrichment).await;
         Ok(jobs)
     }
 
@@ -572,119 +556,9 @@ impl Outbox for PostgresStore {
     }
 }
 
-#[async_trait]
-impl Shoppers for PostgresStore {
-    async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
-        let row = sqlx::query("SELECT state, identity FROM shoppers WHERE shopper_key = $1")
-            .bind(shopper_key)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            let mut state: ShopperState = serde_json::from_str(row.get::<&str, _>("state"))?;
-            if let Some(identity) = row.get::<Option<String>, _>("identity") {
-                state.identity = Some(identity);
-            }
-            Ok(state)
-        })
-        .transpose()
-    }
+shared::shopper_reads!(PostgresStore);
 
-    async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
-        let row = sqlx::query("SELECT facts FROM cdp_sessions WHERE channel = $1 AND browser_id = $2")
-            .bind(channel)
-            .bind(browser_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        parse_json(row.map(|r| r.get("facts")))
-    }
-
-    async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT facts FROM cdp_sessions WHERE shopper_key = $1 AND last_event_at >= $2 ORDER BY last_event_at",
-        )
-        .bind(shopper_key)
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("facts")).map_err(StoreError::from))
-            .collect()
-    }
-
-    async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines WHERE order_id = $1 \
-             ORDER BY updated_at, line_id",
-        )
-        .bind(order_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(CartLine {
-                    order_id: r.get("order_id"),
-                    line_id: r.get("line_id"),
-                    shopper_key: r.get("shopper_key"),
-                    line: serde_json::from_str(r.get::<&str, _>("line"))?,
-                    updated_at_ms: r.get("updated_at"),
-                })
-            })
-            .collect()
-    }
-}
-
-#[async_trait]
-impl Operations for PostgresStore {
-    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
-             FROM intents WHERE state = 'pending' ORDER BY id LIMIT $1",
-        )
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| QueuedIntent {
-                id: r.get("id"),
-                dedupe_key: r.get("dedupe_key"),
-                shopper_key: r.get("shopper_key"),
-                kind: r.get("kind"),
-                attempts: r.get("attempts"),
-                enriched: r.get("enriched"),
-                next_attempt_at_ms: r.get("next_attempt_at"),
-                last_error: r.get("last_error"),
-                created_at_ms: r.get("created_at"),
-            })
-            .collect())
-    }
-
-    async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, dedupe_key, shopper_key, kind, intent, last_error, attempts, created_at, dead_at FROM intents \
-             WHERE state = 'dead' AND dead_at >= $1 ORDER BY id LIMIT $2",
-        )
-        .bind(since_ms.unwrap_or(i64::MIN))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    id: r.get("id"),
-                    dedupe_key: r.get("dedupe_key"),
-                    shopper_key: r.get("shopper_key"),
-                    kind: r.get("kind"),
-                    intent: intent_for_operators(r.get::<String, _>("intent").into_bytes()),
-                    last_error: r.get("last_error"),
-                    attempts: r.get("attempts"),
-                    created_at_ms: r.get("created_at"),
-                    dead_at_ms: r.get("dead_at"),
-                })
-            })
-            .collect()
-    }
-
+shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
         let now = now_ms();
         // Replayed intents keep their id, so they rejoin their shopper's queue in their original place.
@@ -714,30 +588,6 @@ impl Operations for PostgresStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(purged as u64)
-    }
-
-    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < $1")
-            .bind(before_ms)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
-    }
-
-    async fn stats(&self) -> Result<QueueStats, StoreError> {
-        let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
-                    (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \
-                    (SELECT MIN(created_at) FROM intents WHERE state = 'pending') AS oldest",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let oldest: Option<i64> = row.get("oldest");
-        Ok(QueueStats {
-            pending: row.get("pending"),
-            dead: row.get("dead"),
-            oldest_pending_age_ms: oldest.map(|o| (now_ms() - o).max(0)).unwrap_or(0),
-        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -771,38 +621,24 @@ impl Operations for PostgresStore {
         }
         self.pool.close().await;
     }
-}
+});
 
 #[async_trait]
 impl Ledger for PostgresStore {
     async fn claim_order_checks(&self, limit: usize, lease: Duration) -> Result<Vec<OrderCheck>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let rows = sqlx::query(
+        let rows: Vec<CheckRow> = sqlx::query_as(&format!(
             "UPDATE order_checks SET lease_until = forwarder_now_ms() + $1 WHERE order_id IN ( \
                SELECT order_id FROM order_checks WHERE due_at <= $2 AND lease_until < forwarder_now_ms() \
                ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-             RETURNING order_id, shopper_key, intent, enrichment, due_at, since, repairs, attempts",
-        )
+             RETURNING {CHECK_COLUMNS}"
+        ))
         .bind(lease_ms)
         .bind(now_ms())
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                CheckRow {
-                    order_id: r.get("order_id"),
-                    shopper_key: r.get("shopper_key"),
-                    intent: r.get("intent"),
-                    enrichment: r.get("enrichment"),
-                    due_at_ms: r.get("due_at"),
-                    since_ms: r.get("since"),
-                    repairs: r.get("repairs"),
-                    attempts: r.get("attempts"),
-                }
-                .decode()
-            })
-            .collect()
+        rows.into_iter().map(CheckRow::decode).collect()
     }
 
     async fn settle_order_check(&self, order_id: &str, outcome: CheckOutcome) -> Result<(), StoreError> {

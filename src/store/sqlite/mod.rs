@@ -26,8 +26,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::SqlitePool;
 
+use super::shared::{self, *};
 use super::*;
 use crate::config::redacted_url;
 use queues::Queues;
@@ -325,7 +326,7 @@ impl Outbox for SqliteStore {
             })
             .await?;
         let (claimed, unreadable) = decode_claimed(rows, &claim_id);
-        dead_letter_unreadable(self, unreadable).await;
+        dead_letter_unreadable(self, unreadable, ClaimedFor::Delivery).await;
         Ok(claimed)
     }
 
@@ -403,8 +404,7 @@ impl Outbox for SqliteStore {
         let claim_id = uuid::Uuid::new_v4().to_string();
         let leases = self.enrichment_leases.clone();
         let id = claim_id.clone();
-        type Row = (i64, String, Vec<u8>, Option<Vec<u8>>, i64, i64);
-        let rows: Vec<Row> = self
+        let rows: Vec<EnrichmentRow> = self
             .writer
             .write(move |c| {
                 let mut leases = leases.lock().expect("enrichment leases lock");
@@ -417,62 +417,30 @@ impl Outbox for SqliteStore {
                      WHERE state = 'pending' AND enriched = 0 AND enrich_after <= ?1 ORDER BY id LIMIT ?2",
                 )?;
                 let rows = stmt.query_map(params![now, (limit + leases.len()) as i64], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        bytes(r.get_ref(2)?)?.unwrap_or_default(),
-                        bytes(r.get_ref(3)?)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
+                    Ok(EnrichmentRow {
+                        id: r.get(0)?,
+                        shopper_key: r.get(1)?,
+                        intent: bytes(r.get_ref(2)?)?.unwrap_or_default(),
+                        secrets: bytes(r.get_ref(3)?)?,
+                        enrich_attempts: r.get(4)?,
+                        created_at_ms: r.get(5)?,
+                    })
                 })?;
                 let mut free = Vec::with_capacity(limit);
                 for row in rows {
-                    let row: Row = row?;
-                    if free.len() < limit && !leases.contains_key(&row.0) {
+                    let row = row?;
+                    if free.len() < limit && !leases.contains_key(&row.id) {
                         free.push(row);
                     }
                 }
                 for row in &free {
-                    leases.insert(row.0, (id.clone(), until));
+                    leases.insert(row.id, (id.clone(), until));
                 }
                 Ok(free)
             })
             .await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        let mut unreadable = Vec::new();
-        for (intent_id, shopper_key, intent, secrets, attempts, created_at_ms) in rows {
-            let claim = Claim {
-                intent_id,
-                claim_id: claim_id.clone(),
-            };
-            let decoded = serde_json::from_slice(&intent)
-                .map_err(StoreError::from)
-                .and_then(|intent| {
-                    let secrets = secrets.as_deref().map(serde_json::from_slice).transpose()?;
-                    Ok((intent, secrets.unwrap_or_default()))
-                });
-            match decoded {
-                Ok((intent, secrets)) => jobs.push(EnrichmentJob {
-                    claim,
-                    shopper_key,
-                    intent,
-                    secrets,
-                    // This attempt, counted in the row only if it fails (retry_enrichment).
-                    attempts: attempts + 1,
-                    created_at_ms,
-                }),
-                Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
-            }
-        }
-        for (claim, reason) in unreadable {
-            tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
-            metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
-            if let Err(e) = self.dead_letter_enrichment(&claim, &reason).await {
-                tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
-            }
-        }
-        jobs.sort_by_key(|j| j.claim.intent_id);
+        let (jobs, unreadable) = decode_enrichment_jobs(rows, &claim_id);
+        dead_letter_unreadable(self, unreadable, ClaimedFor::Enrichment).await;
         Ok(jobs)
     }
 
@@ -547,116 +515,9 @@ impl Outbox for SqliteStore {
     }
 }
 
-#[async_trait]
-impl Shoppers for SqliteStore {
-    async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
-        let row = sqlx::query("SELECT state, identity FROM shoppers WHERE shopper_key = ?1")
-            .bind(shopper_key)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            let mut state: ShopperState = serde_json::from_str(row.get::<&str, _>("state"))?;
-            if let Some(identity) = row.get::<Option<String>, _>("identity") {
-                state.identity = Some(identity);
-            }
-            Ok(state)
-        })
-        .transpose()
-    }
+shared::shopper_reads!(SqliteStore);
 
-    async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
-        let row = sqlx::query("SELECT facts FROM cdp_sessions WHERE channel = ?1 AND browser_id = ?2")
-            .bind(channel)
-            .bind(browser_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        parse_json(row.map(|r| r.get("facts")))
-    }
-
-    async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT facts FROM cdp_sessions WHERE shopper_key = ?1 AND last_event_at >= ?2 ORDER BY last_event_at",
-        )
-        .bind(shopper_key)
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>("facts")).map_err(StoreError::from))
-            .collect()
-    }
-
-    async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
-        let rows = sqlx::query("SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines WHERE order_id = ?1 ORDER BY updated_at, line_id")
-            .bind(order_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(CartLine {
-                    order_id: r.get("order_id"),
-                    line_id: r.get("line_id"),
-                    shopper_key: r.get("shopper_key"),
-                    line: serde_json::from_str(r.get::<&str, _>("line"))?,
-                    updated_at_ms: r.get("updated_at"),
-                })
-            })
-            .collect()
-    }
-}
-
-#[async_trait]
-impl Operations for SqliteStore {
-    async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
-             FROM intents WHERE state = 'pending' ORDER BY id LIMIT ?1",
-        )
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| QueuedIntent {
-                id: r.get("id"),
-                dedupe_key: r.get("dedupe_key"),
-                shopper_key: r.get("shopper_key"),
-                kind: r.get("kind"),
-                attempts: r.get("attempts"),
-                enriched: r.get("enriched"),
-                next_attempt_at_ms: r.get("next_attempt_at"),
-                last_error: r.get("last_error"),
-                created_at_ms: r.get("created_at"),
-            })
-            .collect())
-    }
-
-    async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, dedupe_key, shopper_key, kind, CAST(intent AS BLOB) AS intent, last_error, attempts, created_at, \
-             dead_at FROM intents WHERE state = 'dead' AND dead_at >= ?1 ORDER BY id LIMIT ?2",
-        )
-        .bind(since_ms.unwrap_or(i64::MIN))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(DeadLetter {
-                    id: r.get("id"),
-                    dedupe_key: r.get("dedupe_key"),
-                    shopper_key: r.get("shopper_key"),
-                    kind: r.get("kind"),
-                    intent: intent_for_operators(r.get("intent")),
-                    last_error: r.get("last_error"),
-                    attempts: r.get("attempts"),
-                    created_at_ms: r.get("created_at"),
-                    dead_at_ms: r.get("dead_at"),
-                })
-            })
-            .collect()
-    }
-
+shared::operations!(SqliteStore, "CAST(intent AS BLOB)", {
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
         let now = now_ms();
         let ids = ids.map(<[i64]>::to_vec);
@@ -715,30 +576,6 @@ impl Operations for SqliteStore {
             .await
     }
 
-    async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < ?1")
-            .bind(before_ms)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
-    }
-
-    async fn stats(&self) -> Result<QueueStats, StoreError> {
-        let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
-                    (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \
-                    (SELECT MIN(created_at) FROM intents WHERE state = 'pending') AS oldest",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let oldest: Option<i64> = row.get("oldest");
-        Ok(QueueStats {
-            pending: row.get("pending"),
-            dead: row.get("dead"),
-            oldest_pending_age_ms: oldest.map(|o| (now_ms() - o).max(0)).unwrap_or(0),
-        })
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         if !self.writer.is_open() {
             return Err(StoreError::Unavailable("store is closed".into()));
@@ -769,7 +606,7 @@ impl Operations for SqliteStore {
         self.writer.close().await;
         self.lock.lock().expect("lock holder").take();
     }
-}
+});
 
 #[async_trait]
 impl Ledger for SqliteStore {
@@ -814,25 +651,17 @@ impl Ledger for SqliteStore {
             .writer
             .write(move |c| {
                 let now = now_ms();
-                let mut stmt = c.prepare_cached(
+                let mut stmt = c.prepare_cached(&format!(
                     "UPDATE order_checks SET lease_until = ?1 WHERE order_id IN ( \
                        SELECT order_id FROM order_checks WHERE due_at <= ?2 AND lease_until < ?2 \
                        ORDER BY due_at LIMIT ?3) \
-                     RETURNING order_id, shopper_key, intent, enrichment, due_at, since, repairs, attempts",
-                )?;
+                     RETURNING {CHECK_COLUMNS}"
+                ))?;
                 let rows = stmt
-                    .query_map(params![now.saturating_add(lease_ms), now, limit as i64], |r| {
-                        Ok(CheckRow {
-                            order_id: r.get(0)?,
-                            shopper_key: r.get(1)?,
-                            intent: r.get(2)?,
-                            enrichment: r.get(3)?,
-                            due_at_ms: r.get(4)?,
-                            since_ms: r.get(5)?,
-                            repairs: r.get(6)?,
-                            attempts: r.get(7)?,
-                        })
-                    })?
+                    .query_map(
+                        params![now.saturating_add(lease_ms), now, limit as i64],
+                        CheckRow::from_rusqlite,
+                    )?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })

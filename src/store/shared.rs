@@ -1,0 +1,399 @@
+//! What both backends say the same way: the SQL text they share (written with `$1`-style
+//! parameters, which SQLite takes too, numbered in order of first use) and the decoding of the rows
+//! they read into the store's types. A backend file holds only what differs: SQLite's single
+//! writer and in-memory queues, PostgreSQL's `SKIP LOCKED` claims, advisory locks and functions.
+
+use serde_json::Value;
+
+use super::{Claim, ClaimedIntent, EnrichmentJob, OrderCheck, Outbox, QueueStats, StoreError};
+use crate::domain::intent::Intent;
+use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
+
+pub(crate) const SHOPPER: &str = "SELECT state, identity FROM shoppers WHERE shopper_key = $1";
+pub(crate) const SESSION: &str = "SELECT facts FROM cdp_sessions WHERE channel = $1 AND browser_id = $2";
+pub(crate) const SESSIONS_OF: &str =
+    "SELECT facts FROM cdp_sessions WHERE shopper_key = $1 AND last_event_at >= $2 ORDER BY last_event_at";
+pub(crate) const CART_LINES: &str = "SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines \
+     WHERE order_id = $1 ORDER BY updated_at, line_id";
+pub(crate) const PENDING: &str =
+    "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
+     FROM intents WHERE state = 'pending' ORDER BY id LIMIT $1";
+pub(crate) const COUNT_DEAD_BEFORE: &str = "SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < $1";
+pub(crate) const STATS: &str = "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
+            (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \
+            (SELECT MIN(created_at) FROM intents WHERE state = 'pending') AS oldest";
+/// Dead letters since `$1`, at most `$2`; `{intent}` is the backend's expression for the intent's
+/// stored bytes (they may not be UTF-8: a poison row is shown as it is).
+pub(crate) fn dead_letters_sql(intent_bytes: &str) -> String {
+    format!(
+        "SELECT id, dedupe_key, shopper_key, kind, {intent_bytes} AS intent, last_error, attempts, created_at, dead_at \
+         FROM intents WHERE state = 'dead' AND dead_at >= $1 ORDER BY id LIMIT $2"
+    )
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ShopperRow {
+    state: String,
+    identity: Option<String>,
+}
+
+impl ShopperRow {
+    pub fn decode(self) -> Result<ShopperState, StoreError> {
+        let mut state: ShopperState = serde_json::from_str(&self.state)?;
+        if self.identity.is_some() {
+            state.identity = self.identity;
+        }
+        Ok(state)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct FactsRow {
+    facts: String,
+}
+
+impl FactsRow {
+    pub fn decode(self) -> Result<SessionFacts, StoreError> {
+        Ok(serde_json::from_str(&self.facts)?)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct CartLineRow {
+    order_id: String,
+    line_id: String,
+    shopper_key: String,
+    line: String,
+    updated_at: i64,
+}
+
+impl CartLineRow {
+    pub fn decode(self) -> Result<CartLine, StoreError> {
+        Ok(CartLine {
+            line: serde_json::from_str(&self.line)?,
+            order_id: self.order_id,
+            line_id: self.line_id,
+            shopper_key: self.shopper_key,
+            updated_at_ms: self.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeadLetterRow {
+    id: i64,
+    dedupe_key: String,
+    shopper_key: String,
+    kind: String,
+    intent: Vec<u8>,
+    last_error: Option<String>,
+    attempts: i64,
+    created_at: i64,
+    dead_at: Option<i64>,
+}
+
+impl DeadLetterRow {
+    pub fn decode(self) -> super::DeadLetter {
+        super::DeadLetter {
+            id: self.id,
+            dedupe_key: self.dedupe_key,
+            shopper_key: self.shopper_key,
+            kind: self.kind,
+            intent: intent_for_operators(self.intent),
+            last_error: self.last_error,
+            attempts: self.attempts,
+            created_at_ms: self.created_at,
+            dead_at_ms: self.dead_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatsRow {
+    pending: i64,
+    dead: i64,
+    oldest: Option<i64>,
+}
+
+impl StatsRow {
+    pub fn decode(self) -> QueueStats {
+        QueueStats {
+            pending: self.pending,
+            dead: self.dead,
+            oldest_pending_age_ms: self.oldest.map(|o| (now_ms() - o).max(0)).unwrap_or(0),
+        }
+    }
+}
+
+/// The reads both backends make through their sqlx pool (`self.pool`) with the same SQL: the whole
+/// [`super::Shoppers`] role for `$store`, so each backend runs them on its own pool type.
+macro_rules! shopper_reads {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl Shoppers for $store {
+            async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
+                let row: Option<shared::ShopperRow> = sqlx::query_as(shared::SHOPPER)
+                    .bind(shopper_key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(shared::ShopperRow::decode).transpose()
+            }
+
+            async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
+                let row: Option<shared::FactsRow> = sqlx::query_as(shared::SESSION)
+                    .bind(channel)
+                    .bind(browser_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(shared::FactsRow::decode).transpose()
+            }
+
+            async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
+                let rows: Vec<shared::FactsRow> = sqlx::query_as(shared::SESSIONS_OF)
+                    .bind(shopper_key)
+                    .bind(since_ms)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(shared::FactsRow::decode).collect()
+            }
+
+            async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
+                let rows: Vec<shared::CartLineRow> = sqlx::query_as(shared::CART_LINES)
+                    .bind(order_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.into_iter().map(shared::CartLineRow::decode).collect()
+            }
+        }
+    };
+}
+pub(crate) use shopper_reads;
+
+/// [`super::Operations`] for `$store`: the queue as operators read it, with the same SQL on both
+/// backends (`$intent_bytes`: the backend's expression for an intent's stored bytes), then the
+/// backend's own methods (`$own`: replay, purge, ping, pruning, closing).
+macro_rules! operations {
+    ($store:ty, $intent_bytes:expr, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl Operations for $store {
+        async fn pending(&self, limit: usize) -> Result<Vec<QueuedIntent>, StoreError> {
+            Ok(sqlx::query_as(shared::PENDING)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?)
+        }
+
+        async fn dead_letters(&self, since_ms: Option<i64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+            let rows: Vec<shared::DeadLetterRow> = sqlx::query_as(&shared::dead_letters_sql($intent_bytes))
+                .bind(since_ms.unwrap_or(i64::MIN))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.into_iter().map(shared::DeadLetterRow::decode).collect())
+        }
+
+        async fn count_dead_letters_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+            let n: i64 = sqlx::query_scalar(shared::COUNT_DEAD_BEFORE)
+                .bind(before_ms)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n as u64)
+        }
+
+        async fn stats(&self) -> Result<QueueStats, StoreError> {
+            let row: shared::StatsRow = sqlx::query_as(shared::STATS).fetch_one(&self.pool).await?;
+            Ok(row.decode())
+        }
+
+        $($own)*
+        }
+    };
+}
+pub(crate) use operations;
+
+/// Records a landing check, or moves an existing one's time (its count of repairs stays):
+/// `$1`..`$5` = order id, shopper key, intent, enrichment, due at. Both stores run it as is.
+pub(crate) const ORDER_CHECK_UPSERT: &str =
+    "INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at, since) \
+     VALUES ($1, $2, $3, $4, $5, $5) \
+     ON CONFLICT (order_id) DO UPDATE SET shopper_key = excluded.shopper_key, intent = excluded.intent, \
+       enrichment = excluded.enrichment, due_at = excluded.due_at, since = excluded.since, lease_until = 0, \
+       attempts = 0";
+
+/// The columns of a landing check, in [`CheckRow`]'s order.
+pub(crate) const CHECK_COLUMNS: &str = "order_id, shopper_key, intent, enrichment, due_at, since, repairs, attempts";
+
+/// A landing check as both stores read it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CheckRow {
+    pub order_id: String,
+    pub shopper_key: String,
+    pub intent: String,
+    pub enrichment: Option<String>,
+    #[sqlx(rename = "due_at")]
+    pub due_at_ms: i64,
+    #[sqlx(rename = "since")]
+    pub since_ms: i64,
+    pub repairs: i64,
+    pub attempts: i64,
+}
+
+impl CheckRow {
+    /// From a row of SQLite's writer, its columns [`CHECK_COLUMNS`].
+    pub fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckRow> {
+        Ok(CheckRow {
+            order_id: r.get(0)?,
+            shopper_key: r.get(1)?,
+            intent: r.get(2)?,
+            enrichment: r.get(3)?,
+            due_at_ms: r.get(4)?,
+            since_ms: r.get(5)?,
+            repairs: r.get(6)?,
+            attempts: r.get(7)?,
+        })
+    }
+
+    pub fn decode(self) -> Result<OrderCheck, StoreError> {
+        Ok(OrderCheck {
+            intent: serde_json::from_str(&self.intent)?,
+            enrichment: self.enrichment.as_deref().map(serde_json::from_str).transpose()?,
+            order_id: self.order_id,
+            shopper_key: self.shopper_key,
+            due_at_ms: self.due_at_ms,
+            since_ms: self.since_ms,
+            repairs: self.repairs,
+            attempts: self.attempts,
+        })
+    }
+}
+
+/// A claimed row as a backend reads it, before its JSON (bytes, not yet known to be UTF-8) is decoded.
+pub(crate) struct ClaimedRow {
+    pub id: i64,
+    pub shopper_key: String,
+    pub intent: Vec<u8>,
+    pub enrichment: Option<Vec<u8>>,
+    pub plan: Option<Vec<u8>>,
+    pub sent: i64,
+    pub attempts: i64,
+    pub created_at_ms: i64,
+}
+
+/// Decodes claimed rows, oldest first. A row that cannot be read back (corrupt, or nested deeper
+/// than any webhook intake accepts) comes back apart with the reason, to be dead-lettered on its
+/// own while the rest of the batch is delivered.
+pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<ClaimedIntent>, Vec<(Claim, String)>) {
+    let mut claimed = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for row in rows {
+        let claim = Claim {
+            intent_id: row.id,
+            claim_id: claim_id.to_string(),
+        };
+        let decoded = (|| -> Result<_, serde_json::Error> {
+            Ok((
+                serde_json::from_slice::<Intent>(&row.intent)?,
+                row.enrichment.as_deref().map(serde_json::from_slice).transpose()?,
+                row.plan.as_deref().map(serde_json::from_slice).transpose()?,
+            ))
+        })();
+        match decoded {
+            Ok((intent, enrichment, plan)) => claimed.push(ClaimedIntent {
+                claim,
+                shopper_key: row.shopper_key,
+                intent,
+                enrichment,
+                plan,
+                sent: row.sent.max(0) as usize,
+                attempts: row.attempts,
+                created_at_ms: row.created_at_ms,
+            }),
+            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+        }
+    }
+    claimed.sort_by_key(|c| c.claim.intent_id);
+    (claimed, unreadable)
+}
+
+/// An intent claimed for enrichment as a backend reads it, before its JSON is decoded.
+pub(crate) struct EnrichmentRow {
+    pub id: i64,
+    pub shopper_key: String,
+    pub intent: Vec<u8>,
+    pub secrets: Option<Vec<u8>>,
+    pub enrich_attempts: i64,
+    pub created_at_ms: i64,
+}
+
+/// Decodes intents claimed for enrichment, oldest first; unreadable ones apart, as
+/// [`decode_claimed`] does.
+pub(crate) fn decode_enrichment_jobs(
+    rows: Vec<EnrichmentRow>,
+    claim_id: &str,
+) -> (Vec<EnrichmentJob>, Vec<(Claim, String)>) {
+    let mut jobs = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for row in rows {
+        let claim = Claim {
+            intent_id: row.id,
+            claim_id: claim_id.to_string(),
+        };
+        let decoded = (|| -> Result<_, serde_json::Error> {
+            Ok((
+                serde_json::from_slice::<Intent>(&row.intent)?,
+                row.secrets.as_deref().map(serde_json::from_slice).transpose()?,
+            ))
+        })();
+        match decoded {
+            Ok((intent, secrets)) => jobs.push(EnrichmentJob {
+                claim,
+                shopper_key: row.shopper_key,
+                intent,
+                secrets: secrets.unwrap_or_default(),
+                // This attempt, counted in the row only if it fails (retry_enrichment).
+                attempts: row.enrich_attempts + 1,
+                created_at_ms: row.created_at_ms,
+            }),
+            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+        }
+    }
+    jobs.sort_by_key(|j| j.claim.intent_id);
+    (jobs, unreadable)
+}
+
+/// Which claim an unreadable row was found under.
+#[derive(Clone, Copy)]
+pub(crate) enum ClaimedFor {
+    Delivery,
+    Enrichment,
+}
+
+/// Dead-letters the rows [`decode_claimed`] or [`decode_enrichment_jobs`] could not read, each on
+/// its own.
+pub(crate) async fn dead_letter_unreadable(store: &dyn Outbox, unreadable: Vec<(Claim, String)>, claimed: ClaimedFor) {
+    for (claim, reason) in unreadable {
+        tracing::warn!(intent_id = claim.intent_id, reason, "unreadable intent: dead letter");
+        metrics::counter!("forwarder_dead_letters_total", "stage" => "claim").increment(1);
+        let dead = match claimed {
+            ClaimedFor::Delivery => store.dead_letter(&claim, &reason).await,
+            ClaimedFor::Enrichment => store.dead_letter_enrichment(&claim, &reason).await,
+        };
+        if let Err(e) = dead {
+            tracing::warn!(intent_id = claim.intent_id, error = %e, "cannot dead-letter the unreadable intent");
+        }
+    }
+}
+
+/// An intent's stored JSON as operators see it: parsed when it can be, else its text (bytes that
+/// are not UTF-8 replaced).
+pub(crate) fn intent_for_operators(stored: Vec<u8>) -> Value {
+    serde_json::from_slice(&stored).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stored).into_owned()))
+}
+
+pub(crate) fn stale_unless_one(rows: u64, claim: &Claim) -> Result<(), StoreError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::StaleClaim(claim.intent_id))
+    }
+}
