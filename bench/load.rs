@@ -7,7 +7,7 @@
 //! send time, so a slow server cannot hide its queueing).
 //!
 //! Usage: cargo bench --bench load -- [--store sqlite|postgres] [--quick] [--out DIR]
-//!        [--only ceiling,alone,intake,e2e,backlog] [--profile DIR]
+//!        [--only ceiling,alone,intake,e2e,backlog,replicas] [--profile DIR]
 //! PostgreSQL comes from BENCH_DATABASE_URL or TEST_DATABASE_URL (a fresh schema per run).
 //! BENCH_SERVICE_BIN names another build of the service to run (A/B comparisons of a change).
 
@@ -441,12 +441,52 @@ fn cpu_per_1000(cpu_secs: f64, summary: &Value) -> Value {
 /// One closed-loop round (concurrency 64) against `server`, with the CPU each side used per 1,000
 /// webhooks (the server's, the load generator's) and how busy the machine's cores were.
 async fn measured_round(server: &Proc, run: &str, duration: Duration) -> Value {
-    let (server_before, (own_before, busy_before)) = (server.usage().cpu_secs, cpu_now());
+    measured_round_on(&[server], run, duration).await
+}
+
+/// [`measured_round`] against several replicas at once, the 64 connections shared among them; the
+/// server CPU is theirs together, and the PostgreSQL server's is reported beside it when it runs here.
+async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration) -> Value {
+    let servers_cpu = || servers.iter().map(|s| s.usage().cpu_secs).sum::<f64>();
+    let (server_before, pg_before, (own_before, busy_before)) = (servers_cpu(), procfs::postgres_cpu_secs(), cpu_now());
     let started = Instant::now();
-    let (mut s, _) = closed_loop(&server.url(), run, 64, u64::MAX, duration).await;
+    let loops: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| {
+            let (url, run) = (
+                server.url(),
+                if servers.len() == 1 {
+                    run.to_string()
+                } else {
+                    format!("{run}r{i}")
+                },
+            );
+            let concurrency = 64 / servers.len();
+            tokio::spawn(async move { closed_loop(&url, &run, concurrency, u64::MAX, duration).await.0 })
+        })
+        .collect();
+    let mut rounds = Vec::new();
+    for l in loops {
+        rounds.push(l.await.unwrap());
+    }
+    let mut s = if rounds.len() == 1 {
+        rounds.into_iter().next().unwrap()
+    } else {
+        // Throughputs and requests add up; the latency figures are the first replica's.
+        let mut merged = rounds[0].clone();
+        for key in ["throughput_per_s", "requests", "errors"] {
+            merged[key] = json!(rounds.iter().filter_map(|r| r[key].as_f64()).sum::<f64>());
+        }
+        merged
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let (own_after, busy_after) = cpu_now();
-    s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(server.usage().cpu_secs - server_before, &s);
+    s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(servers_cpu() - server_before, &s);
+    let pg = procfs::postgres_cpu_secs() - pg_before;
+    if pg > 0.0 {
+        s["postgres_cpu_seconds_per_1000_webhooks"] = cpu_per_1000(pg, &s);
+    }
     s["load_generator_cpu_seconds_per_1000"] = cpu_per_1000(own_after - own_before, &s);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     s["machine_busy"] = json!(((busy_after - busy_before) / elapsed / cores * 100.0).round() / 100.0);
@@ -472,7 +512,7 @@ struct Options {
     store: String,
     quick: bool,
     out: PathBuf,
-    /// `--only ceiling,alone,intake,e2e,backlog`: run these phases (the report is then printed, not written).
+    /// `--only ceiling,alone,intake,e2e,backlog,replicas`: run these phases (the report is then printed, not written).
     only: Option<Vec<String>>,
     /// `--profile DIR`: record a `perf` profile of the service during each measured phase.
     profile: Option<PathBuf>,
@@ -596,6 +636,7 @@ async fn bench(opts: Options) {
             alone_runs.push(s);
         }
     }
+    let best_ceiling = (!ceiling_runs.is_empty()).then(|| best_throughput(&ceiling_runs));
     if let Some(ceiling) = ceiling {
         ceiling.terminate();
         report["ceiling"] = median_run(&ceiling_runs);
@@ -665,6 +706,7 @@ async fn bench(opts: Options) {
         let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
         let before = sink.events.load(Ordering::Relaxed);
         let cpu_before = service.usage().cpu_secs;
+        let pg_before = procfs::postgres_cpu_secs();
         let started = Instant::now();
         let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
         let intake_done = started.elapsed();
@@ -672,6 +714,7 @@ async fn bench(opts: Options) {
         let e2e = started.elapsed();
         let usage = service.usage();
         let cpu_per_1000 = (usage.cpu_secs - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
+        let pg_per_1000 = (procfs::postgres_cpu_secs() - pg_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
         println!(
             "e2e            {} webhooks: intake {:.1}s, last CDP event {:.1}s ({}), CPU {cpu_per_1000:.3}s/1000 webhooks, peak RSS {} MiB (anonymous {} MiB)",
             shoppers * STEPS as u64,
@@ -685,6 +728,10 @@ async fn bench(opts: Options) {
         report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
             "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
             "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
+        if opts.store == "postgres" {
+            println!("e2e            PostgreSQL server CPU {pg_per_1000:.3}s/1000 webhooks");
+            report["end_to_end"]["postgres_cpu_seconds_per_1000_webhooks"] = json!(pg_per_1000);
+        }
         report["peak_rss_mib"]["end_to_end"] = json!(usage.hwm_kib / 1024);
         report["peak_anon_rss_mib"]["end_to_end"] = json!(usage.anon_hwm_kib / 1024);
     }
@@ -701,6 +748,7 @@ async fn bench(opts: Options) {
         service.terminate();
         sink.failing.store(false, Ordering::Relaxed);
         let before = sink.events.load(Ordering::Relaxed);
+        let pg_before = procfs::postgres_cpu_secs();
         let started = Instant::now();
         let service = start_service(&store, &cdp, &[]);
         let profiler = Profiler::start(&opts, &service, "backlog");
@@ -721,10 +769,85 @@ async fn bench(opts: Options) {
         );
         let usage = service.usage();
         service.terminate();
+        let events = (backlog_shoppers * EVENTS_PER_SHOPPER) as f64;
         report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
-            "events_per_s": rate.round(), "complete": drained});
+            "events_per_s": rate.round(), "complete": drained,
+            "cpu_seconds_per_1000_events": (usage.cpu_secs / events * 1000.0 * 1000.0).round() / 1000.0});
+        if opts.store == "postgres" {
+            let pg = (procfs::postgres_cpu_secs() - pg_before) / events * 1000.0;
+            println!("backlog        PostgreSQL server CPU {pg:.3}s/1000 events");
+            report["backlog_delivery"]["postgres_cpu_seconds_per_1000_events"] = json!((pg * 1000.0).round() / 1000.0);
+        }
         report["peak_rss_mib"]["backlog"] = json!(usage.hwm_kib / 1024);
         report["peak_anon_rss_mib"]["backlog"] = json!(usage.anon_hwm_kib / 1024);
+    }
+
+    // 6. PostgreSQL only: two replicas on one database beside one, intake alone and delivery from a
+    //    backlog (the same shapes as above, the load and the queue shared by the two).
+    if opts.store == "postgres" && opts.wants("replicas") {
+        sink.refusing.store(true, Ordering::Relaxed);
+        let store = store_choice(&opts.store, dir.path(), "replicas-intake");
+        let replicas = [start_service(&store, &cdp, &[]), start_service(&store, &cdp, &[])];
+        for r in &replicas {
+            r.wait_ready("/health/live").await;
+            closed_loop(&r.url(), "warm", 8, 100, Duration::from_secs(1)).await;
+        }
+        let s = measured_round_on(&[&replicas[0], &replicas[1]], "two", Duration::from_secs(secs)).await;
+        println!("2 replicas     intake alone {s}");
+        if let Some(c) = best_ceiling {
+            report["two_replicas"]["intake_alone_to_best_ceiling"] =
+                json!((s["throughput_per_s"].as_f64().unwrap_or(0.0) / c * 100.0).round() / 100.0);
+        }
+        report["two_replicas"]["intake_alone"] = s;
+        for r in replicas {
+            r.terminate();
+        }
+        sink.refusing.store(false, Ordering::Relaxed);
+
+        let store = store_choice(&opts.store, dir.path(), "replicas-backlog");
+        let backlog_shoppers = shoppers / 2;
+        sink.failing.store(true, Ordering::Relaxed);
+        let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
+        service.wait_ready("/health/ready").await;
+        closed_loop(
+            &service.url(),
+            "backlog2",
+            64,
+            backlog_shoppers,
+            Duration::from_secs(3600),
+        )
+        .await;
+        service.terminate();
+        sink.failing.store(false, Ordering::Relaxed);
+        let before = sink.events.load(Ordering::Relaxed);
+        let pg_before = procfs::postgres_cpu_secs();
+        let started = Instant::now();
+        let replicas = [start_service(&store, &cdp, &[]), start_service(&store, &cdp, &[])];
+        let drained = wait_for_events(
+            &sink,
+            before + backlog_shoppers * EVENTS_PER_SHOPPER,
+            Duration::from_secs(1800),
+        )
+        .await;
+        let drain = started.elapsed();
+        let events = (sink.events.load(Ordering::Relaxed) - before) as f64;
+        let rate = events / drain.as_secs_f64();
+        let cpu: f64 = replicas.iter().map(|r| r.usage().cpu_secs).sum();
+        let pg = procfs::postgres_cpu_secs() - pg_before;
+        println!(
+            "2 replicas     backlog {events} events in {:.1}s = {rate:.0} events/s{}, replicas CPU {:.3}s/1000 events, PostgreSQL {:.3}s/1000 events",
+            drain.as_secs_f64(),
+            if drained { "" } else { " (INCOMPLETE)" },
+            cpu / events * 1000.0,
+            pg / events * 1000.0,
+        );
+        for r in replicas {
+            r.terminate();
+        }
+        report["two_replicas"]["backlog_delivery"] = json!({"events": events, "seconds": drain.as_secs_f64(),
+            "events_per_s": rate.round(), "complete": drained,
+            "cpu_seconds_per_1000_events": (cpu / events * 1000.0 * 1000.0).round() / 1000.0,
+            "postgres_cpu_seconds_per_1000_events": (pg / events * 1000.0 * 1000.0).round() / 1000.0});
     }
 
     if opts.only.is_some() {

@@ -164,8 +164,19 @@ impl PostgresStore {
                 .await
                 .context("timed out connecting to PostgreSQL")?
                 .context("cannot connect to PostgreSQL (store.url)")?;
+            // Replicas started together would race to create it (`IF NOT EXISTS` is no guard against
+            // a concurrent CREATE): they take turns under a transaction-level advisory lock.
+            let mut tx = conn.begin().await.context("cannot connect to PostgreSQL (store.url)")?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('forwarder schema/' || $1, 7307))")
+                .bind(schema)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("cannot create schema {schema}"))?;
             sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-                .execute(&mut conn)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("cannot create schema {schema}"))?;
+            tx.commit()
                 .await
                 .with_context(|| format!("cannot create schema {schema}"))?;
             conn.close().await.ok();

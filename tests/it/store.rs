@@ -1031,3 +1031,27 @@ async fn postgres_the_delivery_functions_are_not_planned_at_every_call() {
     }
     store.close().await;
 }
+
+/// Replicas rolled out together onto an empty database (a new deployment with two replicas) all
+/// start: the schema and its migrations are made once, the others wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_started_together_on_an_empty_database_all_start() {
+    for round in 0..5 {
+        let Some(place) = Backend::Postgres.place("started_together") else {
+            return;
+        };
+        let opens: Vec<_> = (0..3)
+            .map(|_| {
+                let settings = place.settings.clone();
+                tokio::spawn(async move { store::open(&settings, Role::Service { takeover: TAKEOVER }).await })
+            })
+            .collect();
+        for open in opens {
+            let store = open
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: a replica did not start: {e:#}"));
+            store.close().await;
+        }
+    }
+}
