@@ -508,32 +508,31 @@ impl Outbox for PostgresStore {
         enrichment: &Value,
         identities: &[(String, String)],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "UPDATE intents SET enrichment = $1, enriched = TRUE, secrets = NULL, enrich_claim = NULL, updated_at = $2 \
-             WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending'",
+        // One statement, one round trip: the identities are recorded only if the claim still holds.
+        // Each shopper once (the last identity given wins), in key order like every other writer.
+        let identities: std::collections::BTreeMap<&str, &str> =
+            identities.iter().map(|(k, i)| (k.as_str(), i.as_str())).collect();
+        let (keys, values): (Vec<&str>, Vec<&str>) = identities.into_iter().unzip();
+        let rows: i64 = sqlx::query_scalar(
+            "WITH saved AS ( \
+               UPDATE intents SET enrichment = $1, enriched = TRUE, secrets = NULL, enrich_claim = NULL, updated_at = $2 \
+               WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending' RETURNING id), \
+             identities AS ( \
+               INSERT INTO shoppers (shopper_key, state, identity, updated_at) \
+               SELECT k, '{}', i, $2 FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS t(k, i, n) \
+               WHERE EXISTS (SELECT 1 FROM saved) ORDER BY n \
+               ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at) \
+             SELECT COUNT(*) FROM saved",
         )
         .bind(enrichment.to_string())
         .bind(now_ms())
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        stale_unless_one(rows, claim)?;
-        for (key, identity) in identities {
-            sqlx::query(
-                "INSERT INTO shoppers (shopper_key, state, identity, updated_at) VALUES ($1, '{}', $2, $3) \
-                 ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at",
-            )
-            .bind(key)
-            .bind(identity)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        .bind(keys)
+        .bind(values)
+        .fetch_one(&self.pool)
+        .await?;
+        stale_unless_one(rows as u64, claim)
     }
 
     async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
