@@ -448,7 +448,7 @@ async fn measured_round(server: &Proc, run: &str, duration: Duration) -> Value {
 /// server CPU is theirs together, and the PostgreSQL server's is reported beside it when it runs here.
 async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration) -> Value {
     let servers_cpu = || servers.iter().map(|s| s.usage().cpu_secs).sum::<f64>();
-    let (server_before, pg_before, (own_before, busy_before)) = (servers_cpu(), procfs::postgres_cpu_secs(), cpu_now());
+    let (server_before, pg_before, (own_before, busy_before)) = (servers_cpu(), procfs::PostgresCpu::now(), cpu_now());
     let started = Instant::now();
     let loops: Vec<_> = servers
         .iter()
@@ -483,7 +483,7 @@ async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration) -> 
     let elapsed = started.elapsed().as_secs_f64();
     let (own_after, busy_after) = cpu_now();
     s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(servers_cpu() - server_before, &s);
-    let pg = procfs::postgres_cpu_secs() - pg_before;
+    let pg = pg_before.since();
     if pg > 0.0 {
         s["postgres_cpu_seconds_per_1000_webhooks"] = cpu_per_1000(pg, &s);
     }
@@ -706,7 +706,7 @@ async fn bench(opts: Options) {
         let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
         let before = sink.events.load(Ordering::Relaxed);
         let cpu_before = service.usage().cpu_secs;
-        let pg_before = procfs::postgres_cpu_secs();
+        let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();
         let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
         let intake_done = started.elapsed();
@@ -714,7 +714,7 @@ async fn bench(opts: Options) {
         let e2e = started.elapsed();
         let usage = service.usage();
         let cpu_per_1000 = (usage.cpu_secs - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
-        let pg_per_1000 = (procfs::postgres_cpu_secs() - pg_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
+        let pg_per_1000 = pg_before.since() / (shoppers * STEPS as u64) as f64 * 1000.0;
         println!(
             "e2e            {} webhooks: intake {:.1}s, last CDP event {:.1}s ({}), CPU {cpu_per_1000:.3}s/1000 webhooks, peak RSS {} MiB (anonymous {} MiB)",
             shoppers * STEPS as u64,
@@ -748,7 +748,7 @@ async fn bench(opts: Options) {
         service.terminate();
         sink.failing.store(false, Ordering::Relaxed);
         let before = sink.events.load(Ordering::Relaxed);
-        let pg_before = procfs::postgres_cpu_secs();
+        let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();
         let service = start_service(&store, &cdp, &[]);
         let profiler = Profiler::start(&opts, &service, "backlog");
@@ -759,6 +759,7 @@ async fn bench(opts: Options) {
         )
         .await;
         let drain = started.elapsed();
+        let pg_cpu = pg_before.since();
         profiler.stop();
         let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
         println!(
@@ -774,7 +775,7 @@ async fn bench(opts: Options) {
             "events_per_s": rate.round(), "complete": drained,
             "cpu_seconds_per_1000_events": (usage.cpu_secs / events * 1000.0 * 1000.0).round() / 1000.0});
         if opts.store == "postgres" {
-            let pg = (procfs::postgres_cpu_secs() - pg_before) / events * 1000.0;
+            let pg = pg_cpu / events * 1000.0;
             println!("backlog        PostgreSQL server CPU {pg:.3}s/1000 events");
             report["backlog_delivery"]["postgres_cpu_seconds_per_1000_events"] = json!((pg * 1000.0).round() / 1000.0);
         }
@@ -820,7 +821,7 @@ async fn bench(opts: Options) {
         service.terminate();
         sink.failing.store(false, Ordering::Relaxed);
         let before = sink.events.load(Ordering::Relaxed);
-        let pg_before = procfs::postgres_cpu_secs();
+        let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();
         let replicas = [start_service(&store, &cdp, &[]), start_service(&store, &cdp, &[])];
         let drained = wait_for_events(
@@ -833,7 +834,7 @@ async fn bench(opts: Options) {
         let events = (sink.events.load(Ordering::Relaxed) - before) as f64;
         let rate = events / drain.as_secs_f64();
         let cpu: f64 = replicas.iter().map(|r| r.usage().cpu_secs).sum();
-        let pg = procfs::postgres_cpu_secs() - pg_before;
+        let pg = pg_before.since();
         println!(
             "2 replicas     backlog {events} events in {:.1}s = {rate:.0} events/s{}, replicas CPU {:.3}s/1000 events, PostgreSQL {:.3}s/1000 events",
             drain.as_secs_f64(),
