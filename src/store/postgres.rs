@@ -151,12 +151,9 @@ impl PostgresStore {
             })?
             .options([
                 ("statement_timeout", settings.statement_timeout_ms.to_string()),
-                // PostgreSQL's own choice (`auto`): a statement keeps a generic plan once planning it
-                // at each call gains nothing, which spares the planner for the lookups delivery makes
-                // per intent (12 % of the server's CPU per event, measured). The claim, whose plan
-                // depends on the queue's shape (empty, then a 100,000-intent backlog), keeps the plan
-                // pinned inside `forwarder_claim` (migrations 0005 and 0007).
-                ("plan_cache_mode", "auto".to_string()),
+                // The queue's shape changes by the second (empty, then a 100,000-intent backlog): a
+                // generic plan cached for prepared statements goes stale and turns claims into scans.
+                ("plan_cache_mode", "force_custom_plan".to_string()),
             ]);
         if let Some(schema) = settings.schema.as_deref().filter(|s| !s.is_empty()) {
             anyhow::ensure!(

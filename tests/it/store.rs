@@ -1003,8 +1003,9 @@ async fn postgres_an_upgrade_keeps_every_intents_progress() {
     store.close().await;
 }
 
-/// The statements inside the delivery functions keep one generic plan per connection, whatever the
-/// connection's own setting: planned at every call, they cost half of each claim (migration 0007).
+/// The statements inside the delivery functions keep one generic plan per connection, whatever
+/// the service's connections say (`force_custom_plan`, for its own statements): planned at every
+/// call, they cost half of each claim (migration 0007).
 #[tokio::test]
 async fn postgres_the_delivery_functions_are_not_planned_at_every_call() {
     let Some(place) = Backend::Postgres.place("generic_plans") else {
