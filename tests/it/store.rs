@@ -1003,35 +1003,6 @@ async fn postgres_an_upgrade_keeps_every_intents_progress() {
     store.close().await;
 }
 
-/// The statements inside the delivery functions keep one generic plan per connection, whatever
-/// the service's connections say (`force_custom_plan`, for its own statements): planned at every
-/// call, they cost half of each claim (migration 0007).
-#[tokio::test]
-async fn postgres_the_delivery_functions_are_not_planned_at_every_call() {
-    let Some(place) = Backend::Postgres.place("generic_plans") else {
-        return;
-    };
-    let store = place.service().await;
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect(&place.settings.url).await.unwrap();
-    let configs: Vec<(String, Vec<String>)> = sqlx::query_as(
-        "SELECT p.proname::text, COALESCE(p.proconfig, '{}') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE n.nspname = $1 AND p.proname IN ('forwarder_claim', 'forwarder_apply') ORDER BY 1",
-    )
-    .bind(place.settings.schema.as_deref().unwrap())
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(configs.len(), 2, "{configs:?}");
-    for (function, config) in configs {
-        assert!(
-            config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"),
-            "{function}: {config:?}"
-        );
-    }
-    store.close().await;
-}
-
 /// Replicas rolled out together onto an empty database (a new deployment with two replicas) all
 /// start: the schema and its migrations are made once, the others wait for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
