@@ -440,13 +440,13 @@ fn cpu_per_1000(cpu_secs: f64, summary: &Value) -> Value {
 
 /// One closed-loop round (concurrency 64) against `server`, with the CPU each side used per 1,000
 /// webhooks (the server's, the load generator's) and how busy the machine's cores were.
-async fn measured_round(server: &Proc, run: &str, duration: Duration) -> Value {
-    measured_round_on(&[server], run, duration).await
+async fn measured_round(server: &Proc, run: &str, duration: Duration, postgres: bool) -> Value {
+    measured_round_on(&[server], run, duration, postgres).await
 }
 
 /// [`measured_round`] against several replicas at once, the 64 connections shared among them; the
 /// server CPU is theirs together, and the PostgreSQL server's is reported beside it when it runs here.
-async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration) -> Value {
+async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration, postgres: bool) -> Value {
     let servers_cpu = || servers.iter().map(|s| s.usage().cpu_secs).sum::<f64>();
     let (server_before, pg_before, (own_before, busy_before)) = (servers_cpu(), procfs::PostgresCpu::now(), cpu_now());
     let started = Instant::now();
@@ -475,17 +475,20 @@ async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration) -> 
     } else {
         // Throughputs and requests add up; the latency figures are the first replica's.
         let mut merged = rounds[0].clone();
-        for key in ["throughput_per_s", "requests", "errors"] {
-            merged[key] = json!(rounds.iter().filter_map(|r| r[key].as_f64()).sum::<f64>());
+        merged["throughput_per_s"] = json!(rounds
+            .iter()
+            .filter_map(|r| r["throughput_per_s"].as_f64())
+            .sum::<f64>());
+        for key in ["requests", "errors"] {
+            merged[key] = json!(rounds.iter().filter_map(|r| r[key].as_u64()).sum::<u64>());
         }
         merged
     };
     let elapsed = started.elapsed().as_secs_f64();
     let (own_after, busy_after) = cpu_now();
     s["cpu_seconds_per_1000_webhooks"] = cpu_per_1000(servers_cpu() - server_before, &s);
-    let pg = pg_before.since();
-    if pg > 0.0 {
-        s["postgres_cpu_seconds_per_1000_webhooks"] = cpu_per_1000(pg, &s);
+    if postgres {
+        s["postgres_cpu_seconds_per_1000_webhooks"] = cpu_per_1000(pg_before.since(), &s);
     }
     s["load_generator_cpu_seconds_per_1000"] = cpu_per_1000(own_after - own_before, &s);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
@@ -624,13 +627,14 @@ async fn bench(opts: Options) {
     }
     for round in 0..rounds {
         if let Some(ceiling) = &ceiling {
-            let s = measured_round(ceiling, "ceiling", Duration::from_secs(secs)).await;
+            let s = measured_round(ceiling, "ceiling", Duration::from_secs(secs), false).await;
             println!("ceiling        {s}");
             ceiling_runs.push(s);
         }
         if let Some(service) = &alone {
             let profiler = Profiler::start(&opts, service, &format!("alone{round}"));
-            let s = measured_round(service, &format!("alone{round}"), Duration::from_secs(secs)).await;
+            let postgres = opts.store == "postgres";
+            let s = measured_round(service, &format!("alone{round}"), Duration::from_secs(secs), postgres).await;
             profiler.stop();
             println!("intake alone   {s}");
             alone_runs.push(s);
@@ -793,7 +797,7 @@ async fn bench(opts: Options) {
             r.wait_ready("/health/live").await;
             closed_loop(&r.url(), "warm", 8, 100, Duration::from_secs(1)).await;
         }
-        let s = measured_round_on(&[&replicas[0], &replicas[1]], "two", Duration::from_secs(secs)).await;
+        let s = measured_round_on(&[&replicas[0], &replicas[1]], "two", Duration::from_secs(secs), true).await;
         println!("2 replicas     intake alone {s}");
         if let Some(c) = best_ceiling {
             report["two_replicas"]["intake_alone_to_best_ceiling"] =

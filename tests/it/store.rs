@@ -123,6 +123,7 @@ contract!(
     one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark,
     a_landing_check_is_written_with_the_claim_leased_and_settled,
     a_database_error_keeps_its_source,
+    an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -561,7 +562,6 @@ async fn a_landing_check_is_written_with_the_claim_leased_and_settled(backend: B
     store.close().await;
 }
 
-/// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
 /// The database's own error, found at the end of the error's sources: what an operator reads in
 /// the log, and what code can match on.
 fn database_error_of(e: &StoreError) -> String {
@@ -603,6 +603,7 @@ async fn a_database_error_keeps_its_source(backend: Backend) {
     assert!(write.to_string().starts_with("store unavailable"), "{write}");
 }
 
+/// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
 async fn a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first(backend: Backend) {
     let Some(place) = backend.place("replay_after_empty") else {
         return;
@@ -661,6 +662,59 @@ async fn a_dead_letter_replayed_by_another_process_keeps_its_shoppers_intents_in
 /// An intent waiting for its OrderCloud reads is handed to one enrichment job at a time: again
 /// only once its lease has run out or it was given back for a retry (which counts the attempt),
 /// and never once its enrichment is saved; then it can be delivered, with the enrichment.
+async fn an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record(backend: Backend) {
+    let Some(place) = backend.place("enrichment_identities") else {
+        return;
+    };
+    let store = place.service().await;
+    // The registered shopper's record as delivery left it: a browser.
+    queued(&store, "buyer-u1", "earlier").await;
+    let earlier = store.claim(1, LONG).await.unwrap().remove(0);
+    let record = ShopperState {
+        browsers: [("WEB".to_string(), "b-reg".to_string())].into(),
+        ..ShopperState::default()
+    };
+    let write = Write::Shopper {
+        key: "buyer-u1".into(),
+        state: record.clone(),
+    };
+    store
+        .apply(&earlier.claim, vec![write], Some(Settle::Ack))
+        .await
+        .unwrap();
+
+    let mut item = intent("anon-o1", "needs-reads");
+    item.needs_enrichment = true;
+    queued_item(&store, item).await;
+    let job = store.claim_enrichment(1, LONG).await.unwrap().remove(0);
+    // The same shopper twice (the last identity wins), and another.
+    let identities = [
+        ("buyer-u1".to_string(), "buyer-first".to_string()),
+        ("anon-o1".to_string(), "anon-o1".to_string()),
+        ("buyer-u1".to_string(), "buyer-u1".to_string()),
+    ];
+    store
+        .save_enrichment(&job.claim, &json!({"identity": "anon-o1"}), &identities)
+        .await
+        .unwrap();
+    let registered = store.shopper("buyer-u1").await.unwrap().expect("recorded");
+    assert_eq!(registered.identity.as_deref(), Some("buyer-u1"));
+    assert_eq!(registered.browsers, record.browsers, "the rest of the record stays");
+    let anonymous = store.shopper("anon-o1").await.unwrap().expect("recorded");
+    assert_eq!(anonymous.identity.as_deref(), Some("anon-o1"));
+    let claimed = store.claim(1, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 1, "enriched, so deliverable");
+    assert_eq!(claimed[0].enrichment, Some(json!({"identity": "anon-o1"})));
+    store.close().await;
+}
+
+async fn queued_item(store: &DynStore, item: NewIntent) -> i64 {
+    match store.enqueue(item).await.unwrap() {
+        EnqueueOutcome::Queued(id) => id,
+        other => panic!("not queued: {other:?}"),
+    }
+}
+
 async fn enrichment_jobs_are_leased_retried_and_settled(backend: Backend) {
     let Some(place) = backend.place("enrichment_jobs") else {
         return;
