@@ -38,6 +38,14 @@ pub(crate) struct ShopperRow {
 }
 
 impl ShopperRow {
+    /// From a row of [`SHOPPER`] read with rusqlite.
+    pub fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<ShopperRow> {
+        Ok(ShopperRow {
+            state: r.get(0)?,
+            identity: r.get(1)?,
+        })
+    }
+
     pub fn decode(self) -> Result<ShopperState, StoreError> {
         let mut state: ShopperState = serde_json::from_str(&self.state)?;
         if self.identity.is_some() {
@@ -53,6 +61,10 @@ pub(crate) struct FactsRow {
 }
 
 impl FactsRow {
+    pub fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<FactsRow> {
+        Ok(FactsRow { facts: r.get(0)? })
+    }
+
     pub fn decode(self) -> Result<SessionFacts, StoreError> {
         Ok(serde_json::from_str(&self.facts)?)
     }
@@ -68,6 +80,17 @@ pub(crate) struct CartLineRow {
 }
 
 impl CartLineRow {
+    /// From a row of [`CART_LINES`] read with rusqlite.
+    pub fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<CartLineRow> {
+        Ok(CartLineRow {
+            order_id: r.get(0)?,
+            line_id: r.get(1)?,
+            shopper_key: r.get(2)?,
+            line: r.get(3)?,
+            updated_at: r.get(4)?,
+        })
+    }
+
     pub fn decode(self) -> Result<CartLine, StoreError> {
         Ok(CartLine {
             line: serde_json::from_str(&self.line)?,
@@ -125,8 +148,8 @@ impl StatsRow {
     }
 }
 
-/// The reads both backends make through their sqlx pool (`self.pool`) with the same SQL: the whole
-/// [`super::Shoppers`] role for `$store`, so each backend runs them on its own pool type.
+/// The reads of the whole [`super::Shoppers`] role through a sqlx pool (`self.pool`), for `$store`
+/// (PostgreSQL; SQLite reads the same SQL with its own readers, `sqlite::readers`).
 macro_rules! shopper_reads {
     ($store:ty) => {
         #[async_trait::async_trait]

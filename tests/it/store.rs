@@ -124,6 +124,7 @@ contract!(
     a_landing_check_is_written_with_the_claim_leased_and_settled,
     a_database_error_keeps_its_source,
     an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record,
+    a_closed_store_answers_no_more_reads_or_writes,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -706,6 +707,22 @@ async fn an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shop
     assert_eq!(claimed.len(), 1, "enriched, so deliverable");
     assert_eq!(claimed[0].enrichment, Some(json!({"identity": "anon-o1"})));
     store.close().await;
+}
+
+async fn a_closed_store_answers_no_more_reads_or_writes(backend: Backend) {
+    let Some(place) = backend.place("closed") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "before").await;
+    assert!(store.shopper("s1").await.unwrap().is_none());
+    store.close().await;
+    assert!(store.shopper("s1").await.is_err(), "a lookup after close");
+    assert!(store.cart_lines("o1").await.is_err(), "a lookup after close");
+    assert!(
+        store.enqueue(intent("s1", "after")).await.is_err(),
+        "a write after close"
+    );
 }
 
 async fn queued_item(store: &DynStore, item: NewIntent) -> i64 {
