@@ -496,6 +496,17 @@ async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration, pos
     s
 }
 
+/// Queues `shoppers`' webhooks through a service while CDP answers 503, then stops it: the backlog a
+/// fresh process drains.
+async fn fill_backlog(store: &StoreChoice, sink: &Sink, cdp: &str, run: &str, shoppers: u64) {
+    sink.failing.store(true, Ordering::Relaxed);
+    let service = start_service(store, cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
+    service.wait_ready("/health/ready").await;
+    closed_loop(&service.url(), run, 64, shoppers, Duration::from_secs(3600)).await;
+    service.terminate();
+    sink.failing.store(false, Ordering::Relaxed);
+}
+
 async fn wait_for_events(sink: &Sink, expected: u64, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while sink.events.load(Ordering::Relaxed) < expected {
@@ -744,13 +755,7 @@ async fn bench(opts: Options) {
     if opts.wants("backlog") {
         let store = store_choice(&opts.store, dir.path(), "backlog");
         let backlog_shoppers = shoppers / 2;
-        sink.failing.store(true, Ordering::Relaxed);
-        let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
-        service.wait_ready("/health/ready").await;
-        let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
-        closed_loop(&url, "backlog", 64, backlog_shoppers, Duration::from_secs(3600)).await;
-        service.terminate();
-        sink.failing.store(false, Ordering::Relaxed);
+        fill_backlog(&store, &sink, &cdp, "backlog", backlog_shoppers).await;
         let before = sink.events.load(Ordering::Relaxed);
         let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();
@@ -811,19 +816,7 @@ async fn bench(opts: Options) {
 
         let store = store_choice(&opts.store, dir.path(), "replicas-backlog");
         let backlog_shoppers = shoppers / 2;
-        sink.failing.store(true, Ordering::Relaxed);
-        let service = start_service(&store, &cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
-        service.wait_ready("/health/ready").await;
-        closed_loop(
-            &service.url(),
-            "backlog2",
-            64,
-            backlog_shoppers,
-            Duration::from_secs(3600),
-        )
-        .await;
-        service.terminate();
-        sink.failing.store(false, Ordering::Relaxed);
+        fill_backlog(&store, &sink, &cdp, "backlog2", backlog_shoppers).await;
         let before = sink.events.load(Ordering::Relaxed);
         let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();

@@ -12,7 +12,8 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::store::StoreError;
 
-/// Connections kept open between lookups (more are opened when more tasks read at once).
+/// Connections kept open between lookups. A lookup never awaits, so no more run at once than the
+/// runtime has threads: this many are enough, and a connection is rarely opened twice.
 const IDLE: usize = 8;
 
 pub struct Readers {
