@@ -298,7 +298,7 @@ fn record_cart(
                         order_id: order_id.to_string(),
                         line_id: id.to_string(),
                         shopper_key: key.to_string(),
-                        line: line.clone(),
+                        line: planner::lines::Line::kept(&line),
                         updated_at_ms: now,
                     };
                     writes.push(Write::CartLine(updated.clone()));
@@ -329,7 +329,7 @@ fn record_cart(
                                 order_id: order_id.to_string(),
                                 line_id: id.to_string(),
                                 shopper_key: key.to_string(),
-                                line: line.clone(),
+                                line: planner::lines::Line::kept(line),
                                 updated_at_ms: now,
                             }));
                         }

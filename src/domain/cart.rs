@@ -10,7 +10,8 @@ pub struct CartLine {
     pub order_id: String,
     pub line_id: String,
     pub shopper_key: String,
-    /// The LineItem JSON as OrderCloud returned it.
+    /// The LineItem JSON as OrderCloud returned it, or (recorded since issue 23) the part of it the
+    /// planner reads: [`crate::planner::lines::Line::kept`].
     pub line: Value,
     pub updated_at_ms: i64,
 }

@@ -49,6 +49,38 @@ impl Line {
         })
     }
 
+    /// What of a LineItem the forwarder keeps in its record of a cart: the fields [`Line::from_json`]
+    /// reads, with the whole of `Product.xp` (the field `cdp.product_type_field` names may change
+    /// between recording and planning). `from_json` reads the same line from it; the rest of the
+    /// LineItem (descriptions, specs, addresses, ~1.5 KB) would only be stored, read back and parsed
+    /// again for every later event of the cart.
+    pub fn kept(value: &Value) -> Value {
+        let Value::Object(line) = value else {
+            return value.clone();
+        };
+        let pick = |from: &serde_json::Map<String, Value>, keys: &[&str]| -> serde_json::Map<String, Value> {
+            keys.iter()
+                .filter_map(|k| from.get(*k).map(|v| (k.to_string(), v.clone())))
+                .collect()
+        };
+        let mut kept = pick(
+            line,
+            &["ID", "ProductID", "Quantity", "LineTotal", "LineSubtotal", "UnitPrice"],
+        );
+        for (key, fields) in [("Product", &["ID", "Name", "xp"][..]), ("Variant", &["ID"][..])] {
+            match line.get(key) {
+                Some(Value::Object(part)) => {
+                    kept.insert(key.to_string(), Value::Object(pick(part, fields)));
+                }
+                Some(other) => {
+                    kept.insert(key.to_string(), other.clone());
+                }
+                None => {}
+            }
+        }
+        Value::Object(kept)
+    }
+
     pub fn item_id(&self, source: ItemIdSource) -> &str {
         match source {
             ItemIdSource::VariantOrProduct => self.variant_id.as_deref().unwrap_or(&self.product_id),
@@ -124,6 +156,7 @@ pub fn round_cents(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn line(id: &str, product: &str, variant: Option<&str>, qty: i64, total: f64) -> Value {
@@ -169,6 +202,71 @@ mod tests {
         };
         let lines = parse_lines(&[line("L1", "P1", None, 1, 1.0)], &cdp);
         assert_eq!(products(&lines, &cdp, "EUR", "t")[0].product_type, "SHOES");
+    }
+
+    /// A LineItem as OrderCloud returns it (the shape of the benchmarks' lines, ~1.5 KB).
+    fn full_line() -> Value {
+        json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 2, "UnitPrice": 19.99, "PromotionDiscount": 0,
+            "LineTotal": 39.98, "LineSubtotal": 39.98, "CostCenter": null, "DateNeeded": null,
+            "ShippingAccount": null, "ShippingAddressID": null, "PriceScheduleID": "default-prices",
+            "DateAdded": "2026-11-22T10:15:30.1234567+00:00", "QuantityShipped": 0,
+            "Product": {"ID": "SKU-1", "Name": "Trail running shoe", "Description": "Lightweight trail running shoe with a grippy outsole, a breathable mesh upper and a cushioned midsole for long days on rough ground.",
+                "Returnable": true, "QuantityMultiplier": 1, "ShipWeight": 0.9, "DefaultSupplierID": null,
+                "xp": {"category": "footwear", "brand": "Summit"}},
+            "Variant": {"ID": "SKU-1-42", "Name": "42", "Description": "EU 42", "xp": {}},
+            "ShippingAddress": null, "ShipFromAddress": null, "SupplierID": null,
+            "Specs": [{"SpecID": "size", "Name": "Size", "OptionID": "42", "Value": "42", "PriceMarkupType": "NoMarkup", "PriceMarkup": null}],
+            "xp": {"giftWrap": false, "note": "bench"}})
+    }
+
+    #[test]
+    fn the_kept_part_of_a_line_reads_as_the_whole_line_and_is_a_fraction_of_it() {
+        for field in [None, Some("category"), Some("brand"), Some("missing")] {
+            let cdp = CdpSettings {
+                product_type_field: field.map(str::to_string),
+                ..CdpSettings::default()
+            };
+            let full = full_line();
+            let kept = Line::kept(&full);
+            assert_eq!(Line::from_json(&kept, &cdp), Line::from_json(&full, &cdp), "{field:?}");
+            assert!(Line::from_json(&kept, &cdp).is_some());
+        }
+        let (full, kept) = (
+            full_line().to_string().len(),
+            Line::kept(&full_line()).to_string().len(),
+        );
+        assert!(kept * 3 < full, "kept {kept} bytes of {full}");
+    }
+
+    proptest! {
+        /// Whatever a LineItem holds or lacks (fields of any type, null or missing parts), the kept
+        /// part plans the same line.
+        #[test]
+        fn the_kept_part_of_any_line_plans_the_same_line(
+            id in proptest::option::of("[A-Z0-9]{0,3}"),
+            fields in proptest::collection::btree_map(
+                proptest::sample::select(vec!["ProductID", "Quantity", "LineTotal", "LineSubtotal",
+                    "UnitPrice", "Product", "Variant", "Specs", "xp"]),
+                prop_oneof![
+                    Just(Value::Null),
+                    "[A-Za-z0-9-]{0,6}".prop_map(Value::from),
+                    (-5i64..50).prop_map(Value::from),
+                    (-5.0f64..500.0).prop_map(Value::from),
+                    ("[A-Z]{0,4}", "[a-z ]{0,8}", "[a-z]{0,6}").prop_map(|(id, name, category)|
+                        json!({"ID": id, "Name": name, "Description": "long text", "xp": {"category": category}})),
+                ],
+                0..9,
+            ),
+            field in proptest::option::of(proptest::sample::select(vec!["category", "other"])),
+        ) {
+            let mut full: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if let Some(id) = id {
+                full.insert("ID".into(), id.into());
+            }
+            let full = Value::Object(full);
+            let cdp = CdpSettings { product_type_field: field.map(str::to_string), ..CdpSettings::default() };
+            prop_assert_eq!(Line::from_json(&Line::kept(&full), &cdp), Line::from_json(&full, &cdp));
+        }
     }
 
     #[test]
