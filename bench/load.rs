@@ -722,11 +722,13 @@ async fn bench(opts: Options) {
         let before = sink.events.load(Ordering::Relaxed);
         let cpu_before = service.usage().cpu_secs;
         let pg_before = procfs::PostgresCpu::now();
+        let profiler = Profiler::start(&opts, &service, "e2e");
         let started = Instant::now();
         let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
         let intake_done = started.elapsed();
         let done = wait_for_events(&sink, before + shoppers * EVENTS_PER_SHOPPER, Duration::from_secs(1800)).await;
         let e2e = started.elapsed();
+        profiler.stop();
         let usage = service.usage();
         let cpu_per_1000 = (usage.cpu_secs - cpu_before) / (shoppers * STEPS as u64) as f64 * 1000.0;
         let pg_per_1000 = pg_before.since() / (shoppers * STEPS as u64) as f64 * 1000.0;

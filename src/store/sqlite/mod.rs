@@ -36,11 +36,12 @@ use queues::Queues;
 use seen::{SeenKey, SeenKeys};
 use writer::Writer;
 
-/// Pages in the file's first 16 MiB are read through a memory map instead of a pread(2) each:
-/// the whole of a store that keeps up with its webhooks. Each connection maps it, and the pages it
-/// touches count in the process's resident memory, so the map stays small (32 MiB was half of
-/// the service's peak RSS in the bench's end-to-end run and read no faster: BENCHMARKS.md).
-const MMAP_BYTES: u64 = 16 << 20;
+/// No connection maps the file: pages are read with pread(2) into SQLite's page cache. A map
+/// (16 MiB until issue 23) made every reader remap, an munmap and a TLB shootdown across the
+/// cores, each time the file had grown since its last read, which a store taking webhooks always
+/// has; and the pages it touched counted in the process's resident memory (peak RSS 38-41 MiB with
+/// it, 23-24 without, in the quick end-to-end and backlog runs; CPU per event no higher: BENCHMARKS.md).
+const MMAP_BYTES: u64 = 0;
 
 pub struct SqliteStore {
     /// Readers for operators' and the ledger's reads.
