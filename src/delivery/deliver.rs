@@ -1,5 +1,5 @@
 //! One claimed intent through the stages: gather → plan → send → settle, with its lease kept
-//! alive meanwhile.
+//! alive meanwhile (its renewal polled beside them, on the same task).
 
 use std::sync::Arc;
 
@@ -21,15 +21,21 @@ pub async fn process(deps: Arc<Deps>, claimed: ClaimedIntent, claiming: Claiming
         attempt = claimed.attempts,
     );
     async {
-        let lease = Lease::keep(
+        let (lease, renewal) = Lease::keep(
             deps.store.clone(),
             claimed.claim.clone(),
             deps.settings.delivery.lease(),
             claiming,
         );
-        let result = deliver(&deps, &claimed, &lease, &stop).await;
-        settle(&deps, &Attempt::of(&claimed), result).await;
-        drop(lease);
+        let work = async {
+            let result = deliver(&deps, &claimed, &lease, &stop).await;
+            settle(&deps, &Attempt::of(&claimed), result).await;
+        };
+        // The renewal never ends: the delivery and its settling do.
+        tokio::select! {
+            () = work => {}
+            () = renewal => {}
+        }
     }
     .instrument(span)
     .await

@@ -3,7 +3,10 @@
 //! (they release their claims at the next event boundary). A delivery that panics is settled like
 //! any failure: it counts as an attempt and ages out.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt as _;
 
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -76,32 +79,23 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         for intent in claimed {
             let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
             let (deps, stop) = (deps.clone(), stop.clone());
+            // One task per intent: its delivery, the renewal of its lease, and the catch of a panic
+            // run on it (each more task was a spawn and a wake-up of the other worker thread per
+            // intent). Aborting it at the shutdown deadline aborts all three.
             tasks.spawn(async move {
                 // Kept to settle the intent should its delivery panic.
                 let attempt = Attempt::of(&intent);
-                // Aborted with this task (at the shutdown deadline), not left running beside it.
-                let run = AbortOnDrop(tokio::spawn(deliver::process(deps.clone(), intent, claiming, stop)));
-                if let Err(e) = (&mut { run }.0).await {
-                    if e.is_panic() {
-                        let message = panic_message(e.into_panic());
-                        warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
-                        settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
-                    }
+                let run = AssertUnwindSafe(deliver::process(deps.clone(), intent, claiming, stop));
+                if let Err(payload) = run.catch_unwind().await {
+                    let message = panic_message(payload);
+                    warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
+                    settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
                 }
                 drop(permit);
             });
         }
     }
     while tasks.join_next().await.is_some() {}
-}
-
-/// A task aborted when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

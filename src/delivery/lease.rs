@@ -1,5 +1,6 @@
-//! The lease keeper: renews a claim's lease while its intent runs, and tells the sender how long it
-//! may still act on the claim.
+//! The lease keeper: renews a claim's lease while its intent runs (a future run beside the delivery
+//! on the delivery's own task, not a task of its own), and tells the sender how long it may still act
+//! on the claim.
 //!
 //! A renewal that fails is retried until the lease would expire; then the lease counts as lost. A
 //! renewal refused because another worker holds the intent loses it at once. The sender asks for
@@ -19,7 +20,6 @@ pub struct Lease {
     store: Arc<dyn Outbox>,
     /// The store's [`crate::store::Liveness::epoch`] before the claim was made.
     epoch: Option<u64>,
-    renewer: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Clone, Copy)]
@@ -31,20 +31,32 @@ struct State {
 }
 
 impl Lease {
-    /// Starts renewing the lease of `claim`, taken at `claimed` (what [`Claiming::start`] saw) for
-    /// `lease`.
-    pub fn keep(store: Arc<dyn Outbox>, claim: Claim, lease: Duration, claimed: Claiming) -> Lease {
+    /// The lease of `claim`, taken at `claimed` (what [`Claiming::start`] saw) for `lease`, and the
+    /// future that renews it: to be polled beside the delivery for as long as the claim is acted on
+    /// (it never completes; once the lease is lost it only waits).
+    pub fn keep(
+        store: Arc<dyn Outbox>,
+        claim: Claim,
+        lease: Duration,
+        claimed: Claiming,
+    ) -> (Lease, impl std::future::Future<Output = ()> + Send + 'static) {
         let state = Arc::new(Mutex::new(State {
             until: claimed.at + lease,
             lost: false,
         }));
-        let renewer = tokio::spawn(renew(store.clone(), claim, lease, state.clone()));
-        Lease {
+        let renewal = {
+            let (store, state) = (store.clone(), state.clone());
+            async move {
+                renew(store, claim, lease, state).await;
+                std::future::pending::<()>().await
+            }
+        };
+        let lease = Lease {
             state,
             store,
             epoch: claimed.epoch,
-            renewer,
-        }
+        };
+        (lease, renewal)
     }
 
     /// How long the worker may still act on the claim: the lease's remaining time, or less when the
@@ -83,12 +95,6 @@ impl Claiming {
                 epoch: live.map(|l| l.epoch),
             }),
         }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.renewer.abort();
     }
 }
 

@@ -85,6 +85,76 @@ async fn a_lease_lost_mid_intent_sends_nothing_more_and_the_order_lands_once() {
     assert!(submit_claims >= 2, "claimed {submit_claims} time(s)");
 }
 
+/// A delivery that outlasts its lease keeps its claim while the renewals succeed: the submit (seven
+/// events at 0.6 s each against a 2-second lease) is claimed once, and every event is sent once.
+#[tokio::test]
+async fn a_delivery_longer_than_its_lease_keeps_its_claim_while_renewals_succeed() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.lease_secs = 2;
+        s.delivery.request_timeout_ms = 1_500;
+    })
+    .await;
+    let mut web = world.registered("buyer1", "renewed", WEB_CLIENT);
+    web.open_cart("O-RENEWED");
+    web.add("L1", "HAT", 1, 10.0).await;
+    web.add("L2", "CAP", 1, 11.0).await;
+    web.add("L3", "BAG", 1, 12.0).await;
+    world.drained().await;
+
+    world
+        .cdp
+        .script("buyer1-renewed", vec![Answer::delayed(Duration::from_millis(600)); 7]);
+    let mut app = web.on_device(APP_CLIENT);
+    app.submit().await;
+    world.order("O-RENEWED").await;
+    world.drained().await;
+
+    let submit = store.claimed_intents().last().copied().unwrap();
+    assert_eq!(store.claims_of(submit).len(), 1, "the submit was taken over");
+    let twice: Vec<_> = accepted_events(&world, "buyer1-renewed")
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "events sent twice: {twice:?}");
+}
+
+/// A delivery that panics is settled like any other failure: retried, then a dead letter after
+/// `delivery.max_age_secs` with the panic's message; its slot is given back and other shoppers flow.
+#[tokio::test]
+async fn a_delivery_that_panics_ages_out_to_a_dead_letter_while_others_flow() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.max_age_secs = 2;
+        s.delivery.concurrency = 1;
+    })
+    .await;
+    store.set(
+        "anon-O-PANIC",
+        Faults {
+            read_panics: true,
+            ..Faults::default()
+        },
+    );
+    let mut broken = world.anonymous("O-PANIC", WEB_CLIENT);
+    broken.add("L1", "ROCK", 1, 1.0).await;
+    let mut fine = world.anonymous("O-CALM", WEB_CLIENT);
+    fine.add("L1", "PAPER", 1, 2.0).await;
+    fine.submit().await;
+    world.order("O-CALM").await;
+
+    let dead = eventually("the panicking intent to age out", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].shopper_key, "anon-O-PANIC");
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("delivery panicked") && reason.contains("(FaultyStore)"),
+        "{reason}"
+    );
+}
+
 /// A store that refuses one shopper's records (a value it cannot take, every time) makes that
 /// intent fail like any other failure: retried, then a dead letter after `delivery.max_age_secs`
 /// with the reason. The other shopper's order lands meanwhile.

@@ -25,6 +25,8 @@ pub struct Faults {
     pub records_fail: bool,
     /// `apply` fails when it acknowledges the intent (a write only the ack carries is refused).
     pub ack_fails: bool,
+    /// Reading the shopper's record panics (a bug in delivery, as the dispatcher sees it).
+    pub read_panics: bool,
 }
 
 pub struct FaultyStore {
@@ -192,6 +194,13 @@ impl Outbox for FaultyStore {
 #[async_trait]
 impl Shoppers for FaultyStore {
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
+        let panics = self
+            .faults
+            .lock()
+            .unwrap()
+            .get(shopper_key)
+            .is_some_and(|f| f.read_panics);
+        assert!(!panics, "a read of {shopper_key} panicked (FaultyStore)");
         self.inner.shopper(shopper_key).await
     }
 
