@@ -31,7 +31,7 @@ pub(crate) fn dead_letters_sql(intent_bytes: &str) -> String {
     )
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct ShopperRow {
     state: String,
     identity: Option<String>,
@@ -55,7 +55,7 @@ impl ShopperRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct FactsRow {
     facts: String,
 }
@@ -70,7 +70,7 @@ impl FactsRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, Clone)]
 pub(crate) struct CartLineRow {
     order_id: String,
     line_id: String,

@@ -125,6 +125,7 @@ contract!(
     a_database_error_keeps_its_source,
     an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record,
     a_closed_store_answers_no_more_reads_or_writes,
+    a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -723,6 +724,149 @@ async fn a_closed_store_answers_no_more_reads_or_writes(backend: Backend) {
         store.enqueue(intent("s1", "after")).await.is_err(),
         "a write after close"
     );
+}
+
+/// Delivery's lookups (which SQLite answers from memory for recent records) against writes made
+/// meanwhile: a writer applies numbered records of three shoppers, sessions and carts (and an
+/// enrichment's identities, a failed write and a stale worker's refused one), while two readers
+/// look them up. A lookup started after a write was answered never sees an older record; at the
+/// end every lookup answers what the file holds (read by an operator's command, which keeps
+/// nothing in memory).
+async fn a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let Some(place) = backend.place("lookups_see_writes") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "writer", "w").await;
+    let claim = store.claim(1, LONG).await.unwrap().remove(0).claim;
+    queued(&store, "stale", "s").await;
+    let stale = store.claim(1, Duration::from_millis(1)).await.unwrap().remove(0).claim;
+    eventually(
+        "the stale worker's lease to be taken over",
+        Duration::from_secs(10),
+        || async { store.claim(1, LONG).await.unwrap().pop() },
+    )
+    .await;
+    let mut needs = intent("enriched", "e");
+    needs.needs_enrichment = true;
+    queued_item(&store, needs).await;
+    let job = store.claim_enrichment(1, LONG).await.unwrap().remove(0);
+
+    const KEYS: usize = 3;
+    const ROUNDS: i64 = 300;
+    let records = |n: i64| {
+        let i = n as usize % KEYS;
+        let shopper = ShopperState {
+            email: Some(format!("{n}@example.com")),
+            browsers: [("WEB".to_string(), format!("b{i}"))].into(),
+            ..ShopperState::default()
+        };
+        let facts = SessionFacts {
+            channel: "WEB".into(),
+            browser_id: format!("b{i}"),
+            shopper_key: format!("s{i}"),
+            last_event_at_ms: n,
+            ..SessionFacts::default()
+        };
+        let line = CartLine {
+            order_id: format!("o{i}"),
+            line_id: "L1".into(),
+            shopper_key: format!("s{i}"),
+            line: json!({"ID": "L1", "n": n}),
+            updated_at_ms: n,
+        };
+        vec![
+            Write::Shopper {
+                key: format!("s{i}"),
+                state: shopper,
+            },
+            Write::Session(facts),
+            Write::CartLine(line),
+        ]
+    };
+    // The number of the last record of each key whose write was answered.
+    let answered: Arc<Vec<AtomicI64>> = Arc::new((0..KEYS).map(|_| AtomicI64::new(0)).collect());
+    let done = Arc::new(AtomicBool::new(false));
+    let number_of = |shopper: &Option<ShopperState>| {
+        shopper
+            .as_ref()
+            .and_then(|s| s.email.as_deref())
+            .and_then(|e| e.trim_end_matches("@example.com").parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (store, answered, done) = (store.clone(), answered.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut lookups = 0;
+            while !done.load(Ordering::SeqCst) {
+                for i in 0..KEYS {
+                    let floor = answered[i].load(Ordering::SeqCst);
+                    let shopper = store.shopper(&format!("s{i}")).await.unwrap();
+                    let session = store.session("WEB", &format!("b{i}")).await.unwrap();
+                    let cart = store.cart_lines(&format!("o{i}")).await.unwrap();
+                    let seen = [
+                        number_of(&shopper),
+                        session.map_or(0, |s| s.last_event_at_ms),
+                        cart.first().map_or(0, |l| l.updated_at_ms),
+                    ];
+                    assert!(
+                        seen.iter().all(|n| *n >= floor),
+                        "key {i}: record {floor} was written before the lookup, which saw {seen:?}"
+                    );
+                    lookups += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            lookups
+        }));
+    }
+    for n in 1..=ROUNDS {
+        store.apply(&claim, records(n), None).await.unwrap();
+        answered[n as usize % KEYS].store(n, Ordering::SeqCst);
+        if n % 50 == 0 {
+            // A stale worker's writes are refused and change nothing that is looked up.
+            let refused = store.apply(&stale, records(n + 1000), None).await;
+            assert!(matches!(refused, Err(StoreError::StaleClaim(_))), "{refused:?}");
+        }
+    }
+    // An enrichment's identity lands on a shopper's record.
+    store
+        .save_enrichment(
+            &job.claim,
+            &json!({"identity": "buyer-s0"}),
+            &[("s0".into(), "buyer-s0".into())],
+        )
+        .await
+        .unwrap();
+    done.store(true, Ordering::SeqCst);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "a reader looked nothing up");
+    }
+    let file = place.tool().await;
+    for i in 0..KEYS {
+        let (shopper, session, order) = (format!("s{i}"), format!("b{i}"), format!("o{i}"));
+        assert_eq!(
+            store.shopper(&shopper).await.unwrap(),
+            file.shopper(&shopper).await.unwrap()
+        );
+        assert_eq!(
+            store.session("WEB", &session).await.unwrap(),
+            file.session("WEB", &session).await.unwrap()
+        );
+        assert_eq!(
+            store.cart_lines(&order).await.unwrap(),
+            file.cart_lines(&order).await.unwrap()
+        );
+    }
+    assert_eq!(
+        store.shopper("s0").await.unwrap().and_then(|s| s.identity).as_deref(),
+        Some("buyer-s0")
+    );
+    file.close().await;
+    store.close().await;
 }
 
 async fn queued_item(store: &DynStore, item: NewIntent) -> i64 {

@@ -15,6 +15,7 @@ mod filter;
 mod lock;
 mod queues;
 mod readers;
+mod recent;
 mod seen;
 mod writer;
 
@@ -33,6 +34,7 @@ use super::shared::{self, *};
 use super::*;
 use crate::config::redacted_url;
 use queues::Queues;
+use recent::{Recent, Touched};
 use seen::{SeenKey, SeenKeys};
 use writer::Writer;
 
@@ -48,6 +50,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Readers for delivery's per-intent lookups, used on the calling task.
     readers: readers::Readers,
+    /// Recent shoppers', sessions' and carts' records, kept in step by the writer.
+    recent: Arc<Recent>,
     /// The one writer.
     writer: Writer,
     /// The LogID dedupe (used on the writer thread).
@@ -102,7 +106,11 @@ impl SqliteStore {
                 .context("cannot migrate the SQLite store")?;
             migrator.close().await;
         }
-        let writer = Writer::open(&path, busy_timeout).with_context(|| {
+        // Only the process serving the file sees every write (through its writer).
+        let recent = Arc::new(Recent::new(lock.is_some()));
+        let publishing = recent.clone();
+        let after_batch = Box::new(move |c: &Connection, stale: bool| publishing.after_batch(c, stale));
+        let writer = Writer::open(&path, busy_timeout, after_batch).with_context(|| {
             format!(
                 "cannot open the SQLite store {:?} for writing",
                 redacted_url(&settings.url)
@@ -147,6 +155,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             readers: readers::Readers::new(&path, busy_timeout),
+            recent,
             writer,
             seen,
             queues,
@@ -360,7 +369,9 @@ impl Outbox for SqliteStore {
             .filter(|w| *w != Write::Durable)
             .map(EncodedWrite::new)
             .collect::<Result<Vec<_>, _>>()?;
+        let recent = self.recent.clone();
         let job = move |c: &Connection| {
+            recent.stage(writes.iter().filter_map(EncodedWrite::touches));
             let shopper = intent_shopper(
                 c,
                 "SELECT shopper_key FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
@@ -457,8 +468,10 @@ impl Outbox for SqliteStore {
     ) -> Result<(), StoreError> {
         let (claim, enrichment, identities) = (claim.clone(), enrichment.to_string(), identities.to_vec());
         let leases = self.enrichment_leases.clone();
+        let recent = self.recent.clone();
         self.writer
             .write(move |c| {
+                recent.stage(identities.iter().map(|(key, _)| Touched::Shopper(key.clone())));
                 enrichment_fence(c, &leases, &claim)?;
                 run(
                     c,
@@ -525,23 +538,23 @@ impl Outbox for SqliteStore {
 #[async_trait]
 impl Shoppers for SqliteStore {
     async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
-        self.readers.read(|c| {
-            let mut stmt = c.prepare_cached(shared::SHOPPER)?;
-            let row = stmt
-                .query_row([shopper_key], shared::ShopperRow::from_rusqlite)
-                .optional()?;
-            row.map(shared::ShopperRow::decode).transpose()
-        })
+        let miss = match self.recent.shopper(shopper_key) {
+            Ok(known) => return known.map(shared::ShopperRow::decode).transpose(),
+            Err(miss) => miss,
+        };
+        let read = self.readers.read(|c| recent::read_shopper(c, shopper_key))?;
+        self.recent.keep_shopper(miss, shopper_key, &read);
+        read.map(shared::ShopperRow::decode).transpose()
     }
 
     async fn session(&self, channel: &str, browser_id: &str) -> Result<Option<SessionFacts>, StoreError> {
-        self.readers.read(|c| {
-            let mut stmt = c.prepare_cached(shared::SESSION)?;
-            let row = stmt
-                .query_row([channel, browser_id], shared::FactsRow::from_rusqlite)
-                .optional()?;
-            row.map(shared::FactsRow::decode).transpose()
-        })
+        let miss = match self.recent.session(channel, browser_id) {
+            Ok(known) => return known.map(shared::FactsRow::decode).transpose(),
+            Err(miss) => miss,
+        };
+        let read = self.readers.read(|c| recent::read_session(c, channel, browser_id))?;
+        self.recent.keep_session(miss, channel, browser_id, &read);
+        read.map(shared::FactsRow::decode).transpose()
     }
 
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError> {
@@ -554,12 +567,13 @@ impl Shoppers for SqliteStore {
     }
 
     async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError> {
-        self.readers.read(|c| {
-            let mut stmt = c.prepare_cached(shared::CART_LINES)?;
-            let rows = stmt.query_map([order_id], shared::CartLineRow::from_rusqlite)?;
-            rows.map(|r| r.map_err(StoreError::from).and_then(shared::CartLineRow::decode))
-                .collect()
-        })
+        let miss = match self.recent.cart(order_id) {
+            Ok(known) => return known.into_iter().map(shared::CartLineRow::decode).collect(),
+            Err(miss) => miss,
+        };
+        let read = self.readers.read(|c| recent::read_cart(c, order_id))?;
+        self.recent.keep_cart(miss, order_id, &read);
+        read.into_iter().map(shared::CartLineRow::decode).collect()
     }
 }
 
@@ -804,6 +818,21 @@ impl EncodedWrite {
                 check,
             },
         })
+    }
+
+    /// The record kept in memory ([`recent`]) this write changes, if any.
+    fn touches(&self) -> Option<Touched> {
+        match self {
+            EncodedWrite::Session { facts, .. } => {
+                Some(Touched::Session(facts.channel.clone(), facts.browser_id.clone()))
+            }
+            EncodedWrite::Shopper { key, .. } => Some(Touched::Shopper(key.clone())),
+            EncodedWrite::CartLine { line, .. } => Some(Touched::Cart(line.order_id.clone())),
+            EncodedWrite::DeleteCartLine { order_id, .. }
+            | EncodedWrite::DeleteCart { order_id }
+            | EncodedWrite::MoveCart { order_id, .. } => Some(Touched::Cart(order_id.clone())),
+            EncodedWrite::Plan(_) | EncodedWrite::Sent(_) | EncodedWrite::CheckOrder { .. } => None,
+        }
     }
 
     fn run(&self, c: &Connection, intent_id: i64) -> Result<(), StoreError> {

@@ -34,6 +34,11 @@ use crate::store::StoreError;
 /// Most closures committed in one transaction (bounds the wait of the first one in a batch).
 const MAX_BATCH: usize = 256;
 
+/// Runs on the writer thread after each batch, outside any transaction and before any of the
+/// batch's callers is answered; told `true` when memory kept beside the database may be stale as a
+/// whole (the batch did not commit, or another connection committed since the last batch).
+pub type AfterBatch = Box<dyn Fn(&Connection, bool) + Send>;
+
 /// Answers the caller once the batch's commit outcome is known.
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// Runs against the connection inside the batch's transaction and returns how to answer;
@@ -70,7 +75,7 @@ type RestartWanted = Arc<AtomicBool>;
 
 impl Writer {
     /// Opens the write connection on `path` (the database must exist and be migrated).
-    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Writer, StoreError> {
+    pub fn open(path: &Path, busy_timeout: Duration, after_batch: AfterBatch) -> Result<Writer, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // Checkpoints run on their own thread (below), not inside a commit of this one; the WAL
@@ -100,7 +105,7 @@ impl Writer {
         let invalidated = invalidations.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, receiver, wal, restart_wanted, &invalidated))
+            .spawn(move || run(conn, receiver, wal, restart_wanted, &invalidated, after_batch))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
         Ok(Writer {
             sender: Mutex::new(Some(sender)),
@@ -286,6 +291,7 @@ fn run(
     wal: PathBuf,
     restart_wanted: RestartWanted,
     invalidations: &AtomicU64,
+    after_batch: AfterBatch,
 ) {
     let (to_syncer, syncer_queue) = mpsc::channel::<Vec<Reply>>();
     let syncer = std::thread::Builder::new()
@@ -303,6 +309,7 @@ fn run(
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let mut foreign = false;
         let outcome = (|| -> Result<(), rusqlite::Error> {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             // Changes only when another connection has committed since the last batch.
@@ -311,6 +318,7 @@ fn run(
                 .query_row([], |r| r.get(0))?;
             if data_version.replace(now).is_some_and(|before| before != now) {
                 invalidations.fetch_add(1, Ordering::Release);
+                foreign = true;
             }
             for work in batch.drain(..) {
                 replies.push(((work.job)(Some(&conn)), work.durable));
@@ -326,6 +334,7 @@ fn run(
             invalidations.fetch_add(1, Ordering::Release);
             StoreError::from(e)
         });
+        after_batch(&conn, outcome.is_err() || foreign);
         // Jobs not run (the transaction did not start) are answered with the batch's error.
         replies.extend(batch.drain(..).map(|work| ((work.job)(None), false)));
         let mut after_sync = Vec::new();
@@ -425,7 +434,7 @@ mod tests {
     async fn the_wal_starts_over_under_sustained_writes() {
         let (dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v BLOB NOT NULL)");
         let wal = dir.path().join("w.db-wal");
-        let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1)).unwrap());
+        let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1), Box::new(|_, _| {})).unwrap());
         let first = wal_generation(&wal);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut largest = 0;
@@ -466,7 +475,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_connections_commit_invalidates_memory_before_the_next_batch() {
         let (_dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)");
-        let writer = Writer::open(&path, Duration::from_secs(1)).unwrap();
+        let writer = Writer::open(&path, Duration::from_secs(1), Box::new(|_, _| {})).unwrap();
         let invalidations = writer.invalidations();
         // The count as a write in the next batch sees it.
         async fn seen_by_a_write(writer: &Writer, invalidations: Arc<AtomicU64>) -> u64 {
@@ -501,7 +510,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_write_is_rolled_back_alone_and_the_batch_commits() {
         let (_dir, path) = database_file("CREATE TABLE t (v INTEGER PRIMARY KEY)");
-        let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1)).unwrap());
+        let writer = std::sync::Arc::new(Writer::open(&path, Duration::from_secs(1), Box::new(|_, _| {})).unwrap());
         // Many writes at once, so that they share batches; every third fails after writing a row.
         let mut tasks = Vec::new();
         for v in 0..60i64 {
