@@ -662,6 +662,7 @@ shared::operations!(SqliteStore, "CAST(intent AS BLOB)", {
     async fn close(&self) {
         // The readers first: the last connection to close removes the WAL, which a read-only one
         // cannot do.
+        self.recent.close();
         self.readers.close();
         self.pool.close().await;
         self.writer.close().await;

@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension as _};
@@ -49,7 +50,9 @@ pub enum Touched {
 }
 
 pub struct Recent {
-    enabled: bool,
+    /// Off for operators' commands, and once the store is closed (lookups then go to the closed
+    /// readers, and fail).
+    enabled: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -72,9 +75,27 @@ impl Recent {
     /// `enabled` only for the process that serves the file (its writer sees every write).
     pub fn new(enabled: bool) -> Recent {
         Recent {
-            enabled,
+            enabled: AtomicBool::new(enabled),
             inner: Mutex::default(),
         }
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Forgets everything and keeps nothing more (the store is closed).
+    pub fn close(&self) {
+        self.enabled.store(false, Ordering::Release);
+        self.forget();
+    }
+
+    fn forget(&self) {
+        let mut inner = self.inner();
+        inner.version += 1;
+        inner.shoppers.clear();
+        inner.sessions.clear();
+        inner.carts.clear();
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -95,7 +116,7 @@ impl Recent {
     }
 
     fn look<T>(&self, hit: impl FnOnce(&Inner) -> Option<T>) -> Result<T, Miss> {
-        if !self.enabled {
+        if !self.enabled() {
             return Err(Miss(u64::MAX));
         }
         let inner = self.inner();
@@ -126,7 +147,7 @@ impl Recent {
 
     fn keep(&self, miss: Miss, insert: impl FnOnce(&mut Inner)) {
         let mut inner = self.inner();
-        if self.enabled && inner.version == miss.0 {
+        if self.enabled() && inner.version == miss.0 {
             insert(&mut inner);
         }
     }
@@ -134,7 +155,7 @@ impl Recent {
     /// On the writer thread, in the batch that writes `touched` (before the write: a write that
     /// fails is read back as it stayed).
     pub fn stage(&self, touched: impl IntoIterator<Item = Touched>) {
-        if self.enabled {
+        if self.enabled() {
             self.inner().staged.extend(touched);
         }
     }
@@ -143,16 +164,12 @@ impl Recent {
     /// transaction: reads back what the batch touched and publishes it; or, when the batch did not
     /// commit or another connection committed (`stale`), forgets everything.
     pub fn after_batch(&self, conn: &Connection, stale: bool) {
-        if !self.enabled {
+        if !self.enabled() {
             return;
         }
         let mut staged = std::mem::take(&mut self.inner().staged);
         if stale {
-            let mut inner = self.inner();
-            inner.version += 1;
-            inner.shoppers.clear();
-            inner.sessions.clear();
-            inner.carts.clear();
+            self.forget();
             return;
         }
         if staged.is_empty() {
