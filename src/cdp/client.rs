@@ -97,6 +97,9 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 pub struct CdpClient {
     http: reqwest::Client,
     host: String,
+    /// `{host}/v1.2/events`, parsed once rather than for every event (`None` if the host does not
+    /// make a URL: then each request fails as it would).
+    events_url: Option<reqwest::Url>,
     client_key: Secret,
     transport: Transport,
     dry_run: bool,
@@ -108,9 +111,11 @@ impl CdpClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_keepalive(Duration::from_secs(60))
             .build()?;
+        let host = settings.host();
         Ok(CdpClient {
             http,
-            host: settings.host(),
+            events_url: reqwest::Url::parse(&format!("{host}/v1.2/events")).ok(),
+            host,
             client_key: settings.client_key.clone(),
             transport: settings.transport,
             dry_run: settings.dry_run,
@@ -156,18 +161,22 @@ impl CdpClient {
     }
 
     /// Sends one event (logs it instead in dry run); gives up after `timeout`.
-    pub async fn send(&self, event: &Value, event_type: &'static str, timeout: Duration) -> Outcome {
+    pub async fn send(&self, event: Value, event_type: &'static str, timeout: Duration) -> Outcome {
         if self.dry_run {
             info!(event = %event, "dry run: CDP event not sent");
             return Outcome::Done;
         }
         let request = match self.transport {
             Transport::Post => {
-                let mut body = event.clone();
+                let mut body = event;
                 if let Value::Object(map) = &mut body {
                     map.insert("client_key".into(), Value::String(self.client_key.expose().to_string()));
                 }
-                self.http.post(format!("{}/v1.2/events", self.host)).json(&body)
+                let request = match &self.events_url {
+                    Some(url) => self.http.post(url.clone()),
+                    None => self.http.post(format!("{}/v1.2/events", self.host)),
+                };
+                request.json(&body)
             }
             Transport::Get => self.http.get(format!("{}/v1.2/event/create.json", self.host)).query(&[
                 ("client_key", self.client_key.expose()),

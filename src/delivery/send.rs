@@ -85,7 +85,7 @@ pub async fn send(
         let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
         let event = &progress.events[progress.sent];
         let name = event.kind.name();
-        let outcome = deps.cdp.send(&event.to_wire(), name, timeout).await;
+        let outcome = deps.cdp.send(event.to_wire(), name, timeout).await;
         metrics::counter!("forwarder_cdp_events_total", "event" => name, "outcome" => outcome_label(&outcome))
             .increment(1);
         match outcome {
