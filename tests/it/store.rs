@@ -126,6 +126,7 @@ contract!(
     an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record,
     a_closed_store_answers_no_more_reads_or_writes,
     a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds,
+    a_record_changed_by_another_process_is_seen_once_the_store_writes_again,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -866,6 +867,34 @@ async fn a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds(ba
         Some("buyer-s0")
     );
     file.close().await;
+    store.close().await;
+}
+
+/// Another process (an operator's command, a migration) changes a shopper's record behind the
+/// service's back: the service's lookups see the change once it has written anything since (every
+/// delivery starts with a claim, a write), not the record it looked up before.
+async fn a_record_changed_by_another_process_is_seen_once_the_store_writes_again(backend: Backend) {
+    let Some(place) = backend.place("changed_behind") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "first").await;
+    let claim = store.claim(1, LONG).await.unwrap().remove(0).claim;
+    let record = |email: &str| ShopperState {
+        email: Some(email.into()),
+        ..ShopperState::default()
+    };
+    let write = Write::Shopper {
+        key: "s1".into(),
+        state: record("before@example.com"),
+    };
+    store.apply(&claim, vec![write], None).await.unwrap();
+    assert_eq!(store.shopper("s1").await.unwrap(), Some(record("before@example.com")));
+    place
+        .execute(r#"UPDATE shoppers SET state = '{"email": "after@example.com"}' WHERE shopper_key = 's1'"#)
+        .await;
+    queued(&store, "s2", "next").await;
+    assert_eq!(store.shopper("s1").await.unwrap(), Some(record("after@example.com")));
     store.close().await;
 }
 

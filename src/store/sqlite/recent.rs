@@ -36,7 +36,8 @@ use crate::store::shared::{self, CartLineRow, FactsRow, ShopperRow};
 use crate::store::StoreError;
 
 /// Entries kept of each kind (shoppers, sessions, carts): enough for the shoppers active at once
-/// in a busy shop, a few MiB at most.
+/// in a busy shop. A count, not bytes: a few MiB with carts of a few lines (the benchmarks' peak RSS
+/// grew by 2-3 MiB), more with very large carts.
 pub const CAPACITY: usize = 2048;
 
 /// A record a write touched.
@@ -91,15 +92,18 @@ impl Recent {
     }
 
     fn forget(&self) {
-        let mut inner = self.inner();
-        inner.version += 1;
-        inner.shoppers.clear();
-        inner.sessions.clear();
-        inner.carts.clear();
+        self.inner().forget();
     }
 
+    /// A panic elsewhere while the lock was held must not stop the writer thread, which takes it
+    /// for every batch: what was kept is forgotten instead.
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("recent records lock")
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            let mut inner = poisoned.into_inner();
+            inner.forget();
+            self.inner.clear_poison();
+            inner
+        })
     }
 
     /// The shopper's record if known; else the [`Miss`] to keep the file's answer with.
@@ -164,10 +168,10 @@ impl Recent {
     /// transaction: reads back what the batch touched and publishes it; or, when the batch did not
     /// commit or another connection committed (`stale`), forgets everything.
     pub fn after_batch(&self, conn: &Connection, stale: bool) {
+        let mut staged = std::mem::take(&mut self.inner().staged);
         if !self.enabled() {
             return;
         }
-        let mut staged = std::mem::take(&mut self.inner().staged);
         if stale {
             self.forget();
             return;
@@ -177,27 +181,39 @@ impl Recent {
         }
         staged.sort_unstable();
         staged.dedup();
-        // Read without the lock; published together.
-        let read: Vec<(Touched, Result<Entry, StoreError>)> = staged
-            .into_iter()
-            .map(|t| {
-                let value = read_back(conn, &t);
-                (t, value)
-            })
-            .collect();
-        let mut inner = self.inner();
-        inner.version += 1;
-        for (touched, value) in read {
-            match (touched, value) {
-                (Touched::Shopper(k), Ok(Entry::Shopper(v))) => bounded_insert(&mut inner.shoppers, k, v),
-                (Touched::Session(c, b), Ok(Entry::Session(v))) => bounded_insert(&mut inner.sessions, (c, b), v),
-                (Touched::Cart(o), Ok(Entry::Cart(v))) => bounded_insert(&mut inner.carts, o, v),
-                // A read that failed (a row the driver cannot read): lookups read the file and fail there.
-                (Touched::Shopper(k), _) => drop(inner.shoppers.remove(&k)),
-                (Touched::Session(c, b), _) => drop(inner.sessions.remove(&(c, b))),
-                (Touched::Cart(o), _) => drop(inner.carts.remove(&o)),
+        // Read without the lock; published together. A read that fails (the file busy past
+        // `busy_timeout`, a row the driver cannot read) forgets everything: lookups read the file.
+        let mut read = Vec::with_capacity(staged.len());
+        for touched in staged {
+            match read_back(conn, &touched) {
+                Ok(entry) => read.push((touched, entry)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite: a record written could not be read back; lookups read the file");
+                    self.forget();
+                    return;
+                }
             }
         }
+        let mut inner = self.inner();
+        inner.version += 1;
+        for (touched, entry) in read {
+            match (touched, entry) {
+                (Touched::Shopper(k), Entry::Shopper(v)) => bounded_insert(&mut inner.shoppers, k, v),
+                (Touched::Session(c, b), Entry::Session(v)) => bounded_insert(&mut inner.sessions, (c, b), v),
+                (Touched::Cart(o), Entry::Cart(v)) => bounded_insert(&mut inner.carts, o, v),
+                _ => unreachable!("read_back answers each kind with its own entry"),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Forgets everything; reads begun before keep nothing.
+    fn forget(&mut self) {
+        self.version += 1;
+        self.shoppers.clear();
+        self.sessions.clear();
+        self.carts.clear();
     }
 }
 

@@ -318,6 +318,8 @@ fn run(
                 .query_row([], |r| r.get(0))?;
             if data_version.replace(now).is_some_and(|before| before != now) {
                 invalidations.fetch_add(1, Ordering::Release);
+                // Told at once, not only after the batch: lookups meanwhile read the file.
+                after_batch(&conn, true);
                 foreign = true;
             }
             for work in batch.drain(..) {
