@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 mod procfs;
 #[path = "workload.rs"]
 mod workload;
-use workload::{webhook, KEY, STEPS};
+use workload::{webhook_mixed, KEY, STEPS};
 
 /// CDP events per shopper: IDENTITY + one ADD per line, then CONFIRM + CHECKOUT.
 const EVENTS_PER_SHOPPER: u64 = 1 + workload::LINES_PER_ORDER as u64 + 2;
@@ -109,7 +109,7 @@ async fn closed_loop(url: &str, run: &str, concurrency: usize, shoppers: u64, du
                     return;
                 }
                 for step in 0..STEPS {
-                    let body = webhook(&run, shopper, step);
+                    let body = webhook_mixed(&run, shopper, step, ordercloud());
                     let t = Instant::now();
                     let ok = send(&client, &url, body).await;
                     rec.record(t.elapsed(), ok);
@@ -137,7 +137,7 @@ async fn open_loop(url: &str, run: &str, rate: u64, duration: Duration) -> Value
         let due = started + interval * i as u32;
         tokio::time::sleep_until(due.into()).await;
         let (client, url, rec) = (client.clone(), url.to_string(), rec.clone());
-        let body = webhook(run, i / STEPS as u64, (i % STEPS as u64) as usize);
+        let body = webhook_mixed(run, i / STEPS as u64, (i % STEPS as u64) as usize, ordercloud());
         tasks.push(tokio::spawn(async move {
             let ok = send(&client, &url, body).await;
             rec.record(due.elapsed(), ok);
@@ -208,6 +208,83 @@ async fn start_sink() -> (Arc<Sink>, String) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (sink, format!("http://{addr}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// OrderCloud stand-in
+// ------------------------------------------------------------------------------------------------
+
+/// The OrderCloud stand-in's base URL, named by every token of the workload (`aud`) and in the
+/// service's `ordercloud.api_urls`.
+static ORDERCLOUD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn ordercloud() -> &'static str {
+    ORDERCLOUD.get().expect("the OrderCloud stand-in is started first")
+}
+
+/// Reads the service made of the stand-in.
+#[derive(Default)]
+struct OrderCloudReads {
+    me: AtomicU64,
+    lines: AtomicU64,
+}
+
+/// OrderCloud as the service reads it, answering at once: `GET v1/me` for a registered shopper's
+/// token (`<BuyerID>-<UserID>` = `buyer-1-user<n>`), and an order's lines (the workload's, found from
+/// the order ID) at each submit.
+async fn start_ordercloud() -> Arc<OrderCloudReads> {
+    use axum::extract::Path;
+    let reads = Arc::new(OrderCloudReads::default());
+    let (r1, r2) = (reads.clone(), reads.clone());
+    let app = Router::new()
+        .route(
+            "/v1/me",
+            get(move |headers: HeaderMap| {
+                let reads = r1.clone();
+                async move {
+                    reads.me.fetch_add(1, Ordering::Relaxed);
+                    let token = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or_default();
+                    let Some(username) = workload::username_in(token).filter(|u| u.ends_with("-login")) else {
+                        return (StatusCode::UNAUTHORIZED, "{}".to_string());
+                    };
+                    let user = username.trim_end_matches("-login").to_string();
+                    let me = json!({"ID": user, "Username": username, "FirstName": "Bench", "LastName": "Shopper",
+                        "Email": format!("{user}@example.com"), "Active": true,
+                        "Buyer": {"ID": workload::BUYER}, "Locale": null, "xp": {}});
+                    (StatusCode::OK, me.to_string())
+                }
+            }),
+        )
+        .route(
+            "/v1/orders/{direction}/{order_id}/lineitems",
+            get(move |Path((_, order_id)): Path<(String, String)>| {
+                let reads = r2.clone();
+                async move {
+                    reads.lines.fetch_add(1, Ordering::Relaxed);
+                    let Some(shopper) = workload::shopper_of_order(&order_id) else {
+                        return (StatusCode::NOT_FOUND, "{}".to_string());
+                    };
+                    let items: Vec<Value> = (0..workload::LINES_PER_ORDER)
+                        .map(|step| workload::line(shopper, step))
+                        .collect();
+                    let n = items.len();
+                    let page = json!({"Meta": {"Page": 1, "PageSize": 100, "TotalCount": n, "TotalPages": 1,
+                        "ItemRange": [1, n]}, "Items": items});
+                    (StatusCode::OK, page.to_string())
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    ORDERCLOUD
+        .set(format!("http://{addr}"))
+        .expect("one OrderCloud stand-in");
+    reads
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -359,7 +436,7 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
     let mut cmd = std::process::Command::new(bin);
     cmd.env("FORWARDER__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY)
-        .env("FORWARDER__ORDERCLOUD__API_URLS", "http://127.0.0.1:1")
+        .env("FORWARDER__ORDERCLOUD__API_URLS", ordercloud())
         .env("FORWARDER__STORE__URL", &store.url)
         .env("FORWARDER__CDP__BASE_URL", cdp)
         .env("FORWARDER__CDP__CLIENT_KEY", "bench-client-key")
@@ -616,6 +693,7 @@ async fn bench(opts: Options) {
     let e2e_webhooks: u64 = if opts.quick { 10_000 } else { 100_000 };
     let shoppers = e2e_webhooks / STEPS as u64;
     let (sink, cdp) = start_sink().await;
+    let ordercloud_reads = start_ordercloud().await;
     let mut report =
         json!({"store": opts.store, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)});
 
@@ -722,6 +800,10 @@ async fn bench(opts: Options) {
         let before = sink.events.load(Ordering::Relaxed);
         let cpu_before = service.usage().cpu_secs;
         let pg_before = procfs::PostgresCpu::now();
+        let reads_before = (
+            ordercloud_reads.me.load(Ordering::Relaxed),
+            ordercloud_reads.lines.load(Ordering::Relaxed),
+        );
         let profiler = Profiler::start(&opts, &service, "e2e");
         let started = Instant::now();
         let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
@@ -742,9 +824,14 @@ async fn bench(opts: Options) {
             usage.anon_hwm_kib / 1024,
         );
         service.terminate();
+        // Counted once the service has stopped: more than `events` would mean the run ended early.
+        let received = sink.events.load(Ordering::Relaxed) - before;
         report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
+            "events_received": received,
             "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
-            "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000});
+            "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000,
+            "ordercloud_reads": {"me": ordercloud_reads.me.load(Ordering::Relaxed) - reads_before.0,
+                "lineitems": ordercloud_reads.lines.load(Ordering::Relaxed) - reads_before.1}});
         if opts.store == "postgres" {
             println!("e2e            PostgreSQL server CPU {pg_per_1000:.3}s/1000 webhooks");
             report["end_to_end"]["postgres_cpu_seconds_per_1000_webhooks"] = json!(pg_per_1000);
