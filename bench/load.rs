@@ -442,6 +442,7 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
         .env("FORWARDER__CDP__CLIENT_KEY", "bench-client-key")
         .env("FORWARDER__CDP__POS", "bench")
         .env("FORWARDER__LOG__LEVEL", "warn")
+        .env("FORWARDER__ADMIN__TOKEN", ADMIN_TOKEN)
         .current_dir(std::env::temp_dir())
         .stderr(std::process::Stdio::null());
     if let Some(schema) = &store.schema {
@@ -453,19 +454,23 @@ fn start_service(store: &StoreChoice, cdp: &str, extra: &[(&str, &str)]) -> Proc
     Proc::new(cmd.spawn().unwrap(), port)
 }
 
-/// Waits until the service's queue is empty (its `forwarder_queue_pending` gauge reads 0).
+/// The bench's token for the service's `/admin` API.
+const ADMIN_TOKEN: &str = "bench-admin-token-0001";
+
+/// Waits until the service's queue is empty, as `/admin/queue` reads it from the store (the
+/// `forwarder_queue_pending` gauge is refreshed only every 5 s).
 async fn wait_drained(port: u16) {
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/metrics");
+    let url = format!("http://127.0.0.1:{port}/admin/queue");
     let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline {
-        if let Ok(r) = client.get(&url).send().await {
-            let text = r.text().await.unwrap_or_default();
-            if text.lines().any(|l| l.trim() == "forwarder_queue_pending 0") {
+        if let Ok(r) = client.get(&url).bearer_auth(ADMIN_TOKEN).send().await {
+            let queue: Value = r.json().await.unwrap_or_default();
+            if queue["stats"]["pending"].as_i64() == Some(0) {
                 return;
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -765,7 +770,18 @@ async fn bench(opts: Options) {
         service.wait_ready("/health/ready").await;
         let url = format!("http://127.0.0.1:{}/webhooks/ordercloud", service.port);
         closed_loop(&url, "warm", 16, 200, Duration::from_secs(1)).await;
-        let (intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
+        let (mut intake_tp, _) = closed_loop(&url, "intake", 64, u64::MAX, Duration::from_secs(secs)).await;
+        // What delivery had not caught up with when intake stopped: the time until the queue is
+        // empty (polled every 20 ms).
+        let stopped = Instant::now();
+        wait_drained(service.port).await;
+        intake_tp["drain_seconds"] = json!(stopped.elapsed().as_secs_f64());
+        if let (Some(intake), Some(ceiling)) = (
+            intake_tp["throughput_per_s"].as_f64(),
+            report["ceiling"]["throughput_per_s"].as_f64(),
+        ) {
+            intake_tp["to_ceiling"] = json!((intake / ceiling * 100.0).round() / 100.0);
+        }
         println!("intake+deliv.  {intake_tp}");
         report["intake_while_delivering"] = intake_tp;
 
