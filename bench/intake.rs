@@ -26,6 +26,7 @@ use tower::ServiceExt as _;
 #[path = "procfs.rs"]
 mod procfs;
 #[path = "workload.rs"]
+#[allow(dead_code)] // each benchmark uses part of the workload
 mod workload;
 use workload::{webhook, KEY, STEPS};
 

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 #[path = "procfs.rs"]
 mod procfs;
 #[path = "workload.rs"]
+#[allow(dead_code)] // each benchmark uses part of the workload
 mod workload;
 use workload::{webhook_mixed, KEY, STEPS};
 

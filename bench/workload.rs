@@ -12,18 +12,14 @@ pub const STEPS: usize = LINES_PER_ORDER + 1;
 
 /// Of every 10 shoppers of [`webhook_mixed`], this many are registered (a token naming the user;
 /// their identity is read once per shopper from OrderCloud's `GET v1/me`), the rest anonymous.
-#[allow(dead_code)]
 pub const REGISTERED_PER_10: u64 = 7;
 /// The buyer organisation of the registered shoppers.
-#[allow(dead_code)]
 pub const BUYER: &str = "buyer-1";
 
-#[allow(dead_code)] // one benchmark's only
 pub fn is_registered(shopper: u64) -> bool {
     shopper % 10 < REGISTERED_PER_10
 }
 
-#[allow(dead_code)] // one benchmark's only
 /// A registered shopper's user ID, and the username their token carries.
 pub fn user_of(shopper: u64) -> (String, String) {
     (format!("user{shopper}"), format!("user{shopper}-login"))
@@ -52,7 +48,6 @@ fn user_token(shopper: u64, aud: &str) -> String {
     )
 }
 
-#[allow(dead_code)] // one benchmark's only
 /// The user a registered shopper's token names (read by the OrderCloud stand-in from `Authorization`).
 pub fn username_in(token: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
@@ -70,7 +65,6 @@ fn order_id(run: &str, shopper: u64) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-#[allow(dead_code)] // one benchmark's only
 /// The shopper whose order this is (see [`order_id`]).
 pub fn shopper_of_order(order_id: &str) -> Option<u64> {
     let bytes = URL_SAFE_NO_PAD.decode(order_id).ok()?;
@@ -79,7 +73,6 @@ pub fn shopper_of_order(order_id: &str) -> Option<u64> {
 
 const DATE: &str = "2026-11-22T10:15:30.1234567+00:00";
 
-#[allow(dead_code)] // one benchmark's only
 /// Line `step` of a shopper's cart, as OrderCloud returns a LineItem (~1.5 KB).
 pub fn line(shopper: u64, step: usize) -> serde_json::Value {
     let product = format!("SKU-{:05}", (shopper as usize * 7 + step) % 5000);
@@ -100,14 +93,12 @@ pub fn line(shopper: u64, step: usize) -> serde_json::Value {
     })
 }
 
-#[allow(dead_code)] // one benchmark's only
 /// Webhook `step` of anonymous shopper `shopper` in run `run` (a line create, or the submit), about
 /// 2 KB; its token names an API host the service does not call.
 pub fn webhook(run: &str, shopper: u64, step: usize) -> Vec<u8> {
     build(run, shopper, step, false, "http://127.0.0.1:9")
 }
 
-#[allow(dead_code)] // one benchmark's only
 /// Like [`webhook`], but [`REGISTERED_PER_10`] shoppers of 10 are registered, and every token names
 /// `ordercloud` (the stand-in), which the service reads: `GET v1/me` once per registered shopper,
 /// the order's lines at each submit.
