@@ -61,12 +61,35 @@ impl Readers {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
         )?;
         conn.busy_timeout(self.busy_timeout)?;
-        conn.execute_batch(&format!("PRAGMA mmap_size = {}", super::MMAP_BYTES))?;
+        conn.execute_batch(&format!(
+            "PRAGMA mmap_size = {}; PRAGMA cache_size = {}",
+            super::MMAP_BYTES,
+            super::cache_size()
+        ))?;
         Ok(conn)
     }
 
     /// Closes every connection; later lookups fail.
     pub fn close(&self) {
         self.idle.lock().expect("readers lock").take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each reader's page cache is [`super::super::CACHE_KIB`], not SQLite's 2 MB default: up to
+    /// [`IDLE`] of them stay open.
+    #[test]
+    fn a_reader_caches_a_bounded_number_of_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        Connection::open(&path).unwrap().execute_batch("PRAGMA journal_mode = WAL").unwrap();
+        let readers = Readers::new(&path, Duration::from_secs(1));
+        let size: i64 = readers
+            .read(|c| Ok(c.query_row("PRAGMA cache_size", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(size, -i64::from(super::super::CACHE_KIB));
     }
 }

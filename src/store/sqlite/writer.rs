@@ -83,8 +83,10 @@ impl Writer {
         // (`secure_delete`): an erased token leaves no readable trace in the file's free space.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA mmap_size = {}; \
-             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864; PRAGMA secure_delete = ON;",
-            super::MMAP_BYTES
+             PRAGMA cache_size = {}; PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864; \
+             PRAGMA secure_delete = ON;",
+            super::MMAP_BYTES,
+            super::cache_size()
         ))?;
         conn.set_prepared_statement_cache_capacity(64);
         let checkpoints = Connection::open(path)?;
@@ -428,6 +430,18 @@ mod tests {
             Ok(()) => u32::from_be_bytes(header[12..16].try_into().unwrap()),
             Err(_) => 0,
         }
+    }
+
+    /// The writer's page cache is [`super::CACHE_KIB`], not SQLite's 2 MB default.
+    #[tokio::test]
+    async fn the_writer_caches_a_bounded_number_of_pages() {
+        let (_dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)");
+        let writer = Writer::open(&path, Duration::from_secs(1), Box::new(|_, _| {})).unwrap();
+        let size: i64 = writer
+            .write(|c| Ok(c.query_row("PRAGMA cache_size", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(size, -i64::from(super::super::CACHE_KIB));
     }
 
     /// Under sustained writes the WAL starts over once past [`WAL_RESTART_BYTES`] instead of
