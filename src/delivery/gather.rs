@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use super::enrich::{profile_of, without_network, Enrichment};
@@ -68,7 +69,8 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     let key = claimed.shopper_key.as_str();
     let enrichment: Enrichment = match &claimed.enrichment {
         Some(v) => {
-            serde_json::from_value(v.clone()).map_err(|e| Failure::Dead(format!("unreadable enrichment: {e}")))?
+            // Read in place: a submit's enrichment holds the order's lines, not cloned to be read.
+            Enrichment::deserialize(v).map_err(|e| Failure::Dead(format!("unreadable enrichment: {e}")))?
         }
         // Intake found nothing to read from OrderCloud for it.
         None => without_network(intent).ok_or_else(|| Failure::Dead("the intent was never enriched".into()))?,
@@ -282,17 +284,20 @@ fn record_cart(
                 .find(|l| l.shopper_key.starts_with("anon-") && l.shopper_key != key)
                 .map(|l| l.shopper_key.clone())
         });
-    let recorded_lines = |record: &[CartLine]| {
-        let values: Vec<Value> = record.iter().map(|l| l.line.clone()).collect();
-        parse_lines(&values, cdp)
+    let recorded_lines = |record: &[CartLine]| -> Vec<Line> {
+        record
+            .iter()
+            .filter_map(|l| planner::lines::Line::from_json(&l.line, cdp))
+            .collect()
     };
     let mut writes = Vec::new();
     let mut touched = Vec::new();
     let now = now_ms();
     let lines = match intent.kind {
         IntentKind::LinesUpserted => {
-            let mut record = recorded.clone();
-            for line in touched_lines(claimed, &recorded) {
+            let bodies = touched_lines(claimed, &recorded);
+            let mut record = recorded;
+            for line in bodies {
                 if let Some(id) = line.get("ID").and_then(Value::as_str) {
                     let updated = CartLine {
                         order_id: order_id.to_string(),
@@ -312,7 +317,7 @@ fn record_cart(
             recorded_lines(&record)
         }
         IntentKind::LineDeleted => {
-            let mut record = recorded.clone();
+            let mut record = recorded;
             if let Some(id) = &intent.line_item_id {
                 writes.push(Write::DeleteCartLine {
                     order_id: order_id.to_string(),

@@ -85,7 +85,10 @@ mod tests {
     fn a_reader_caches_a_bounded_number_of_pages() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
-        Connection::open(&path).unwrap().execute_batch("PRAGMA journal_mode = WAL").unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL")
+            .unwrap();
         let readers = Readers::new(&path, Duration::from_secs(1));
         let size: i64 = readers
             .read(|c| Ok(c.query_row("PRAGMA cache_size", [], |r| r.get(0))?))
