@@ -156,6 +156,7 @@ fn main() {
             store.clone(),
             state.health.clone(),
             state.wake.clone(),
+            state.identities.clone(),
         )
         .unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -109,6 +109,7 @@ impl Application {
             store.clone(),
             state.health.clone(),
             state.wake.clone(),
+            state.identities.clone(),
         )?;
         let workers = delivery::spawn(Arc::new(deps), stop_tx.subscribe());
         let reconciler = if settings.reconciles() {

@@ -136,6 +136,27 @@ pub fn answerable_without_network<B>(intent: &Intent<B>) -> bool {
     intent.anonymous && cheap && intent.anon_order_id.as_deref().is_some_and(|o| !o.is_empty())
 }
 
+/// Whether a registered shopper's intent needs from OrderCloud nothing but the shopper's identity
+/// (read from its kind and route alone, so intake can tell before parsing the bodies): a line
+/// change or a cart deletion on an order's route. With the identity stored already, enrichment
+/// would read it from the store and find nothing else to read: [`with_known_identity`].
+pub fn answerable_with_identity<B>(intent: &Intent<B>) -> bool {
+    !intent.anonymous
+        && matches!(intent.kind, IntentKind::LinesUpserted | IntentKind::CartDeleted)
+        && intent.family == RouteFamily::Orders
+        && intent.order_id.as_deref().is_some_and(|o| !o.is_empty())
+}
+
+/// What [`enrich`] finds for an intent [`answerable_with_identity`] whose shopper's identity is
+/// stored: that identity and the route's order.
+pub fn with_known_identity<B>(intent: &Intent<B>, identity: String) -> Enrichment {
+    Enrichment {
+        identity,
+        order_id: intent.order_id.clone(),
+        ..Enrichment::default()
+    }
+}
+
 /// Runs the reads one intent needs.
 pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, EnrichError> {
     let intent = &job.intent;

@@ -78,7 +78,13 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
                     identities.push((link.registered_shopper_key.clone(), link.registered_identity.clone()));
                 }
                 match serde_json::to_value(&enrichment) {
-                    Ok(value) => store.save_enrichment(claim, &value, &identities).await,
+                    Ok(value) => {
+                        let saved = store.save_enrichment(claim, &value, &identities).await;
+                        if saved.is_ok() {
+                            deps.identities.learn(&identities);
+                        }
+                        saved
+                    }
                     Err(e) => Err(StoreError::from(e)),
                 }
             }

@@ -19,6 +19,7 @@ mod dispatcher;
 pub mod enrich;
 mod enricher;
 mod gather;
+pub mod identities;
 mod lease;
 mod pause;
 mod send;
@@ -51,10 +52,18 @@ pub struct Deps {
     pub wake: Arc<Notify>,
     /// Set while CDP refuses the client key.
     pause: Pause,
+    /// Identities enrichment has stored, told to intake (shared with [`crate::http::AppState`]).
+    pub identities: Arc<identities::KnownIdentities>,
 }
 
 impl Deps {
-    pub fn new(settings: Arc<Settings>, store: DynStore, health: Health, wake: Arc<Notify>) -> anyhow::Result<Deps> {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: DynStore,
+        health: Health,
+        wake: Arc<Notify>,
+        identities: Arc<identities::KnownIdentities>,
+    ) -> anyhow::Result<Deps> {
         let cdp = CdpClient::new(&settings.cdp, settings.delivery.request_timeout())?;
         let ordercloud = OrderCloudClient::new(&settings.ordercloud, health.clone())?;
         let pause = Pause::new(settings.delivery.auth_pause(), health.clone());
@@ -66,6 +75,7 @@ impl Deps {
             health,
             wake,
             pause,
+            identities,
         })
     }
 

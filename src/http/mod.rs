@@ -32,6 +32,8 @@ pub struct AppState {
     pub refusals: Arc<refusals::Refusals>,
     /// Webhooks in flight (`server.max_inflight`).
     pub inflight: Arc<Semaphore>,
+    /// Registered shoppers' identities enrichment has stored (learned by the enricher).
+    pub identities: Arc<crate::delivery::identities::KnownIdentities>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             wake,
             refusals: Arc::default(),
             inflight,
+            identities: Arc::default(),
         }
     }
 }

@@ -411,3 +411,61 @@ async fn a_delete_after_the_token_expired_uses_the_forwarders_record() {
     let order = world.order("REC-1").await;
     assert_eq!(lines(&order), vec![("KEEP".into(), 1.0, 4.0)]);
 }
+
+/// Once enrichment has stored a registered shopper's identity, intake stores that shopper's later
+/// line changes on the order's route enriched already: they skip the enrichment round (a claim and
+/// a rewrite of the intent), and are delivered under the same identity. A line change through the
+/// Cart API still goes through enrichment (OrderCloud names the order).
+#[tokio::test]
+async fn a_known_shoppers_line_changes_skip_the_enrichment_round() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let mut shopper = world.registered("buyer1", "known", WEB_CLIENT);
+    shopper.open_cart("O-KNOWN");
+    shopper.add("L1", "HAT", 1, 10.0).await;
+    world.drained().await;
+    assert_eq!(store.enrichments_saved(), 1, "the first intent is enriched");
+
+    shopper.add("L2", "CAP", 2, 11.0).await;
+    shopper.set_quantity("L1", 3).await;
+    world.drained().await;
+    assert_eq!(
+        store.enrichments_saved(),
+        1,
+        "the later line changes were enriched at intake"
+    );
+    let adds: Vec<(String, String)> = world
+        .cdp
+        .requests()
+        .iter()
+        .filter(|r| r.event_type == "ADD" && r.answered < 300)
+        .map(|r| {
+            (
+                r.shopper.clone().unwrap_or_default(),
+                r.event["product"]["item_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        adds,
+        vec![
+            ("buyer1-known".to_string(), "HAT".to_string()),
+            ("buyer1-known".to_string(), "CAP".to_string()),
+            ("buyer1-known".to_string(), "HAT".to_string()),
+        ]
+    );
+    let me_calls = world.oc.calls().iter().filter(|c| c.starts_with("GET /v1/me")).count();
+    assert_eq!(me_calls, 1, "{:?}", world.oc.calls());
+    let revenue = shopper.submit().await;
+    assert_eq!(world.order("O-KNOWN").await.revenue, revenue);
+
+    // The Cart API names no order: OrderCloud is asked for it, through enrichment.
+    let mut cart = world.login("buyer1", "known", WEB_CLIENT);
+    cart.open_cart("O-KNOWN-2");
+    cart.cart_add("C1", "BOOK", 1, 12.5).await;
+    world.drained().await;
+    assert_eq!(
+        store.enrichments_saved(),
+        3,
+        "the submit and the Cart API change are enriched"
+    );
+}

@@ -42,6 +42,8 @@ pub struct FaultyStore {
     durable: Mutex<Vec<Option<usize>>>,
     /// Calls of `stats` (the queue's counts).
     stats_calls: std::sync::atomic::AtomicUsize,
+    /// Intents whose enrichment was saved (the enrichment round ran for them).
+    enrichments_saved: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyStore {
@@ -54,6 +56,7 @@ impl FaultyStore {
             everyone: Mutex::default(),
             durable: Mutex::default(),
             stats_calls: Default::default(),
+            enrichments_saved: Default::default(),
         })
     }
 
@@ -69,6 +72,11 @@ impl FaultyStore {
     /// How many times the queue's counts were read.
     pub fn stats_calls(&self) -> usize {
         self.stats_calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many enrichments were saved: intents that went through the enrichment round.
+    pub fn enrichments_saved(&self) -> usize {
+        self.enrichments_saved.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Faults for every shopper not named with [`FaultyStore::set`].
@@ -179,7 +187,11 @@ impl Outbox for FaultyStore {
         enrichment: &Value,
         identities: &[(String, String)],
     ) -> Result<(), StoreError> {
-        self.inner.save_enrichment(claim, enrichment, identities).await
+        let saved = self.inner.save_enrichment(claim, enrichment, identities).await;
+        if saved.is_ok() {
+            self.enrichments_saved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        saved
     }
 
     async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
