@@ -147,13 +147,16 @@ async fn handle(
     };
     let kind = route.kind.label();
     let mut item = new_intent(webhook, route, &body);
-    enrich_with_known_identity(app, &mut item);
+    let identity_known = enrich_with_known_identity(app, &mut item);
     span.record("shopper", item.shopper_key.as_str());
     if let Some(reason) = &item.dead_reason {
         warn!(parent: span, reason = reason.as_str(), "webhook stored as a dead letter");
     }
     match app.store.enqueue(item).await {
         Ok(EnqueueOutcome::Queued(_)) => {
+            if identity_known {
+                metrics::counter!("forwarder_identity_lookups_total", "source" => "memory").increment(1);
+            }
             app.wake.notify_waiters();
             (kind, "accepted", proceed())
         }
@@ -192,24 +195,28 @@ fn closing(mut response: Response) -> Response {
     response
 }
 
-/// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
 /// A registered shopper's line change whose identity enrichment has stored already is stored
 /// enriched, as enrichment would find it, and without its token: it skips the enrichment round.
-fn enrich_with_known_identity(app: &AppState, item: &mut NewIntent) {
+/// True when it was.
+fn enrich_with_known_identity(app: &AppState, item: &mut NewIntent) -> bool {
     use crate::delivery::enrich::{answerable_with_identity, with_known_identity};
     if !item.needs_enrichment || item.dead_reason.is_some() || !answerable_with_identity(&item.intent) {
-        return;
+        return false;
     }
     let Some(identity) = app.identities.get(&item.shopper_key) else {
-        return;
+        return false;
     };
-    if let Ok(enrichment) = serde_json::to_value(with_known_identity(&item.intent, identity)) {
-        metrics::counter!("forwarder_identity_lookups_total", "source" => "memory").increment(1);
-        item.enrichment = Some(enrichment);
-        item.needs_enrichment = false;
+    match serde_json::to_value(with_known_identity(&item.intent, identity)) {
+        Ok(enrichment) => {
+            item.enrichment = Some(enrichment);
+            item.needs_enrichment = false;
+            true
+        }
+        Err(_) => false,
     }
 }
 
+/// Builds the stored intent. Tokens are moved into [`IntentSecrets`], never into the intent.
 /// Takes the webhook by value: its parts move into the intent instead of being copied.
 fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent {
     let direction = webhook.route_param("direction");
