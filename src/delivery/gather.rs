@@ -284,12 +284,8 @@ fn record_cart(
                 .find(|l| l.shopper_key.starts_with("anon-") && l.shopper_key != key)
                 .map(|l| l.shopper_key.clone())
         });
-    let recorded_lines = |record: &[CartLine]| -> Vec<Line> {
-        record
-            .iter()
-            .filter_map(|l| planner::lines::Line::from_json(&l.line, cdp))
-            .collect()
-    };
+    // Parsed where they are, not copied first.
+    let recorded_lines = |record: &[CartLine]| parse_lines(record.iter().map(|l| &l.line), cdp);
     let mut writes = Vec::new();
     let mut touched = Vec::new();
     let now = now_ms();

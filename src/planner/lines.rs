@@ -91,8 +91,8 @@ impl Line {
 }
 
 /// Reads every usable line.
-pub fn parse_lines(values: &[Value], cdp: &CdpSettings) -> Vec<Line> {
-    values.iter().filter_map(|v| Line::from_json(v, cdp)).collect()
+pub fn parse_lines<'a>(values: impl IntoIterator<Item = &'a Value>, cdp: &CdpSettings) -> Vec<Line> {
+    values.into_iter().filter_map(|v| Line::from_json(v, cdp)).collect()
 }
 
 /// Lines grouped by item_id, in order of first appearance.
