@@ -276,3 +276,34 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     let ready = world.app.get("/health/ready").await;
     assert_eq!(ready.status(), 200);
 }
+
+/// Delivery's two functions (a claim per batch, an apply per event) keep the plan made once for any
+/// values instead of planning their statements again at every call (migration 0007): planning had
+/// been a quarter of the server's CPU while a backlog drained (BENCHMARKS.md, session 13).
+#[tokio::test]
+async fn delivery_functions_plan_their_statements_once() {
+    let Some(url) = postgres_url("delivery_functions_plan_their_statements_once") else {
+        return;
+    };
+    let oc = OrderCloudFake::start().await;
+    let cdp = CdpFake::start(CLIENT_KEY, POS, Duration::from_secs(1200)).await;
+    let schema = fresh_schema();
+    let _app = spawn_app_in(tempfile::tempdir().unwrap(), replica(&url, &schema, &oc, &cdp)).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.proname::text, COALESCE(p.proconfig, '{}') FROM pg_proc p \
+         JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname IN ('forwarder_claim', 'forwarder_apply') ORDER BY p.proname",
+    )
+    .bind(&schema)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(settings.len(), 2, "{settings:?}");
+    for (function, config) in &settings {
+        assert!(
+            config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"),
+            "{function} plans its statements at every call: {config:?}"
+        );
+    }
+}
