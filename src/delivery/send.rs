@@ -21,7 +21,7 @@ use crate::cdp::{Event, EventKind, Outcome, SessionRef};
 use crate::domain::intent::IntentKind;
 use crate::domain::now_ms;
 use crate::planner;
-use crate::store::{ClaimedIntent, OrderCheck, Write};
+use crate::store::{ClaimedIntent, OrderCheck, StoreError, Write};
 
 /// Below this much lease left, no request is started.
 pub const MIN_WINDOW: Duration = Duration::from_secs(1);
@@ -102,10 +102,7 @@ pub async fn send(
                 writes.push(Write::Sent(progress.sent));
                 writes.push(Write::Session(facts));
                 let acked = &progress.events[progress.sent - 1];
-                if matches!(
-                    acked.kind,
-                    EventKind::Confirm { .. } | EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
-                ) {
+                if is_an_order(acked) {
                     // Lost to a crash of the machine or the database, it would be sent again.
                     writes.push(Write::Durable);
                 }
@@ -114,9 +111,13 @@ pub async fn send(
                 }
                 // The last event's progress is recorded with the ack, in the same write.
                 if progress.sent < progress.events.len() {
-                    deps.store
+                    if let Err(error) = deps
+                        .store
                         .apply(&claimed.claim, std::mem::take(&mut writes), None)
-                        .await?;
+                        .await
+                    {
+                        return Err(unrecorded(deps, claimed, &progress, error));
+                    }
                 }
             }
             Outcome::BrowserUnknown if Some(&progress.events[progress.sent].session) == gathered.primary().as_ref() => {
@@ -164,6 +165,40 @@ pub async fn send(
 
 /// After CDP acknowledged an order's CHECKOUT (or ORDER_CHECKOUT): the landing check that asks CDP
 /// for the order later (when `cdp.api_token` is set), recorded with the event's progress.
+/// A CONFIRM or a CHECKOUT: sent twice, it could make a second order.
+fn is_an_order(event: &Event) -> bool {
+    matches!(
+        event.kind,
+        EventKind::Confirm { .. } | EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
+    )
+}
+
+/// The write of progress made before the last event failed (a connection the database dropped,
+/// say): the failure carries that progress — the plan, the count CDP acknowledged, and for an order
+/// its wait for the disk and landing check — so that settling records it with the retry, and the
+/// next attempt goes on with the next event instead of sending an acknowledged CONFIRM again. Built
+/// again from the plan here, so that the writes of every event need no copy.
+fn unrecorded(deps: &Deps, claimed: &ClaimedIntent, progress: &Progress, error: StoreError) -> Failure {
+    if matches!(error, StoreError::StaleClaim(_)) {
+        return error.into();
+    }
+    let Ok(plan) = serde_json::to_value(&progress.events) else {
+        return error.into();
+    };
+    let mut writes = vec![Write::Plan(Some(plan)), Write::Sent(progress.sent)];
+    let acked = &progress.events[progress.sent - 1];
+    if is_an_order(acked) {
+        writes.push(Write::Durable);
+    }
+    if let Some(check) = landing_check(deps, claimed, acked) {
+        writes.push(Write::CheckOrder(check));
+    }
+    Failure::Unrecorded {
+        error,
+        progress: writes,
+    }
+}
+
 fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<OrderCheck> {
     if !deps.settings.verifies_orders() {
         return None;

@@ -29,6 +29,11 @@ pub enum Failure {
     /// renewed in time. Nothing more is sent.
     LeaseLost(String),
     Store(StoreError),
+    /// The progress of events CDP acknowledged could not be written: recorded with the retry.
+    Unrecorded {
+        error: StoreError,
+        progress: Vec<Write>,
+    },
     /// The delivery task panicked.
     Panicked(String),
 }
@@ -129,6 +134,11 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
             let (label, settle) = retry(format!("store error: {e}"), None);
             let label = if label == "retry" { "store_error" } else { label };
             (label, Vec::new(), settle)
+        }
+        Err(Failure::Unrecorded { error, progress }) => {
+            let (label, settle) = retry(format!("store error: {error}"), None);
+            let label = if label == "retry" { "store_error" } else { label };
+            (label, progress, settle)
         }
         Err(Failure::Panicked(message)) => {
             let (label, settle) = retry(format!("delivery panicked: {message}"), None);

@@ -216,6 +216,38 @@ async fn the_progress_of_a_confirm_and_a_checkout_is_committed_to_disk() {
     );
 }
 
+/// The CONFIRM's progress cannot be written once (a connection the database dropped, between the
+/// CONFIRM that CDP acknowledged and the CHECKOUT): the progress is kept with the retry, so the next
+/// attempt goes on with the CHECKOUT — CDP gets each event once and one order.
+#[tokio::test]
+async fn a_progress_write_that_fails_once_mid_order_sends_nothing_twice() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let mut shopper = world.anonymous("O-MID", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-MID",
+        Faults {
+            progress_fails_once: true,
+            ..Faults::default()
+        },
+    );
+    shopper.submit().await;
+    world.order("O-MID").await;
+    world.drained().await;
+    let sent = |kind: &str| {
+        world
+            .cdp
+            .requests()
+            .into_iter()
+            .filter(|r| r.event_type == kind)
+            .count()
+    };
+    assert_eq!(sent("CONFIRM"), 1, "the CONFIRM was sent again");
+    assert_eq!(sent("CHECKOUT"), 1);
+    assert_eq!(world.cdp.orders().len(), 1);
+}
+
 /// An ack the store refuses every time (a record only the ack carries): the intent is not tried
 /// forever, resending nothing — it ages out to a dead letter, and CDP got each event once.
 #[tokio::test]

@@ -27,6 +27,9 @@ pub struct Faults {
     pub ack_fails: bool,
     /// Reading the shopper's record panics (a bug in delivery, as the dispatcher sees it).
     pub read_panics: bool,
+    /// The first write of progress made before the intent's last event (a CONFIRM's, before its
+    /// CHECKOUT) fails once, as on a connection the database dropped; later writes go through.
+    pub progress_fails_once: bool,
 }
 
 pub struct FaultyStore {
@@ -106,6 +109,20 @@ impl FaultyStore {
         ids
     }
 
+    fn clear_progress_fault(&self, intent_id: i64) {
+        let shopper = self.shoppers.lock().unwrap().get(&intent_id).cloned();
+        match shopper.and_then(|s| {
+            self.faults
+                .lock()
+                .unwrap()
+                .get_mut(&s)
+                .map(|f| f.progress_fails_once = false)
+        }) {
+            Some(()) => {}
+            None => self.everyone.lock().unwrap().progress_fails_once = false,
+        }
+    }
+
     fn faults_of(&self, intent_id: i64) -> Faults {
         let shopper = self.shoppers.lock().unwrap().get(&intent_id).cloned();
         shopper
@@ -159,6 +176,10 @@ impl Outbox for FaultyStore {
             return Err(StoreError::Unavailable(
                 "injected: the database refuses this record".into(),
             ));
+        }
+        if faults.progress_fails_once && settle.is_none() && writes.iter().any(|w| matches!(w, Write::Sent(_))) {
+            self.clear_progress_fault(claim.intent_id);
+            return Err(StoreError::Unavailable("injected: the connection dropped".into()));
         }
         if writes.contains(&Write::Durable) {
             let sent = writes.iter().find_map(|w| match w {
