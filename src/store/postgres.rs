@@ -221,76 +221,41 @@ impl PostgresStore {
 async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueOutcome>, StoreError> {
     let now = now_ms();
     let first = first_occurrences(items);
-    let mut tx = pool.begin().await?;
-
-    // A shopper's intents must get ids in commit order across replicas (the queue is ordered by id):
-    // intake transactions touching the same shopper take turns. Sorted, so they cannot deadlock.
-    let mut shoppers: Vec<&str> = items.iter().map(|i| i.shopper_key.as_str()).collect();
-    shoppers.sort_unstable();
-    shoppers.dedup();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '/' || k, 7305)) \
-         FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) s",
-    )
-    .bind(&shoppers)
-    .execute(&mut *tx)
-    .await?;
-
-    let keys: Vec<&str> = items
-        .iter()
-        .zip(&first)
-        .filter(|(_, first)| **first)
-        .map(|(i, _)| i.dedupe_key.as_str())
-        .collect();
-    let fresh: std::collections::HashSet<String> = sqlx::query(
-        "INSERT INTO seen_webhooks (dedupe_key, seen_at) SELECT k, $2 FROM unnest($1::text[]) AS k \
-         ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key",
-    )
-    .bind(&keys)
-    .bind(now)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| r.get(0))
-    .collect();
-
     let new: Vec<&NewIntent> = items
         .iter()
         .zip(&first)
-        .filter(|(i, first)| **first && fresh.contains(&i.dedupe_key))
+        .filter(|(_, first)| **first)
         .map(|(i, _)| i)
         .collect();
-    let mut ids: HashMap<String, i64> = HashMap::new();
-    if !new.is_empty() {
-        let mut cols: [Vec<Option<String>>; 8] = Default::default();
-        let mut enriched = Vec::with_capacity(new.len());
-        for item in &new {
-            let dead = item.dead_reason.is_some();
-            let secrets = if dead || !item.needs_enrichment {
-                None
-            } else {
-                Some(serde_json::to_string(&item.secrets)?)
-            };
-            cols[0].push(Some(item.dedupe_key.clone()));
-            cols[1].push(Some(item.shopper_key.clone()));
-            cols[2].push(Some(item.intent.kind.label().to_string()));
-            cols[3].push(Some(serde_json::to_string(&item.intent)?));
-            cols[4].push(secrets);
-            cols[5].push(Some(if dead { "dead" } else { "pending" }.to_string()));
-            cols[6].push(item.dead_reason.clone());
-            cols[7].push(item.enrichment.as_ref().map(Value::to_string));
-            enriched.push(!item.needs_enrichment || item.enrichment.is_some());
-        }
-        let [dedupe, shopper, kind, intent, secrets, state, error, enrichment] = cols;
-        let rows = sqlx::query(
-            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, secrets, enriched, state, next_attempt_at, \
-             last_error, created_at, updated_at, dead_at, enrichment) \
-             SELECT d, s, k, i, sec, e, st, $9, le, $9, $9, CASE WHEN st = 'dead' THEN $9 END, en \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[], $8::text[], \
-                         $10::text[]) \
-             WITH ORDINALITY AS t(d, s, k, i, sec, e, st, le, en, ord) ORDER BY ord \
-             RETURNING id, dedupe_key",
-        )
+    let mut shoppers: Vec<&str> = new.iter().map(|i| i.shopper_key.as_str()).collect();
+    shoppers.sort_unstable();
+    shoppers.dedup();
+    let mut cols: [Vec<Option<String>>; 8] = Default::default();
+    let mut enriched = Vec::with_capacity(new.len());
+    for item in &new {
+        let dead = item.dead_reason.is_some();
+        let secrets = if dead || !item.needs_enrichment {
+            None
+        } else {
+            Some(serde_json::to_string(&item.secrets)?)
+        };
+        cols[0].push(Some(item.dedupe_key.clone()));
+        cols[1].push(Some(item.shopper_key.clone()));
+        cols[2].push(Some(item.intent.kind.label().to_string()));
+        cols[3].push(Some(serde_json::to_string(&item.intent)?));
+        cols[4].push(secrets);
+        cols[5].push(Some(if dead { "dead" } else { "pending" }.to_string()));
+        cols[6].push(item.dead_reason.clone());
+        cols[7].push(item.enrichment.as_ref().map(Value::to_string));
+        enriched.push(!item.needs_enrichment || item.enrichment.is_some());
+    }
+    let [dedupe, shopper, kind, intent, secrets, state, error, enrichment] = cols;
+    // One call (`forwarder_enqueue`, migration 0008), outside any transaction: the shoppers' locks,
+    // the dedupe keys and the intents commit together, and the commit (which waits for the disk)
+    // is done before the answer is read.
+    let rows = sqlx::query("SELECT o_key, o_id FROM forwarder_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+        .bind(now)
+        .bind(&shoppers)
         .bind(dedupe)
         .bind(shopper)
         .bind(kind)
@@ -299,13 +264,10 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .bind(enriched)
         .bind(state)
         .bind(error)
-        .bind(now)
         .bind(enrichment)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
-        ids = rows.into_iter().map(|r| (r.get("dedupe_key"), r.get("id"))).collect();
-    }
-    tx.commit().await?;
+    let ids: HashMap<String, i64> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(items
         .iter()
         .zip(&first)

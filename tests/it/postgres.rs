@@ -277,12 +277,14 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     assert_eq!(ready.status(), 200);
 }
 
-/// Delivery's two functions (a claim per batch, an apply per event) keep the plan made once for any
-/// values instead of planning their statements again at every call (migration 0007): planning had
-/// been a quarter of the server's CPU while a backlog drained (BENCHMARKS.md, session 13).
+/// The statements of every webhook and every delivered event — intake's batch, delivery's claim
+/// and apply, each one function — keep the plan made once for any values instead of planning again
+/// at every call (migrations 0007 and 0008): planning had been a quarter of the server's CPU while a
+/// backlog drained (BENCHMARKS.md, session 13). And the intent's text is compressed with lz4 where
+/// the server has it.
 #[tokio::test]
-async fn delivery_functions_plan_their_statements_once() {
-    let Some(url) = postgres_url("delivery_functions_plan_their_statements_once") else {
+async fn the_hot_statements_are_planned_once_and_intents_compressed_with_lz4() {
+    let Some(url) = postgres_url("the_hot_statements_are_planned_once") else {
         return;
     };
     let oc = OrderCloudFake::start().await;
@@ -293,17 +295,36 @@ async fn delivery_functions_plan_their_statements_once() {
     let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
         "SELECT p.proname::text, COALESCE(p.proconfig, '{}') FROM pg_proc p \
          JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE n.nspname = $1 AND p.proname IN ('forwarder_claim', 'forwarder_apply') ORDER BY p.proname",
+         WHERE n.nspname = $1 AND p.proname IN ('forwarder_claim', 'forwarder_apply', 'forwarder_enqueue') \
+         ORDER BY p.proname",
     )
     .bind(&schema)
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(settings.len(), 2, "{settings:?}");
+    assert_eq!(settings.len(), 3, "{settings:?}");
     for (function, config) in &settings {
         assert!(
             config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"),
             "{function} plans its statements at every call: {config:?}"
         );
+    }
+    let lz4: bool = sqlx::query_scalar(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    if lz4 {
+        let compression: String = sqlx::query_scalar(
+            "SELECT a.attcompression::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = 'intents' AND a.attname = 'intent'",
+        )
+        .bind(&schema)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(compression, "l", "intents.intent is compressed with lz4");
     }
 }
