@@ -250,7 +250,7 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         enriched.push(!item.needs_enrichment || item.enrichment.is_some());
     }
     let [dedupe, shopper, kind, intent, secrets, state, error, enrichment] = cols;
-    // One call (`forwarder_enqueue`, migration 0008), outside any transaction: the shoppers' locks,
+    // One call (`forwarder_enqueue`, migration 0007), outside any transaction: the shoppers' locks,
     // the dedupe keys and the intents commit together, and the commit (which waits for the disk)
     // is done before the answer is read.
     let rows = sqlx::query("SELECT o_key, o_id FROM forwarder_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")

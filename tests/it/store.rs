@@ -127,6 +127,7 @@ contract!(
     a_closed_store_answers_no_more_reads_or_writes,
     a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds,
     a_record_changed_by_another_process_is_seen_once_the_store_writes_again,
+    writes_made_together_land_or_fail_each_alone,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -1269,4 +1270,69 @@ async fn postgres_replicas_started_together_on_an_empty_database_all_start() {
             store.close().await;
         }
     }
+}
+
+/// Delivery workers' writes made at the same moment (PostgreSQL batches them into one call,
+/// SQLite's writer into one transaction): each lands or fails alone — one made under a claim no
+/// longer held is refused, and the others land with their records and acks.
+async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
+    let Some(place) = backend.place("writes_together") else {
+        return;
+    };
+    let store = place.service().await;
+    for i in 0..8 {
+        queued(&store, &format!("s{i}"), &format!("together-{i}")).await;
+    }
+    let claimed = store.claim(8, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 8);
+    let stale = Claim {
+        intent_id: claimed[0].claim.intent_id,
+        claim_id: "not-ours".into(),
+    };
+    let mut applies = tokio::task::JoinSet::new();
+    for (i, c) in claimed.iter().enumerate() {
+        let (store, claim) = (store.clone(), c.claim.clone());
+        applies.spawn(async move {
+            let record = Write::Shopper {
+                key: format!("record-{i}"),
+                state: ShopperState::default(),
+            };
+            (
+                true,
+                store
+                    .apply(&claim, vec![Write::Sent(1), record], Some(Settle::Ack))
+                    .await,
+            )
+        });
+    }
+    {
+        let store = store.clone();
+        applies.spawn(async move {
+            let record = Write::Shopper {
+                key: "record-stale".into(),
+                state: ShopperState::default(),
+            };
+            (false, store.apply(&stale, vec![Write::Sent(1), record], None).await)
+        });
+    }
+    let mut landed = 0;
+    while let Some(joined) = applies.join_next().await {
+        match joined.unwrap() {
+            (true, result) => {
+                result.unwrap();
+                landed += 1;
+            }
+            (false, result) => assert!(matches!(result, Err(StoreError::StaleClaim(_))), "{result:?}"),
+        }
+    }
+    assert_eq!(landed, 8);
+    for i in 0..8 {
+        assert!(
+            store.shopper(&format!("record-{i}")).await.unwrap().is_some(),
+            "record-{i}"
+        );
+    }
+    assert_eq!(store.shopper("record-stale").await.unwrap(), None);
+    assert!(store.pending(10).await.unwrap().is_empty());
+    store.close().await;
 }
