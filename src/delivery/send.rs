@@ -163,8 +163,6 @@ pub async fn send(
     Ok(writes)
 }
 
-/// After CDP acknowledged an order's CHECKOUT (or ORDER_CHECKOUT): the landing check that asks CDP
-/// for the order later (when `cdp.api_token` is set), recorded with the event's progress.
 /// A CONFIRM or a CHECKOUT: sent twice, it could make a second order.
 fn is_an_order(event: &Event) -> bool {
     matches!(
@@ -199,6 +197,8 @@ fn unrecorded(deps: &Deps, claimed: &ClaimedIntent, progress: &Progress, error: 
     }
 }
 
+/// After CDP acknowledged an order's CHECKOUT (or ORDER_CHECKOUT): the landing check that asks CDP
+/// for the order later (when `cdp.api_token` is set), recorded with the event's progress.
 fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<OrderCheck> {
     if !deps.settings.verifies_orders() {
         return None;
