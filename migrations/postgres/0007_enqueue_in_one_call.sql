@@ -5,7 +5,7 @@
 -- — a 200 still stands for a commit on disk.
 --
 -- Items are the batch's first occurrence of each dedupe key, in arrival order; p_lock_shoppers their
--- shoppers, sorted and without repeats. A shopper's intents must get ids in commit order across
+-- shoppers. A shopper's intents must get ids in commit order across
 -- replicas (the queue is ordered by id): intake transactions touching the same shopper take turns,
 -- in sorted order, so they cannot deadlock. Keys already seen insert nothing. Returns the id of each
 -- intent inserted, with its dedupe key.
@@ -21,8 +21,10 @@ CREATE FUNCTION forwarder_enqueue(
 SET plan_cache_mode = force_generic_plan SET jit = off
 AS $$
 BEGIN
+    -- Sorted here, by the database's collation, as earlier versions' intake sorted them: replicas of
+    -- both versions take a batch's locks in the same order during a rolling upgrade.
     PERFORM pg_advisory_xact_lock(hashtextextended(current_schema() || '/' || k, 7305))
-    FROM unnest(p_lock_shoppers) WITH ORDINALITY AS s(k, n) ORDER BY n;
+    FROM (SELECT DISTINCT k FROM unnest(p_lock_shoppers) AS k ORDER BY k) s;
     RETURN QUERY
     WITH fresh AS (
         INSERT INTO seen_webhooks AS w (dedupe_key, seen_at) SELECT k, p_now FROM unnest(p_keys) AS k
@@ -44,10 +46,10 @@ $$;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
-        ALTER TABLE intents ALTER COLUMN intent SET COMPRESSION lz4;
-        ALTER TABLE intents ALTER COLUMN enrichment SET COMPRESSION lz4;
-        ALTER TABLE intents ALTER COLUMN secrets SET COMPRESSION lz4;
-        ALTER TABLE intent_progress ALTER COLUMN plan SET COMPRESSION lz4;
+        -- Run as text: a server older than PostgreSQL 14 has no SET COMPRESSION to parse.
+        EXECUTE 'ALTER TABLE intents ALTER COLUMN intent SET COMPRESSION lz4, '
+             || 'ALTER COLUMN enrichment SET COMPRESSION lz4, ALTER COLUMN secrets SET COMPRESSION lz4';
+        EXECUTE 'ALTER TABLE intent_progress ALTER COLUMN plan SET COMPRESSION lz4';
     END IF;
 END
 $$;

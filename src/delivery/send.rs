@@ -116,7 +116,7 @@ pub async fn send(
                         .apply(&claimed.claim, std::mem::take(&mut writes), None)
                         .await
                     {
-                        return Err(unrecorded(deps, claimed, &progress, error));
+                        return Err(unrecorded(deps, claimed, gathered, &progress, error));
                     }
                 }
             }
@@ -172,11 +172,19 @@ fn is_an_order(event: &Event) -> bool {
 }
 
 /// The write of progress made before the last event failed (a connection the database dropped,
-/// say): the failure carries that progress — the plan, the count CDP acknowledged, and for an order
-/// its wait for the disk and landing check — so that settling records it with the retry, and the
-/// next attempt goes on with the next event instead of sending an acknowledged CONFIRM again. Built
-/// again from the plan here, so that the writes of every event need no copy.
-fn unrecorded(deps: &Deps, claimed: &ClaimedIntent, progress: &Progress, error: StoreError) -> Failure {
+/// say): the failure carries that progress — the plan, the count CDP acknowledged, the facts of the
+/// acknowledged event's session (the next attempt goes on only while that session is open), and for
+/// an order its wait for the disk and landing check — so that settling records it with the retry,
+/// and the next attempt goes on with the next event instead of sending an acknowledged CONFIRM
+/// again. Built again from the plan and the gathered sessions here, so that the writes of every
+/// event need no copy.
+fn unrecorded(
+    deps: &Deps,
+    claimed: &ClaimedIntent,
+    gathered: &Gathered,
+    progress: &Progress,
+    error: StoreError,
+) -> Failure {
     if matches!(error, StoreError::StaleClaim(_)) {
         return error.into();
     }
@@ -185,6 +193,9 @@ fn unrecorded(deps: &Deps, claimed: &ClaimedIntent, progress: &Progress, error: 
     };
     let mut writes = vec![Write::Plan(Some(plan)), Write::Sent(progress.sent)];
     let acked = &progress.events[progress.sent - 1];
+    if let Some(facts) = gathered.sessions.get(&acked.session) {
+        writes.push(Write::Session(facts.clone()));
+    }
     if is_an_order(acked) {
         writes.push(Write::Durable);
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ordercloud_cdp_forwarder::store::Write;
 use serde_json::{json, Value};
 
 use crate::fakes::cdp::Answer;
@@ -243,6 +244,15 @@ async fn a_progress_write_that_fails_once_mid_order_sends_nothing_twice() {
             .filter(|r| r.event_type == kind)
             .count()
     };
+    assert_eq!(store.progress_faults(), 1, "the CONFIRM's progress write failed once");
+    // The retry's settlement carried the CONFIRM's progress and its session's facts.
+    let retried = store
+        .settled_writes()
+        .into_iter()
+        .find(|w| w.contains(&Write::Durable))
+        .expect("a settlement carried the order's progress");
+    assert!(retried.iter().any(|w| matches!(w, Write::Sent(_))), "{retried:?}");
+    assert!(retried.iter().any(|w| matches!(w, Write::Session(_))), "{retried:?}");
     assert_eq!(sent("CONFIRM"), 1, "the CONFIRM was sent again");
     assert_eq!(sent("CHECKOUT"), 1);
     assert_eq!(world.cdp.orders().len(), 1);

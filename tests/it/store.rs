@@ -1272,9 +1272,9 @@ async fn postgres_replicas_started_together_on_an_empty_database_all_start() {
     }
 }
 
-/// Delivery workers' writes made at the same moment (PostgreSQL batches them into one call,
-/// SQLite's writer into one transaction): each lands or fails alone — one made under a claim no
-/// longer held is refused, and the others land with their records and acks.
+/// Delivery workers' writes made at the same moment (SQLite's writer takes them in one transaction;
+/// PostgreSQL makes one call each): each lands or fails alone — one made under a claim no longer
+/// held, sent among the others, is refused, and the others land with their records and acks.
 async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
     let Some(place) = backend.place("writes_together") else {
         return;
@@ -1291,6 +1291,16 @@ async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
     };
     let mut applies = tokio::task::JoinSet::new();
     for (i, c) in claimed.iter().enumerate() {
+        if i == 4 {
+            let (store, stale) = (store.clone(), stale.clone());
+            applies.spawn(async move {
+                let record = Write::Shopper {
+                    key: "record-stale".into(),
+                    state: ShopperState::default(),
+                };
+                (false, store.apply(&stale, vec![Write::Sent(1), record], None).await)
+            });
+        }
         let (store, claim) = (store.clone(), c.claim.clone());
         applies.spawn(async move {
             let record = Write::Shopper {
@@ -1303,16 +1313,6 @@ async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
                     .apply(&claim, vec![Write::Sent(1), record], Some(Settle::Ack))
                     .await,
             )
-        });
-    }
-    {
-        let store = store.clone();
-        applies.spawn(async move {
-            let record = Write::Shopper {
-                key: "record-stale".into(),
-                state: ShopperState::default(),
-            };
-            (false, store.apply(&stale, vec![Write::Sent(1), record], None).await)
         });
     }
     let mut landed = 0;

@@ -27,8 +27,9 @@ pub struct Faults {
     pub ack_fails: bool,
     /// Reading the shopper's record panics (a bug in delivery, as the dispatcher sees it).
     pub read_panics: bool,
-    /// The first write of progress made before the intent's last event (a CONFIRM's, before its
-    /// CHECKOUT) fails once, as on a connection the database dropped; later writes go through.
+    /// The first write of an order's progress made before the intent's last event (a CONFIRM's,
+    /// before its CHECKOUT) fails once, as on a connection the database dropped; later writes go
+    /// through. [`FaultyStore::progress_faults`] counts the failures.
     pub progress_fails_once: bool,
 }
 
@@ -47,6 +48,10 @@ pub struct FaultyStore {
     stats_calls: std::sync::atomic::AtomicUsize,
     /// Intents whose enrichment was saved (the enrichment round ran for them).
     enrichments_saved: std::sync::atomic::AtomicUsize,
+    /// Writes failed by `progress_fails_once`.
+    progress_faults: std::sync::atomic::AtomicUsize,
+    /// Every apply that carried a settlement: its writes.
+    settled_writes: Mutex<Vec<Vec<Write>>>,
 }
 
 impl FaultyStore {
@@ -60,6 +65,8 @@ impl FaultyStore {
             durable: Mutex::default(),
             stats_calls: Default::default(),
             enrichments_saved: Default::default(),
+            progress_faults: Default::default(),
+            settled_writes: Mutex::default(),
         })
     }
 
@@ -75,6 +82,16 @@ impl FaultyStore {
     /// How many times the queue's counts were read.
     pub fn stats_calls(&self) -> usize {
         self.stats_calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many writes `progress_fails_once` failed.
+    pub fn progress_faults(&self) -> usize {
+        self.progress_faults.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The writes of every apply that carried a settlement, in order.
+    pub fn settled_writes(&self) -> Vec<Vec<Write>> {
+        self.settled_writes.lock().unwrap().clone()
     }
 
     /// How many enrichments were saved: intents that went through the enrichment round.
@@ -177,8 +194,9 @@ impl Outbox for FaultyStore {
                 "injected: the database refuses this record".into(),
             ));
         }
-        if faults.progress_fails_once && settle.is_none() && writes.iter().any(|w| matches!(w, Write::Sent(_))) {
+        if faults.progress_fails_once && settle.is_none() && writes.contains(&Write::Durable) {
             self.clear_progress_fault(claim.intent_id);
+            self.progress_faults.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected: the connection dropped".into()));
         }
         if writes.contains(&Write::Durable) {
@@ -187,6 +205,9 @@ impl Outbox for FaultyStore {
                 _ => None,
             });
             self.durable.lock().unwrap().push(sent);
+        }
+        if settle.is_some() {
+            self.settled_writes.lock().unwrap().push(writes.clone());
         }
         if faults.ack_fails && settle == Some(Settle::Ack) {
             return Err(StoreError::Unavailable("injected: the database refuses the ack".into()));
