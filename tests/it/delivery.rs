@@ -468,4 +468,24 @@ async fn a_known_shoppers_line_changes_skip_the_enrichment_round() {
         3,
         "the submit and the Cart API change are enriched"
     );
+
+    // A known shopper's whole order deleted is enriched at intake too, and clears the cart in CDP.
+    let mut again = world.registered("buyer1", "known", WEB_CLIENT);
+    again.open_cart("O-KNOWN-3");
+    again.add("L1", "SCARF", 1, 9.0).await;
+    again.delete_cart().await;
+    world.drained().await;
+    assert_eq!(
+        store.enrichments_saved(),
+        3,
+        "the line and the deletion were enriched at intake"
+    );
+    let clears: Vec<String> = world
+        .cdp
+        .requests()
+        .iter()
+        .filter(|r| r.event_type == "CLEAR_CART" && r.answered < 300)
+        .map(|r| r.shopper.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(clears, ["buyer1-known"], "{clears:?}");
 }

@@ -264,6 +264,20 @@ impl<'w> Shopper<'w> {
         self.world.app.deliver(&w).await;
     }
 
+    /// `DELETE v1/orders/{direction}/{orderID}`: the whole unsubmitted order (no bodies).
+    pub async fn delete_cart(&mut self) {
+        self.lines.clear();
+        self.sync();
+        let w = self.classic(
+            "DELETE",
+            "v1/orders/{direction}/{orderID}",
+            None,
+            Value::Null,
+            Value::Null,
+        );
+        self.world.app.deliver(&w).await;
+    }
+
     /// `POST v1/orders/Outgoing/{orderID}/submit`; returns the order's expected revenue.
     pub async fn submit(&mut self) -> f64 {
         let order = self.order_json();
