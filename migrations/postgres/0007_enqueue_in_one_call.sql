@@ -5,7 +5,7 @@
 -- — a 200 still stands for a commit on disk.
 --
 -- Items are the batch's first occurrence of each dedupe key, in arrival order; p_lock_shoppers their
--- shoppers. A shopper's intents must get ids in commit order across
+-- shoppers, in any order and with repeats. A shopper's intents must get ids in commit order across
 -- replicas (the queue is ordered by id): intake transactions touching the same shopper take turns,
 -- in sorted order, so they cannot deadlock. Keys already seen insert nothing. Returns the id of each
 -- intent inserted, with its dedupe key.

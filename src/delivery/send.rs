@@ -19,7 +19,7 @@ use super::settle::Failure;
 use super::Deps;
 use crate::cdp::{Event, EventKind, Outcome, SessionRef};
 use crate::domain::intent::IntentKind;
-use crate::domain::now_ms;
+use crate::domain::{now_ms, SessionFacts};
 use crate::planner;
 use crate::store::{ClaimedIntent, OrderCheck, StoreError, Write};
 
@@ -99,16 +99,7 @@ pub async fn send(
                     )));
                     progress.unstored = false;
                 }
-                writes.push(Write::Sent(progress.sent));
-                writes.push(Write::Session(facts));
-                let acked = &progress.events[progress.sent - 1];
-                if is_an_order(acked) {
-                    // Lost to a crash of the machine or the database, it would be sent again.
-                    writes.push(Write::Durable);
-                }
-                if let Some(check) = landing_check(deps, claimed, acked) {
-                    writes.push(Write::CheckOrder(check));
-                }
+                record_ack(deps, claimed, &progress, Some(facts), &mut writes);
                 // The last event's progress is recorded with the ack, in the same write.
                 if progress.sent < progress.events.len() {
                     if let Err(error) = deps
@@ -163,21 +154,36 @@ pub async fn send(
     Ok(writes)
 }
 
-/// A CONFIRM or a CHECKOUT: sent twice, it could make a second order.
-fn is_an_order(event: &Event) -> bool {
-    matches!(
-        event.kind,
+/// The writes that record the last event CDP acknowledged: the count, its session's facts, and for
+/// a CONFIRM or a CHECKOUT (sent twice, it could make a second order) the wait for the disk — lost
+/// to a crash of the machine or the database, it would be sent again — and the landing check.
+fn record_ack(
+    deps: &Deps,
+    claimed: &ClaimedIntent,
+    progress: &Progress,
+    facts: Option<SessionFacts>,
+    writes: &mut Vec<Write>,
+) {
+    writes.push(Write::Sent(progress.sent));
+    writes.extend(facts.map(Write::Session));
+    let acked = &progress.events[progress.sent - 1];
+    if matches!(
+        acked.kind,
         EventKind::Confirm { .. } | EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
-    )
+    ) {
+        writes.push(Write::Durable);
+    }
+    if let Some(check) = landing_check(deps, claimed, acked) {
+        writes.push(Write::CheckOrder(check));
+    }
 }
 
 /// The write of progress made before the last event failed (a connection the database dropped,
-/// say): the failure carries that progress — the plan, the count CDP acknowledged, the facts of the
-/// acknowledged event's session (the next attempt goes on only while that session is open), and for
-/// an order its wait for the disk and landing check — so that settling records it with the retry,
-/// and the next attempt goes on with the next event instead of sending an acknowledged CONFIRM
-/// again. Built again from the plan and the gathered sessions here, so that the writes of every
-/// event need no copy.
+/// say): the failure carries that progress — the plan and what [`record_ack`] writes, the facts of
+/// the acknowledged event's session among them (the next attempt goes on only while that session
+/// is open) — so that settling records it with the retry, and the next attempt goes on with the
+/// next event instead of sending an acknowledged CONFIRM again. Built again from the plan and the
+/// gathered sessions here, so that the writes of every event need no copy.
 fn unrecorded(
     deps: &Deps,
     claimed: &ClaimedIntent,
@@ -191,17 +197,12 @@ fn unrecorded(
     let Ok(plan) = serde_json::to_value(&progress.events) else {
         return error.into();
     };
-    let mut writes = vec![Write::Plan(Some(plan)), Write::Sent(progress.sent)];
-    let acked = &progress.events[progress.sent - 1];
-    if let Some(facts) = gathered.sessions.get(&acked.session) {
-        writes.push(Write::Session(facts.clone()));
-    }
-    if is_an_order(acked) {
-        writes.push(Write::Durable);
-    }
-    if let Some(check) = landing_check(deps, claimed, acked) {
-        writes.push(Write::CheckOrder(check));
-    }
+    let mut writes = vec![Write::Plan(Some(plan))];
+    let facts = gathered
+        .sessions
+        .get(&progress.events[progress.sent - 1].session)
+        .cloned();
+    record_ack(deps, claimed, progress, facts, &mut writes);
     Failure::Unrecorded {
         error,
         progress: writes,

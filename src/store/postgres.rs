@@ -228,10 +228,8 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .map(|(i, _)| i)
         .collect();
     // A shopper's intents get ids in commit order across replicas (the queue is ordered by id): the
-    // function locks the batch's shoppers, sorted there so that two batches cannot deadlock.
-    let mut shoppers: Vec<&str> = new.iter().map(|i| i.shopper_key.as_str()).collect();
-    shoppers.sort_unstable();
-    shoppers.dedup();
+    // function locks the batch's shoppers, once each and sorted, so that two batches cannot deadlock.
+    let shoppers: Vec<&str> = new.iter().map(|i| i.shopper_key.as_str()).collect();
     let mut cols: [Vec<Option<String>>; 8] = Default::default();
     let mut enriched = Vec::with_capacity(new.len());
     for item in &new {

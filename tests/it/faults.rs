@@ -73,12 +73,7 @@ async fn a_lease_lost_mid_intent_sends_nothing_more_and_the_order_lands_once() {
         .filter(|(_, n)| *n > 1)
         .collect();
     assert!(twice.is_empty(), "events sent twice: {twice:?}");
-    let checkouts = world
-        .cdp
-        .requests()
-        .into_iter()
-        .filter(|r| r.event_type == "CHECKOUT")
-        .count();
+    let checkouts = world.cdp.sent("CHECKOUT");
     assert_eq!(checkouts, 1, "one CHECKOUT request in all");
     // The submit (the intent claimed last) was claimed more than once: its leases ran out mid-intent.
     let submit = store.claimed_intents().last().copied().unwrap();
@@ -236,14 +231,6 @@ async fn a_progress_write_that_fails_once_mid_order_sends_nothing_twice() {
     shopper.submit().await;
     world.order("O-MID").await;
     world.drained().await;
-    let sent = |kind: &str| {
-        world
-            .cdp
-            .requests()
-            .into_iter()
-            .filter(|r| r.event_type == kind)
-            .count()
-    };
     assert_eq!(store.progress_faults(), 1, "the CONFIRM's progress write failed once");
     // The retry's settlement carried the CONFIRM's progress and its session's facts.
     let retried = store
@@ -253,8 +240,8 @@ async fn a_progress_write_that_fails_once_mid_order_sends_nothing_twice() {
         .expect("a settlement carried the order's progress");
     assert!(retried.iter().any(|w| matches!(w, Write::Sent(_))), "{retried:?}");
     assert!(retried.iter().any(|w| matches!(w, Write::Session(_))), "{retried:?}");
-    assert_eq!(sent("CONFIRM"), 1, "the CONFIRM was sent again");
-    assert_eq!(sent("CHECKOUT"), 1);
+    assert_eq!(world.cdp.sent("CONFIRM"), 1, "the CONFIRM was sent again");
+    assert_eq!(world.cdp.sent("CHECKOUT"), 1);
     assert_eq!(world.cdp.orders().len(), 1);
 }
 
@@ -282,12 +269,7 @@ async fn an_ack_the_store_refuses_every_time_ages_out_without_resending_the_orde
     let reason = dead[0].last_error.as_deref().unwrap_or_default();
     assert!(reason.contains("store error"), "{reason}");
     assert!(reason.contains("gave up after delivery.max_age_secs"), "{reason}");
-    let checkouts = world
-        .cdp
-        .requests()
-        .into_iter()
-        .filter(|r| r.event_type == "CHECKOUT")
-        .count();
+    let checkouts = world.cdp.sent("CHECKOUT");
     assert_eq!(checkouts, 1, "the order was not sent again");
     assert_eq!(world.cdp.orders().len(), 1);
 }

@@ -287,10 +287,18 @@ async fn only_intakes_plans_are_kept_and_intents_are_compressed_with_lz4() {
     let Some(url) = postgres_url("only_intakes_plans_are_kept") else {
         return;
     };
-    let oc = OrderCloudFake::start().await;
-    let cdp = CdpFake::start(CLIENT_KEY, POS, Duration::from_secs(1200)).await;
+    // Migrated as an operator's command opens the store: nothing else is needed here.
     let schema = fresh_schema();
-    let _app = spawn_app_in(tempfile::tempdir().unwrap(), replica(&url, &schema, &oc, &cdp)).await;
+    let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: url.clone(),
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    ordercloud_cdp_forwarder::store::open(&store_settings, ordercloud_cdp_forwarder::store::Role::Tool)
+        .await
+        .unwrap()
+        .close()
+        .await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
         "SELECT p.proname::text, COALESCE(p.proconfig, '{}') FROM pg_proc p \

@@ -254,6 +254,15 @@ impl CdpFake {
         self.lock().requests.clone()
     }
 
+    /// How many requests of this event type came, whatever the answer: a duplicate counts twice.
+    pub fn sent(&self, event_type: &str) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.event_type == event_type)
+            .count()
+    }
+
     /// The REST API accepts HTTP Basic `client_key:token` from now on.
     pub fn set_api_token(&self, token: &str) {
         self.lock().api_token = Some(token.to_string());
