@@ -148,11 +148,18 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
     };
     metrics::counter!("forwarder_deliveries_total", "outcome" => label).increment(1);
     let carried = !writes.is_empty() || settle == Settle::Ack;
-    // The progress among the writes (the last event's, carried by the ack): kept even if the rest
-    // cannot be recorded, so that no acknowledged event — a CHECKOUT above all — is sent again.
-    let progress: Vec<Write> = writes
+    // What records the acknowledged events among the writes (the last event's, carried by the ack):
+    // their count and plan, the wait for the disk, the landing check of an acknowledged CHECKOUT
+    // and the sessions' facts. Kept if the rest cannot be recorded, so that no acknowledged event —
+    // a CHECKOUT above all — is sent again, and an order CDP acknowledged is still checked for.
+    let acknowledged: Vec<Write> = writes
         .iter()
-        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_) | Write::Durable))
+        .filter(|w| {
+            matches!(
+                w,
+                Write::Plan(_) | Write::Sent(_) | Write::Durable | Write::CheckOrder(_) | Write::Session(_)
+            )
+        })
         .cloned()
         .collect();
     match deps.store.apply(claim, writes, Some(settle)).await {
@@ -160,17 +167,43 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
         Err(StoreError::StaleClaim(_)) => {
             info!(outcome = label, "not settled: another worker holds the intent now")
         }
-        // The ack, or the records it carries, were refused (a value the store cannot take, say):
-        // that is a failure like any other, retried and aged out, not an ack tried forever.
+        // The ack, or the records it carries, were refused (a value the store cannot take, or a
+        // connection dropped as it was written): that is a failure like any other, retried and aged
+        // out, not an ack tried forever.
         Err(e) if carried => {
             warn!(error = %e, outcome = label, "cannot record the delivered intent; it will be retried");
             let (_, settle) = retry(format!("store error: {e}"), None);
-            if let Err(e) = deps.store.apply(claim, progress, Some(settle)).await {
-                warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
-            }
+            record_progress(deps, claim, acknowledged, settle).await;
         }
         Err(e) => {
             warn!(error = %e, outcome = label, "cannot settle the intent; its lease will run out and it runs again")
         }
+    }
+}
+
+/// Records what an ack could not, with the retry: the acknowledged events' writes; if the store
+/// refuses those too (one of them the value it cannot take), their count, plan and wait for the
+/// disk alone. The landing check and the sessions' facts are then lost, but no acknowledged event
+/// is sent again.
+async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, settle: Settle) {
+    let progress: Vec<Write> = acknowledged
+        .iter()
+        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_) | Write::Durable))
+        .cloned()
+        .collect();
+    let fallback = progress.len() < acknowledged.len();
+    match deps.store.apply(claim, acknowledged, Some(settle.clone())).await {
+        Ok(()) => return,
+        Err(StoreError::StaleClaim(_)) => return,
+        Err(e) if fallback => {
+            warn!(error = %e, "cannot record the acknowledged events' records; recording their progress alone")
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
+            return;
+        }
+    }
+    if let Err(e) = deps.store.apply(claim, progress, Some(settle)).await {
+        warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
     }
 }

@@ -191,6 +191,35 @@ async fn a_store_failure_on_one_shopper_ages_out_to_a_dead_letter_while_others_f
     world.drained().await;
 }
 
+/// A store that refuses an order's records from its submit on (the sessions' facts: a value it
+/// cannot take, every time): the progress of each acknowledged event is still recorded, alone, with
+/// each retry, so CDP gets each event of the order once and one order, and the intent leaves the
+/// queue (aged out or acknowledged) instead of sending the order again at every attempt.
+#[tokio::test]
+async fn a_store_that_refuses_an_orders_records_still_records_its_progress() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.max_age_secs = 3;
+    })
+    .await;
+    let mut shopper = world.anonymous("O-RECORDS", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    shopper.add("L2", "SKU2", 2, 6.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-RECORDS",
+        Faults {
+            records_fail: true,
+            ..Faults::default()
+        },
+    );
+    shopper.submit().await;
+    world.order("O-RECORDS").await;
+    world.drained().await;
+    assert_eq!(world.cdp.sent("CONFIRM"), 1, "the CONFIRM was sent again");
+    assert_eq!(world.cdp.sent("CHECKOUT"), 1, "the CHECKOUT was sent again");
+    assert_eq!(world.cdp.orders().len(), 1);
+}
+
 /// The writes that record a CONFIRM's or a CHECKOUT's acknowledgement wait for the disk (a crash of
 /// the machine or the database must not lose them: the order would be sent again); the others need
 /// not.

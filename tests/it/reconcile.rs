@@ -6,6 +6,7 @@ use std::time::Duration;
 use ordercloud_cdp_forwarder::config::Secret;
 use serde_json::{json, Value};
 
+use crate::fakes::faulty_store::Faults;
 use crate::helpers::eventually;
 use crate::world::{World, ANON_TEMPLATE_USERNAME};
 
@@ -271,6 +272,48 @@ async fn an_order_cdp_acknowledged_but_never_built_is_repaired_once() {
     assert!(
         world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
         "no dead letter"
+    );
+}
+
+/// The ack of a CHECKOUT CDP acknowledged but never built fails once (the connection dropped as
+/// it was written): the retry that records the progress keeps the order's landing check too, so
+/// the missing order is still found and repaired, once. Without it the order never reached CDP.
+#[tokio::test]
+async fn an_ack_that_fails_once_keeps_its_orders_landing_check() {
+    let (world, store) = World::start_faulty(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(3);
+        s.reconcile.repairs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world.cdp.lose_order("O-ACKDROP", 1);
+    let mut shopper = world.anonymous("O-ACKDROP", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-ACKDROP",
+        Faults {
+            ack_fails_once: true,
+            ..Faults::default()
+        },
+    );
+    let revenue = shopper.submit().await;
+    let order = world.order("O-ACKDROP").await;
+    assert_eq!(order.revenue, revenue);
+    eventually(
+        "the repaired order to be checked again",
+        Duration::from_secs(20),
+        || async { (lookups_of(&world, "O-ACKDROP") >= 2).then_some(()) },
+    )
+    .await;
+    world.drained().await;
+    assert_eq!(store.ack_faults(), 1, "the ack failed once");
+    assert_eq!(orders_of(&world, "O-ACKDROP"), 1, "one CDP order");
+    assert_eq!(
+        checkouts_of(&world, "O-ACKDROP"),
+        2,
+        "the lost CHECKOUT and the repair's"
     );
 }
 

@@ -31,6 +31,9 @@ pub struct Faults {
     /// before its CHECKOUT) fails once, as on a connection the database dropped; later writes go
     /// through. [`FaultyStore::progress_faults`] counts the failures.
     pub progress_fails_once: bool,
+    /// The first `apply` that acknowledges an intent fails once, as on a connection the database
+    /// dropped at that moment; later ones go through. [`FaultyStore::ack_faults`] counts them.
+    pub ack_fails_once: bool,
 }
 
 pub struct FaultyStore {
@@ -50,6 +53,8 @@ pub struct FaultyStore {
     enrichments_saved: std::sync::atomic::AtomicUsize,
     /// Writes failed by `progress_fails_once`.
     progress_faults: std::sync::atomic::AtomicUsize,
+    /// Acks failed by `ack_fails_once`.
+    ack_faults: std::sync::atomic::AtomicUsize,
     /// Every apply that carried a settlement: its writes.
     settled_writes: Mutex<Vec<Vec<Write>>>,
 }
@@ -66,6 +71,7 @@ impl FaultyStore {
             stats_calls: Default::default(),
             enrichments_saved: Default::default(),
             progress_faults: Default::default(),
+            ack_faults: Default::default(),
             settled_writes: Mutex::default(),
         })
     }
@@ -87,6 +93,11 @@ impl FaultyStore {
     /// How many writes `progress_fails_once` failed.
     pub fn progress_faults(&self) -> usize {
         self.progress_faults.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many acks `ack_fails_once` failed.
+    pub fn ack_faults(&self) -> usize {
+        self.ack_faults.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The writes of every apply that carried a settlement, in order.
@@ -126,17 +137,12 @@ impl FaultyStore {
         ids
     }
 
-    fn clear_progress_fault(&self, intent_id: i64) {
+    /// Turns off a fault that fires once, for the shopper of `intent_id` (or everyone's).
+    fn clear_fault(&self, intent_id: i64, clear: impl Fn(&mut Faults)) {
         let shopper = self.shoppers.lock().unwrap().get(&intent_id).cloned();
-        match shopper.and_then(|s| {
-            self.faults
-                .lock()
-                .unwrap()
-                .get_mut(&s)
-                .map(|f| f.progress_fails_once = false)
-        }) {
+        match shopper.and_then(|s| self.faults.lock().unwrap().get_mut(&s).map(&clear)) {
             Some(()) => {}
-            None => self.everyone.lock().unwrap().progress_fails_once = false,
+            None => clear(&mut self.everyone.lock().unwrap()),
         }
     }
 
@@ -195,7 +201,7 @@ impl Outbox for FaultyStore {
             ));
         }
         if faults.progress_fails_once && settle.is_none() && writes.contains(&Write::Durable) {
-            self.clear_progress_fault(claim.intent_id);
+            self.clear_fault(claim.intent_id, |f| f.progress_fails_once = false);
             self.progress_faults.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected: the connection dropped".into()));
         }
@@ -208,6 +214,11 @@ impl Outbox for FaultyStore {
         }
         if settle.is_some() {
             self.settled_writes.lock().unwrap().push(writes.clone());
+        }
+        if faults.ack_fails_once && settle == Some(Settle::Ack) {
+            self.clear_fault(claim.intent_id, |f| f.ack_fails_once = false);
+            self.ack_faults.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected: the connection dropped".into()));
         }
         if faults.ack_fails && settle == Some(Settle::Ack) {
             return Err(StoreError::Unavailable("injected: the database refuses the ack".into()));
