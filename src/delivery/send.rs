@@ -69,7 +69,7 @@ pub async fn send(
             .await?;
     }
 
-    let mut progress = match resumable(claimed, gathered) {
+    let mut progress = match resumable(deps, claimed, gathered) {
         Some(stored) => stored,
         None => plan(deps, gathered),
     };
@@ -236,7 +236,14 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
 /// event is still open (else the session must be rebuilt, and the intent is planned again) — or
 /// the order is already in CDP (a CHECKOUT or ORDER_CHECKOUT acknowledged): then it goes on whatever
 /// the sessions, for planning it again would send the order a second time.
-fn resumable(claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
+///
+/// The same holds for an order whose CHECKOUT is next where the landing check is on: an earlier
+/// attempt may have sent it and lost CDP's answer (a timeout, a gateway's 5xx, a crash), and
+/// planned again in a new session it would be a second order if CDP built the first. Sent as it
+/// stood, in a session CDP has closed it builds nothing, and the landing check then finds the order
+/// or sends it again. Without the landing check the order is planned again (at least once: a CDP
+/// order is never lost for want of a session).
+fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
     let (events, sent) = stored_plan(claimed)?;
     if sent == 0 || sent > events.len() {
         return None;
@@ -244,10 +251,14 @@ fn resumable(claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
     let order_sent = events[..sent]
         .iter()
         .any(|e| matches!(e.kind, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }));
+    let order_in_doubt = deps.settings.verifies_orders()
+        && events
+            .get(sent)
+            .is_some_and(|next| matches!(next.kind, EventKind::Checkout { .. }));
     let next_open = events
         .get(sent)
         .is_none_or(|next| gathered.is_open(&next.session, now_ms()));
-    (order_sent || next_open).then_some(Progress {
+    (order_sent || order_in_doubt || next_open).then_some(Progress {
         events,
         sent,
         unstored: false,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ordercloud_cdp_forwarder::config::Secret;
 use serde_json::{json, Value};
 
+use crate::fakes::cdp::Answer;
 use crate::fakes::faulty_store::Faults;
 use crate::helpers::eventually;
 use crate::world::{World, ANON_TEMPLATE_USERNAME};
@@ -314,6 +315,73 @@ async fn an_ack_that_fails_once_keeps_its_orders_landing_check() {
         checkouts_of(&world, "O-ACKDROP"),
         2,
         "the lost CHECKOUT and the repair's"
+    );
+}
+
+/// CDP takes an order's CHECKOUT but its answer is lost (a 504 from a gateway), and CDP is then
+/// down until the session has closed: the retry sends the CHECKOUT as it stood instead of planning
+/// the order again in a new session (which would make a second order); CDP builds nothing from it
+/// there, and the landing check finds the order CDP built from the first. One order.
+#[tokio::test]
+async fn a_checkout_whose_answer_was_lost_is_not_planned_again_after_its_session_closed() {
+    let world = verifying_world().await;
+    let mut shopper = world.anonymous("O-DOUBT", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    let before = world.cdp.requests().len();
+    // The submit's CONFIRM goes through, its CHECKOUT is built but answered 504, and the CHECKOUT
+    // sent again at once is refused until after the session's 2 s.
+    world.cdp.script_all(vec![
+        Answer::status(201),
+        Answer::processed_then(504),
+        Answer::retry_after(503, "3"),
+    ]);
+    shopper.submit().await;
+    eventually("the order's landing check", Duration::from_secs(20), || async {
+        (lookups_of(&world, "O-DOUBT") >= 1).then_some(())
+    })
+    .await;
+    world.drained().await;
+    let sent: Vec<String> = world.cdp.requests()[before..]
+        .iter()
+        .map(|r| r.event_type.clone())
+        .collect();
+    assert_eq!(
+        orders_of(&world, "O-DOUBT"),
+        1,
+        "one CDP order; the submit sent {sent:?}"
+    );
+    assert_eq!(
+        sent,
+        ["CONFIRM", "CHECKOUT", "CHECKOUT", "CHECKOUT"],
+        "what the submit sent"
+    );
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+}
+
+/// The same, but CDP never took the CHECKOUT (down from its first try until the session closed):
+/// the CHECKOUT sent as it stood builds nothing in the new session, and the landing check repairs
+/// the order, once. Nothing is lost.
+#[tokio::test]
+async fn a_checkout_cdp_never_took_before_its_session_closed_is_repaired_once() {
+    let world = verifying_world().await;
+    let mut shopper = world.anonymous("O-NEVER", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    world
+        .cdp
+        .script_all(vec![Answer::status(201), Answer::retry_after(503, "3")]);
+    let revenue = shopper.submit().await;
+    let order = world.order("O-NEVER").await;
+    assert_eq!(order.revenue, revenue);
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-NEVER"), 1, "one CDP order");
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
     );
 }
 

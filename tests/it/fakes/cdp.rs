@@ -44,6 +44,9 @@ pub struct Answer {
     pub body: Option<Value>,
     /// When the answer comes (event requests only).
     pub hold: Hold,
+    /// A non-2xx status answered after the event was processed (a gateway that lost CDP's answer):
+    /// the caller cannot tell whether CDP took the event.
+    pub processed: bool,
 }
 
 /// How long an event request waits for its answer.
@@ -66,6 +69,7 @@ impl Answer {
             location: None,
             body: None,
             hold: Hold::No,
+            processed: false,
         }
     }
 
@@ -97,6 +101,15 @@ impl Answer {
         Answer {
             hold: Hold::For(delay),
             ..Answer::status(201)
+        }
+    }
+
+    /// The event is processed as CDP would, then `status` is answered instead of CDP's 201 (a
+    /// gateway timeout after CDP took the event).
+    pub fn processed_then(status: u16) -> Answer {
+        Answer {
+            processed: true,
+            ..Answer::status(status)
         }
     }
 
@@ -569,7 +582,7 @@ impl CdpState {
     fn process(&mut self, via: &'static str, event: Value, scripted: Option<Answer>, now: Instant) -> Reply {
         let shopper = self.shopper_of(&event);
         if let Some(answer) = &scripted {
-            if !(200..300).contains(&answer.status) {
+            if !(200..300).contains(&answer.status) && !answer.processed {
                 // A scripted error answers instead of CDP: the event is not processed.
                 let msg = format!("scripted {}", answer.status);
                 let body = answer.body.clone().unwrap_or_else(|| json!({ "error_msg": msg }));
@@ -590,7 +603,8 @@ impl CdpState {
             Verdict::Lost(msg) => (self.created(), Some(format!("LOST: {msg}"))),
             Verdict::Processed => (self.created(), None),
         };
-        // A scripted 2xx replaces the 201 of an event that was accepted.
+        // A scripted 2xx (or a status answered after processing) replaces the 201 of an event that
+        // was accepted.
         if let (Some(answer), 201) = (&scripted, reply.status) {
             reply.status = answer.status;
             reply.retry_after = answer.retry_after.clone();
