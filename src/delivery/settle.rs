@@ -182,9 +182,11 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
 }
 
 /// Records what an ack could not, with the retry: the acknowledged events' writes; if the store
-/// refuses those too (one of them the value it cannot take), their count, plan and wait for the
-/// disk alone. The landing check and the sessions' facts are then lost, but no acknowledged event
-/// is sent again.
+/// refuses a value among those (one of them is what it cannot take), their count, plan and wait for
+/// the disk alone — the landing check and the sessions' facts are then lost, but no acknowledged
+/// event is sent again. When the store cannot be written at all (a connection, a lock), nothing is
+/// dropped: the lease runs out and the intent runs again, sending at most the last event again, and
+/// its ack then records the rest.
 async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, settle: Settle) {
     let progress: Vec<Write> = acknowledged
         .iter()
@@ -193,10 +195,9 @@ async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, s
         .collect();
     let fallback = progress.len() < acknowledged.len();
     match deps.store.apply(claim, acknowledged, Some(settle.clone())).await {
-        Ok(()) => return,
-        Err(StoreError::StaleClaim(_)) => return,
-        Err(e) if fallback => {
-            warn!(error = %e, "cannot record the acknowledged events' records; recording their progress alone")
+        Ok(()) | Err(StoreError::StaleClaim(_)) => return,
+        Err(e) if fallback && e.refuses_value() => {
+            warn!(error = %e, "the store refuses the acknowledged events' records; recording their progress alone")
         }
         Err(e) => {
             warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");

@@ -74,6 +74,31 @@ impl std::error::Error for StoreError {
     }
 }
 
+impl StoreError {
+    /// The database refused a value it was given (a data exception or a constraint: PostgreSQL's
+    /// SQLSTATE classes 22 and 23, SQLite's constraint, too-big and type-mismatch errors), or the
+    /// value cannot be encoded: writing the same again fails again. Other errors (a connection, a
+    /// lock, the disk) may pass.
+    pub fn refuses_value(&self) -> bool {
+        match self {
+            StoreError::Database(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::ConstraintViolation
+                        | rusqlite::ErrorCode::TooBig
+                        | rusqlite::ErrorCode::TypeMismatch
+                )
+            ),
+            StoreError::Json(_) | StoreError::Corrupt(_) => true,
+            StoreError::Sync(_) | StoreError::Unavailable(_) | StoreError::StaleClaim(_) => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Database(Arc::new(e))

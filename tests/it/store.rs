@@ -123,6 +123,7 @@ contract!(
     one_reconciler_holds_the_window_and_only_its_holder_moves_the_watermark,
     a_landing_check_is_written_with_the_claim_leased_and_settled,
     a_database_error_keeps_its_source,
+    a_value_the_database_refuses_is_told_from_a_database_it_cannot_use,
     an_enrichment_records_each_identity_once_and_keeps_the_rest_of_the_shoppers_record,
     a_closed_store_answers_no_more_reads_or_writes,
     a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds,
@@ -605,6 +606,45 @@ async fn a_database_error_keeps_its_source(backend: Backend) {
         .unwrap_err();
     assert!(database_error_of(&write).contains("cdp_sessions"), "{write}");
     assert!(write.to_string().starts_with("store unavailable"), "{write}");
+}
+
+/// A write the database refuses for its value (a constraint) says so, and one it cannot make for
+/// another reason (a table gone) does not: delivery drops records only for the first kind.
+async fn a_value_the_database_refuses_is_told_from_a_database_it_cannot_use(backend: Backend) {
+    let Some(place) = backend.place("refused_value") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "e").await;
+    let claimed = store.claim(1, LONG).await.unwrap().remove(0);
+    place
+        .execute(match backend {
+            Backend::Sqlite => {
+                "CREATE TRIGGER refuse BEFORE INSERT ON cdp_sessions WHEN NEW.browser_id = 'refused' \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            }
+            Backend::Postgres => "ALTER TABLE cdp_sessions ADD CONSTRAINT refuse CHECK (browser_id <> 'refused')",
+        })
+        .await;
+    let facts = |browser: &str| SessionFacts {
+        channel: "WEB".into(),
+        browser_id: browser.into(),
+        shopper_key: "s1".into(),
+        ..SessionFacts::default()
+    };
+    let refused = store
+        .apply(&claimed.claim, vec![Write::Session(facts("refused"))], None)
+        .await
+        .unwrap_err();
+    assert!(refused.refuses_value(), "{refused:?}");
+
+    place.execute("DROP TABLE cdp_sessions").await;
+    let unusable = store
+        .apply(&claimed.claim, vec![Write::Session(facts("b1"))], None)
+        .await
+        .unwrap_err();
+    assert!(!unusable.refuses_value(), "{unusable:?}");
+    assert!(!StoreError::Unavailable("closed".into()).refuses_value());
 }
 
 /// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.

@@ -196,9 +196,8 @@ impl Outbox for FaultyStore {
             .iter()
             .any(|w| matches!(w, Write::Session(_) | Write::Shopper { .. }));
         if faults.records_fail && records {
-            return Err(StoreError::Unavailable(
-                "injected: the database refuses this record".into(),
-            ));
+            // A value the database refuses, as PostgreSQL's data exceptions are.
+            return Err(StoreError::Corrupt("injected: the database refuses this record".into()));
         }
         if faults.progress_fails_once && settle.is_none() && writes.contains(&Write::Durable) {
             self.clear_fault(claim.intent_id, |f| f.progress_fails_once = false);
