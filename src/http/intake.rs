@@ -241,10 +241,19 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
     let submitted_order = (route.kind == IntentKind::OrderSubmitted)
         .then(|| submitted_order_id(order_id.as_deref(), token_order, &response_body))
         .flatten();
+    let (shopper_key, dead_reason) = match claims.as_ref().map_err(Clone::clone).and_then(token::shopper_key) {
+        Ok(key) => (key, None),
+        Err(e) => (
+            UNIDENTIFIED_SHOPPER.to_string(),
+            Some(format!("{e}: cannot tell which shopper acted")),
+        ),
+    };
     let dedupe_key = match &submitted_order {
-        // One submit per order, whether it comes as a webhook or from reconciliation.
-        Some(order) => submit_dedupe_key(order),
-        None => log_id.unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body))),
+        // One submit per order, whether it comes as a webhook or from reconciliation. A submit that
+        // names no shopper is a dead letter under its LogID instead: it does not stand for the
+        // order, which reconciliation can still find and send under the shopper it names.
+        Some(order) if dead_reason.is_none() => submit_dedupe_key(order),
+        _ => log_id.unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(raw_body))),
     };
     let anon_key = query_params
         .keys()
@@ -263,13 +272,6 @@ fn new_intent(webhook: Webhook, route: RouteMatch, raw_body: &[u8]) -> NewIntent
     strip_credentials(&mut response_body);
     strip_credentials_in_map(&mut query_params);
 
-    let (shopper_key, dead_reason) = match claims.as_ref().map_err(Clone::clone).and_then(token::shopper_key) {
-        Ok(key) => (key, None),
-        Err(e) => (
-            UNIDENTIFIED_SHOPPER.to_string(),
-            Some(format!("{e}: cannot tell which shopper acted")),
-        ),
-    };
     let claims = claims.unwrap_or_default();
     let intent = RawIntent {
         kind: route.kind,

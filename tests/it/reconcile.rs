@@ -106,6 +106,34 @@ async fn a_registered_order_found_by_reconciliation_keeps_its_buyer_and_user() {
     assert_eq!(orders_of(&world, "O-REG"), 1);
 }
 
+/// A submit whose webhook names no shopper (no UserToken) is a dead letter that does not stand for
+/// the order: reconciliation still finds the order in OrderCloud and sends it, once, under the
+/// shopper it names.
+#[tokio::test]
+async fn a_submit_webhook_that_names_no_shopper_leaves_the_order_to_reconciliation() {
+    let world = reconciling_world(SECRET).await;
+    let mut shopper = world.registered("buyer1", "notoken", WEB_CLIENT);
+    shopper.open_cart("O-NOTOKEN");
+    shopper.add("L1", "SKU-1", 1, 7.0).await;
+    world.drained().await;
+    let revenue = shopper.submit_without_user_token().await;
+    let dead = world.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cannot tell which shopper acted"),
+        "{dead:?}"
+    );
+    let order = world.order("O-NOTOKEN").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.shopper.as_deref(), Some("buyer1-notoken"));
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-NOTOKEN"), 1, "one CDP order");
+}
+
 /// A webhook that arrives in time is the only path: reconciliation finds its order known and
 /// reads no lines for it.
 #[tokio::test]

@@ -293,6 +293,24 @@ impl<'w> Shopper<'w> {
         order["Total"].as_f64().unwrap()
     }
 
+    /// `POST v1/orders/Outgoing/{orderID}/submit` whose webhook carries no `UserToken` (OrderCloud
+    /// sends none for some callers): the service cannot tell which shopper acted.
+    pub async fn submit_without_user_token(&mut self) -> f64 {
+        let order = self.order_json();
+        self.world.oc.submit(&self.order_id);
+        let params = json!({"direction": "Outgoing", "orderID": self.order_id});
+        let w = envelope(
+            "POST",
+            "v1/orders/{direction}/{orderID}/submit",
+            params,
+            None,
+            Value::Null,
+            order.clone(),
+        );
+        self.world.app.deliver(&w).await;
+        order["Total"].as_f64().unwrap()
+    }
+
     /// The order is submitted in OrderCloud, and its webhook never arrives (OrderCloud documents no
     /// retry; a portal submit fires none). Returns the order's expected revenue.
     pub fn submit_without_webhook(&mut self) -> f64 {
