@@ -269,13 +269,20 @@ fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Optio
 /// column, or as earlier versions stored it, `{"events": [...], "sent": n}` (replicas of either
 /// version may share a database during a rolling upgrade).
 fn stored_plan(claimed: &ClaimedIntent) -> Option<(Vec<Event>, usize)> {
-    match claimed.plan.as_ref()? {
+    plan_and_sent(claimed.plan.as_ref()?, claimed.sent)
+}
+
+/// [`stored_plan`] of a plan and the `sent` column. An earlier version's plan keeps its own count,
+/// and this version records what it acknowledges of that plan in the column (the plan is not
+/// written again): the larger of the two is what CDP acknowledged.
+fn plan_and_sent(plan: &Value, sent_column: usize) -> Option<(Vec<Event>, usize)> {
+    match plan {
         Value::Object(earlier) => {
             let events = serde_json::from_value(earlier.get("events")?.clone()).ok()?;
             let sent = earlier.get("sent")?.as_u64()? as usize;
-            Some((events, sent))
+            Some((events, sent.max(sent_column)))
         }
-        plan => Some((serde_json::from_value(plan.clone()).ok()?, claimed.sent)),
+        plan => Some((serde_json::from_value(plan.clone()).ok()?, sent_column)),
     }
 }
 
@@ -343,5 +350,23 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Outcome::Permanent(_) => "permanent",
         Outcome::Config(_) => "config",
         Outcome::Retry { .. } => "retry",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_earlier_versions_plan_goes_on_from_what_this_version_recorded() {
+        // Acknowledged under the earlier version up to 2, then up to 4 under this one.
+        let (_, sent) = plan_and_sent(&json!({"events": [], "sent": 2}), 4).unwrap();
+        assert_eq!(sent, 4);
+        // Nothing recorded by this version yet.
+        let (_, sent) = plan_and_sent(&json!({"events": [], "sent": 2}), 0).unwrap();
+        assert_eq!(sent, 2);
+        let (_, sent) = plan_and_sent(&json!([]), 3).unwrap();
+        assert_eq!(sent, 3);
     }
 }
