@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use crate::cdp::orders::{LookupError, OrderLookup};
+use crate::cdp::orders::OrderLookup;
 use crate::config::Settings;
 use crate::domain::intent::RawIntent;
 use crate::domain::now_ms;
@@ -97,9 +97,10 @@ async fn check_one(v: &Verifier, check: &OrderCheck) -> Result<CheckOutcome, Sto
             held
         }
         Err(e) => {
-            if let LookupError::Credentials(_) = e {
-                v.health.warn("order_check", e.to_string());
-            }
+            // Retried without end (an order is never dropped unverified): readiness says why until
+            // a lookup succeeds, refused credentials or an API that keeps failing alike.
+            v.health
+                .warn("order_check", format!("{e}; landing checks are tried again"));
             let wait = crate::delivery::backoff::retry_delay(&v.settings.delivery, check.attempts + 1, None);
             warn!(order = %order, error = %e, retry_in_ms = wait.as_millis() as u64, "cannot ask CDP for the order");
             return Ok(CheckOutcome::Retry {

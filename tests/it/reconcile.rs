@@ -463,6 +463,40 @@ async fn a_replayed_landing_check_dead_letter_is_checked_and_repaired_anew() {
     );
 }
 
+/// CDP's REST API down: the check is retried without sending the order again, readiness shows
+/// why (still ready), and once the API is back the check completes and the warning goes.
+#[tokio::test]
+async fn an_order_lookup_that_keeps_failing_shows_in_readiness_until_it_succeeds() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(1);
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world.cdp.set_rest_down(true);
+    let mut shopper = world.anonymous("O-RESTDOWN", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 4.0).await;
+    shopper.submit().await;
+    world.order("O-RESTDOWN").await;
+    eventually("the lookup to be tried again", Duration::from_secs(20), || async {
+        (lookups_of(&world, "O-RESTDOWN") >= 2).then_some(())
+    })
+    .await;
+    let ready = world.app.ops_get("/health/ready").await;
+    assert_eq!(ready.status(), 200);
+    let text = ready.text().await.unwrap();
+    assert!(text.contains("order_check") && text.contains("HTTP 503"), "{text}");
+
+    world.cdp.set_rest_down(false);
+    eventually("the warning to go", Duration::from_secs(30), || async {
+        let text = world.app.ops_get("/health/ready").await.text().await.unwrap();
+        (!text.contains("order_check")).then_some(())
+    })
+    .await;
+    assert_eq!(checkouts_of(&world, "O-RESTDOWN"), 1, "the order was not sent again");
+    assert_eq!(orders_of(&world, "O-RESTDOWN"), 1);
+}
+
 /// CDP's REST API refusing the token: the check is retried (readiness shows it, still ready); the
 /// order is not sent again meanwhile.
 #[tokio::test]

@@ -286,6 +286,11 @@ impl CdpFake {
         self.lock().lose_orders.insert(reference.to_string(), times);
     }
 
+    /// The REST API answers 503 (down) or works again.
+    pub fn set_rest_down(&self, down: bool) {
+        self.lock().rest_down = down;
+    }
+
     /// REST calls received, e.g. `"GET /v2.1/orders?referenceId=O1"`.
     pub fn rest_calls(&self) -> Vec<String> {
         self.lock().rest_calls.clone()
@@ -421,6 +426,8 @@ struct CdpState {
     lose_orders: HashMap<String, usize>,
     /// REST calls received: `GET /v2.1/orders?referenceId=…`.
     rest_calls: Vec<String>,
+    /// The REST API answers 503 to everything while set.
+    rest_down: bool,
 }
 
 /// The outcome of an event that passed the client-key and JSON checks.
@@ -488,6 +495,7 @@ impl CdpState {
             api_token: None,
             lose_orders: HashMap::new(),
             rest_calls: Vec::new(),
+            rest_down: false,
         }
     }
 
@@ -1693,6 +1701,13 @@ async fn rest_orders(
         .path_and_query()
         .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string());
     st.rest_calls.push(format!("GET {target}"));
+    if st.rest_down {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": 503, "code": 503, "message": "Service Unavailable"})),
+        )
+            .into_response();
+    }
     let expected = st.api_token.as_ref().map(|token| {
         use base64::Engine as _;
         let pair = format!("{}:{token}", st.client_key);
