@@ -1234,6 +1234,67 @@ async fn postgres_a_live_replicas_claim_is_never_taken_over() {
     live.close().await;
 }
 
+/// PostgreSQL: a takeover that waits for the stale worker's last write (its progress, committed
+/// while the claim waited for the intent's row) claims the intent with that progress, not with
+/// what it read before it waited — else the event that write recorded is sent again.
+#[tokio::test]
+async fn postgres_a_takeover_sees_the_progress_committed_while_it_waited() {
+    use sqlx::Connection as _;
+    let Some(place) = Backend::Postgres.place("takeover_progress") else {
+        return;
+    };
+    let stale = place.service().await;
+    let id = queued(&stale, "s1", "raced").await;
+    // A lease of a millisecond: over by the time the other replica claims.
+    let first = stale.claim(1, Duration::from_millis(1)).await.unwrap().remove(0);
+    assert_eq!(first.sent, 0);
+    let schema = place.settings.schema.clone().unwrap();
+    // The stale worker's write of its progress, as forwarder_apply makes it: the intent's row held
+    // (FOR SHARE) from its check of the claim until its commit.
+    let mut apply = sqlx::PgConnection::connect(&place.settings.url).await.unwrap();
+    let apply_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut apply)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; \
+         SELECT 1 FROM intents WHERE id = {id} FOR SHARE; \
+         INSERT INTO intent_progress (intent_id, sent, plan) VALUES ({id}, 2, '[]')"
+    ))
+    .execute(&mut apply)
+    .await
+    .unwrap();
+
+    let other = place.service().await;
+    let takeover = tokio::spawn({
+        let other = other.clone();
+        async move { other.claim(1, LONG).await.unwrap() }
+    });
+    // The takeover's claim waits for the row the write holds.
+    let watch = sqlx::PgPool::connect(&place.settings.url).await.unwrap();
+    eventually("the takeover to wait for the row", Duration::from_secs(10), || {
+        let watch = watch.clone();
+        async move {
+            let waiting: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                    .bind(apply_pid)
+                    .fetch_one(&watch)
+                    .await
+                    .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    sqlx::raw_sql("COMMIT").execute(&mut apply).await.unwrap();
+    let claimed = takeover.await.unwrap();
+    assert_eq!(claimed.len(), 1, "taken over");
+    assert_eq!(claimed[0].claim.intent_id, id);
+    assert_ne!(claimed[0].claim.claim_id, first.claim.claim_id);
+    assert_eq!(claimed[0].sent, 2, "the progress committed while the takeover waited");
+    other.close().await;
+    stale.close().await;
+}
+
 /// PostgreSQL: a database migrated by the release before this one (migrations up to 0004, as they
 /// landed) upgrades with the progress of its intents, dead letters' included: a dead letter whose
 /// CHECKOUT CDP acknowledged, replayed after the upgrade, goes on from there and plans no second
