@@ -73,6 +73,8 @@ pub async fn send(
         Some(stored) => stored,
         None => plan(deps, gathered),
     };
+    // The CHECKOUT a stored plan goes on with may have reached CDP already (see `resumable`).
+    let doubtful_checkout = (!progress.unstored).then_some(progress.sent);
     let mut remints = 0;
     while progress.sent < progress.events.len() {
         if *stop.borrow() {
@@ -100,16 +102,21 @@ pub async fn send(
                     progress.unstored = false;
                 }
                 record_ack(deps, claimed, &progress, Some(facts), &mut writes);
-                // The last event's progress is recorded with the ack, in the same write.
-                if progress.sent < progress.events.len() {
-                    if let Err(error) = deps
-                        .store
-                        .apply(&claimed.claim, std::mem::take(&mut writes), None)
-                        .await
-                    {
-                        return Err(unrecorded(deps, claimed, gathered, &progress, error));
-                    }
-                }
+                write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
+            }
+            // CDP no longer knows the browser of a CHECKOUT that may have reached it before: a new
+            // browser would need the order planned again, a second order if CDP built the first.
+            // The CHECKOUT is left to the landing check instead (on, or the stored plan would not
+            // have gone on), which finds that order or sends the order again, once.
+            Outcome::BrowserUnknown
+                if doubtful_checkout == Some(progress.sent)
+                    && matches!(progress.events[progress.sent].kind, EventKind::Checkout { .. })
+                    && deps.settings.verifies_orders() =>
+            {
+                warn!(browser = %progress.events[progress.sent].session.browser_id, "CDP does not know the browser of a CHECKOUT it may have taken: left to the landing check");
+                progress.sent += 1;
+                record_ack(deps, claimed, &progress, None, &mut writes);
+                write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
             }
             Outcome::BrowserUnknown if Some(&progress.events[progress.sent].session) == gathered.primary().as_ref() => {
                 remints += 1;
@@ -152,6 +159,23 @@ pub async fn send(
         }
     }
     Ok(writes)
+}
+
+/// Writes the progress [`record_ack`] put among `writes`, unless the last event was acknowledged:
+/// its progress is recorded with the ack, in the same write.
+async fn write_progress(
+    deps: &Deps,
+    claimed: &ClaimedIntent,
+    gathered: &Gathered,
+    progress: &Progress,
+    writes: &mut Vec<Write>,
+) -> Result<(), Failure> {
+    if progress.sent < progress.events.len() {
+        if let Err(error) = deps.store.apply(&claimed.claim, std::mem::take(writes), None).await {
+            return Err(unrecorded(deps, claimed, gathered, progress, error));
+        }
+    }
+    Ok(())
 }
 
 /// The writes that record the last event CDP acknowledged: the count, its session's facts, and for

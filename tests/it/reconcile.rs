@@ -390,6 +390,40 @@ async fn a_checkout_whose_answer_was_lost_is_not_planned_again_after_its_session
     );
 }
 
+/// As above, and CDP has meanwhile forgotten the shopper's browser (404 to the CHECKOUT sent as it
+/// stood): no browser is minted for the order to be planned again — a second order — the CHECKOUT
+/// is left to the landing check, which finds the order CDP built from the first.
+#[tokio::test]
+async fn a_checkout_whose_answer_was_lost_and_whose_browser_cdp_forgot_is_left_to_the_landing_check() {
+    let world = verifying_world().await;
+    let mut shopper = world.anonymous("O-FORGOT", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    world.cdp.script_all(vec![
+        Answer::status(201),
+        Answer::processed_then(504),
+        Answer::retry_after(503, "3"),
+    ]);
+    shopper.submit().await;
+    let order = world.order("O-FORGOT").await;
+    world.cdp.forget_browser(&order.browser_id);
+    eventually("the order's landing check", Duration::from_secs(20), || async {
+        (lookups_of(&world, "O-FORGOT") >= 1).then_some(())
+    })
+    .await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-FORGOT"), 1, "one CDP order");
+    assert_eq!(
+        world.cdp.browsers_created(),
+        1,
+        "no browser minted to plan the order again"
+    );
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+}
+
 /// The same, but CDP never took the CHECKOUT (down from its first try until the session closed):
 /// the CHECKOUT sent as it stood builds nothing in the new session, and the landing check repairs
 /// the order, once. Nothing is lost.
