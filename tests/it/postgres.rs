@@ -283,8 +283,8 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
 /// queued), and kept plans for the apply doubled the server's CPU end to end (BENCHMARKS.md, sessions
 /// 10 and 13). And the intent's text is compressed with lz4 where the server has it.
 #[tokio::test]
-async fn only_intakes_plans_are_kept_and_intents_are_compressed_with_lz4() {
-    let Some(url) = postgres_url("only_intakes_plans_are_kept") else {
+async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_with_lz4() {
+    let Some(url) = postgres_url("plans_are_kept_where_they_find_rows_by_key") else {
         return;
     };
     // Migrated as an operator's command opens the store: nothing else is needed here.
@@ -314,7 +314,8 @@ async fn only_intakes_plans_are_kept_and_intents_are_compressed_with_lz4() {
         .filter(|(_, config)| config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"))
         .map(|(function, _)| function.as_str())
         .collect();
-    assert_eq!(kept, ["forwarder_enqueue"], "{settings:?}");
+    // The claim keeps the plans of its statements by key from inside (its walk is planned anew).
+    assert_eq!(kept, ["forwarder_apply", "forwarder_enqueue"], "{settings:?}");
     let lz4: bool =
         sqlx::query_scalar("SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
             .fetch_one(&pool)
@@ -332,4 +333,91 @@ async fn only_intakes_plans_are_kept_and_intents_are_compressed_with_lz4() {
         .unwrap();
         assert_eq!(compression, "l", "intents.intent is compressed with lz4");
     }
+}
+
+/// PostgreSQL: the plans delivery keeps are made on a connection's first call, when the queue may be
+/// empty, and stay lookups by key on a deep queue. A claim and an apply on a queue of 20,000 intents,
+/// by a connection that planned both on a queue of one, read a few index pages, not the queue's
+/// index (as the kept plans of sessions 10 and 13 did: a scan of `intents_queue` per call).
+#[tokio::test]
+async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("plans_kept_on_an_empty_queue") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: url.clone(),
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    ordercloud_cdp_forwarder::store::open(&store_settings, ordercloud_cdp_forwarder::store::Role::Tool)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // A connection set up as the service's are.
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; SET plan_cache_mode = force_custom_plan"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let insert = |first: i64, count: i64| {
+        format!(
+            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+             created_at, updated_at) SELECT 'k' || g, 's' || g, 'x', '{{}}', true, 'pending', 0, g, g \
+             FROM generate_series({first}, {}) g",
+            first + count - 1
+        )
+    };
+    let claim =
+        |claim: &str| format!("SELECT id FROM forwarder_claim('{claim}', NULL, 600000, forwarder_now_ms(), 1, 10000)");
+    let ack = |id: i64, claim: &str| {
+        format!(
+            "SELECT forwarder_apply({id}, '{claim}', 0, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+             NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'ack', NULL, NULL)"
+        )
+    };
+    // Planned on a queue of one intent.
+    sqlx::raw_sql(&insert(1, 1)).execute(&mut conn).await.unwrap();
+    let first: i64 = sqlx::query_scalar(&claim("c1")).fetch_one(&mut conn).await.unwrap();
+    let acked: bool = sqlx::query_scalar(&ack(first, "c1"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(acked);
+    // Run on a queue of 20,000, before the statistics know it (an ANALYZE would have the plans made
+    // again: autovacuum's come a minute apart at best, while a backlog fills in seconds).
+    sqlx::raw_sql(&insert(2, 20_000)).execute(&mut conn).await.unwrap();
+    let before = index_reads(&mut conn, &schema).await;
+    let id: i64 = sqlx::query_scalar(&claim("c2")).fetch_one(&mut conn).await.unwrap();
+    let acked: bool = sqlx::query_scalar(&ack(id, "c2")).fetch_one(&mut conn).await.unwrap();
+    assert!(acked);
+    let read = index_reads(&mut conn, &schema).await - before;
+    // By key: about 25 pages (the walk's few probes, the lookups); the plans sessions 10 and 13
+    // kept read the queue's index, about 280.
+    assert!(
+        read < 100,
+        "a claim and an ack read {read} index pages of a 20,000-intent queue"
+    );
+}
+
+/// Index pages of `intents` read so far in `schema`, from the cache or the disk (this connection's
+/// counts flushed first). Pages, not entries: a scan that filters inside the index returns few
+/// entries however many it reads.
+async fn index_reads(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar(
+        "SELECT COALESCE(SUM(idx_blks_read + idx_blks_hit), 0)::BIGINT FROM pg_statio_user_indexes \
+         WHERE schemaname = $1 AND relname = 'intents'",
+    )
+    .bind(schema)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
 }
