@@ -7,10 +7,9 @@
 -- apply's check of its claim and the claim's UPDATE, each reading the whole queue). The statements
 -- kept here leave the planner one path: they say `state <> 'dead'` where they said
 -- `state = 'pending'` (the same rows: a state is one or the other, checked by the table), which no
--- partial index of pending intents matches, so their rows can only be found by the primary key;
--- and a shopper's probe for an older intent compares `o.id + 0`, which only `intents_queue` by
--- shopper can serve. The claim's walk of the queue, whose plan does depend on the queue, is still
--- planned at every call.
+-- partial index of pending intents matches, so their rows can only be found by the primary key (a
+-- shopper's probes name the shopper, which `intents_queue` serves first). The claim's walk of the
+-- queue, whose plan does depend on the queue, is still planned at every call.
 CREATE OR REPLACE FUNCTION forwarder_claim(
     p_claim TEXT, p_replica TEXT, p_lease BIGINT, p_now BIGINT, p_limit INTEGER, p_takeover BIGINT
 ) RETURNS TABLE (id BIGINT, shopper_key TEXT, intent TEXT, enrichment TEXT, progress TEXT, sent BIGINT,
@@ -66,7 +65,7 @@ BEGIN
                    AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
                                                        AND r.heartbeat_at >= db_now - p_takeover)))
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id + 0 < i.id LIMIT 1) IS NULL
+               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
                AND o.state = 'pending' AND o.id <> i.id
                AND o.claim_id IS NOT NULL AND o.lease_until >= db_now

@@ -74,7 +74,7 @@ pub async fn send(
         None => plan(deps, gathered),
     };
     // The CHECKOUT a stored plan goes on with may have reached CDP already (see `resumable`).
-    let doubtful_checkout = (!progress.unstored).then_some(progress.sent);
+    let mut doubtful_checkout = (!progress.unstored).then_some(progress.sent);
     let mut remints = 0;
     while progress.sent < progress.events.len() {
         if *stop.borrow() {
@@ -138,6 +138,8 @@ pub async fn send(
                     .apply(&claimed.claim, std::mem::take(&mut writes), None)
                     .await?;
                 progress = plan(deps, gathered);
+                // A new plan's CHECKOUT has not been sent by anyone.
+                doubtful_checkout = None;
             }
             Outcome::BrowserUnknown => {
                 // Another session's browser is gone: there is nothing left there to clear or link.
@@ -264,7 +266,8 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
 /// The same holds for an order whose CHECKOUT is next where the landing check is on: an earlier
 /// attempt may have sent it and lost CDP's answer (a timeout, a gateway's 5xx, a crash), and
 /// planned again in a new session it would be a second order if CDP built the first. Sent as it
-/// stood, in a session CDP has closed it builds nothing, and the landing check then finds the order
+/// stood, in a session CDP has closed it has no CONFIRM and builds nothing (`cdp.md` §8, reported by
+/// the community), and the landing check then finds the order
 /// or sends it again. Without the landing check the order is planned again (at least once: a CDP
 /// order is never lost for want of a session).
 fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {

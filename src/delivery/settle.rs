@@ -184,9 +184,9 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
 /// Records what an ack could not, with the retry: the acknowledged events' writes; if the store
 /// refuses a value among those (one of them is what it cannot take), their count, plan and wait for
 /// the disk alone — the landing check and the sessions' facts are then lost, but no acknowledged
-/// event is sent again. When the store cannot be written at all (a connection, a lock), nothing is
-/// dropped: the lease runs out and the intent runs again, sending at most the last event again, and
-/// its ack then records the rest.
+/// event is sent again. A passing error (a connection, a lock) is tried once more; when the store
+/// still cannot be written, nothing is dropped: the lease runs out and the intent runs again,
+/// sending its last event again (at least once), and that event's ack records the rest.
 async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, settle: Settle) {
     let progress: Vec<Write> = acknowledged
         .iter()
@@ -194,7 +194,19 @@ async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, s
         .cloned()
         .collect();
     let fallback = progress.len() < acknowledged.len();
-    match deps.store.apply(claim, acknowledged, Some(settle.clone())).await {
+    let mut result = deps
+        .store
+        .apply(claim, acknowledged.clone(), Some(settle.clone()))
+        .await;
+    if result
+        .as_ref()
+        .is_err_and(|e| !e.refuses_value() && !matches!(e, StoreError::StaleClaim(_)))
+    {
+        // A passing error (a dropped connection, a deadlock): once more, a moment later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        result = deps.store.apply(claim, acknowledged, Some(settle.clone())).await;
+    }
+    match result {
         Ok(()) | Err(StoreError::StaleClaim(_)) => return,
         Err(e) if fallback && e.refuses_value() => {
             warn!(error = %e, "the store refuses the acknowledged events' records; recording their progress alone")

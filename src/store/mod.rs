@@ -75,16 +75,16 @@ impl std::error::Error for StoreError {
 }
 
 impl StoreError {
-    /// The database refused a value it was given (a data exception or a constraint: PostgreSQL's
-    /// SQLSTATE classes 22 and 23, SQLite's constraint, too-big and type-mismatch errors), or the
-    /// value cannot be encoded: writing the same again fails again. Other errors (a connection, a
-    /// lock, the disk) may pass.
+    /// The database refused a value it was given (a data exception, a constraint or a value too
+    /// large: PostgreSQL's SQLSTATE classes 22, 23 and 54, SQLite's constraint, too-big and
+    /// type-mismatch errors), or the value cannot be encoded: writing the same again fails again.
+    /// Other errors (a connection, a lock, the disk) may pass.
     pub fn refuses_value(&self) -> bool {
         match self {
             StoreError::Database(e) => e
                 .as_database_error()
                 .and_then(|d| d.code())
-                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+                .is_some_and(|code| ["22", "23", "54"].iter().any(|class| code.starts_with(class))),
             StoreError::Sqlite(e) => matches!(
                 e.sqlite_error_code(),
                 Some(

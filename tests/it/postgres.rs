@@ -336,7 +336,8 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
 }
 
 /// PostgreSQL: the plans delivery keeps are made on a connection's first call, when the queue may be
-/// empty, and stay lookups by key on a deep queue. A claim and an apply on a queue of 20,000 intents,
+/// empty, and stay lookups by key on a deep queue. A claim and an apply on a queue of 20,000 intents
+/// behind 20,000 dead letters,
 /// by a connection that planned both on a queue of one, read a few index pages, not the queue's
 /// index (as the kept plans of sessions 10 and 13 did: a scan of `intents_queue` per call).
 #[tokio::test]
@@ -364,14 +365,15 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     .execute(&mut conn)
     .await
     .unwrap();
-    let insert = |first: i64, count: i64| {
+    let insert_as = |state: &str, first: i64, count: i64| {
         format!(
             "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
-             created_at, updated_at) SELECT 'k' || g, 's' || g, 'x', '{{}}', true, 'pending', 0, g, g \
+             created_at, updated_at, dead_at) SELECT 'k' || g, 's' || g, 'x', '{{}}', true, '{state}', 0, g, g, 0 \
              FROM generate_series({first}, {}) g",
             first + count - 1
         )
     };
+    let insert = |first: i64, count: i64| insert_as("pending", first, count);
     let claim =
         |claim: &str| format!("SELECT id FROM forwarder_claim('{claim}', NULL, 600000, forwarder_now_ms(), 1, 10000)");
     let ack = |id: i64, claim: &str| {
@@ -380,6 +382,20 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'ack', NULL, NULL)"
         )
     };
+    if sqlx::query_scalar::<_, i32>("SELECT current_setting('server_version_num')::INT")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        < 150_000
+    {
+        eprintln!("SKIPPED plans_kept_on_an_empty_queue: pg_stat_force_next_flush needs PostgreSQL 15");
+        return;
+    }
+    // No ANALYZE behind the test's back: it would have the plans made again.
+    sqlx::raw_sql("ALTER TABLE intents SET (autovacuum_enabled = off)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     // Planned on a queue of one intent.
     sqlx::raw_sql(&insert(1, 1)).execute(&mut conn).await.unwrap();
     let first: i64 = sqlx::query_scalar(&claim("c1")).fetch_one(&mut conn).await.unwrap();
@@ -390,7 +406,12 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     assert!(acked);
     // Run on a queue of 20,000, before the statistics know it (an ANALYZE would have the plans made
     // again: autovacuum's come a minute apart at best, while a backlog fills in seconds).
-    sqlx::raw_sql(&insert(2, 20_000)).execute(&mut conn).await.unwrap();
+    // 20,000 dead letters of other shoppers first: the claimed intent's probe for older intents of
+    // its shopper is then a lookup in the shopper's queue, or a read of 20,000 older ids.
+    sqlx::raw_sql(&format!("{}; {}", insert_as("dead", 2, 20_000), insert(20_002, 20_000)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let before = index_reads(&mut conn, &schema).await;
     let id: i64 = sqlx::query_scalar(&claim("c2")).fetch_one(&mut conn).await.unwrap();
     let acked: bool = sqlx::query_scalar(&ack(id, "c2")).fetch_one(&mut conn).await.unwrap();
@@ -400,7 +421,7 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     // kept read the queue's index, about 280.
     assert!(
         read < 100,
-        "a claim and an ack read {read} index pages of a 20,000-intent queue"
+        "a claim and an ack read {read} index pages of a 40,000-intent table"
     );
 }
 

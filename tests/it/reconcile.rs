@@ -433,6 +433,7 @@ async fn a_checkout_cdp_never_took_before_its_session_closed_is_repaired_once() 
     let mut shopper = world.anonymous("O-NEVER", WEB_CLIENT);
     shopper.add("L1", "SKU-1", 2, 4.0).await;
     world.drained().await;
+    let before = world.cdp.requests().len();
     world
         .cdp
         .script_all(vec![Answer::status(201), Answer::retry_after(503, "3")]);
@@ -441,6 +442,20 @@ async fn a_checkout_cdp_never_took_before_its_session_closed_is_repaired_once() 
     assert_eq!(order.revenue, revenue);
     world.drained().await;
     assert_eq!(orders_of(&world, "O-NEVER"), 1, "one CDP order");
+    // The CHECKOUT sent as it stood, then the landing check's repair (not a plan made again at once).
+    let sent: Vec<String> = world.cdp.requests()[before..]
+        .iter()
+        .map(|r| r.event_type.clone())
+        .collect();
+    assert_eq!(
+        sent[..3],
+        ["CONFIRM", "CHECKOUT", "CHECKOUT"],
+        "what the submit sent: {sent:?}"
+    );
+    assert!(
+        lookups_of(&world, "O-NEVER") >= 1,
+        "the landing check asked for the order"
+    );
     assert!(
         world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
         "no dead letter"

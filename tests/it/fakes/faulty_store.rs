@@ -23,7 +23,8 @@ pub struct Faults {
     /// `apply` fails when its writes include a session or a shopper record (a value the database
     /// refuses); settling alone goes through.
     pub records_fail: bool,
-    /// `apply` fails when it acknowledges the intent (a write only the ack carries is refused).
+    /// `apply` fails whenever it acknowledges the intent (the store cannot be written then; the
+    /// retry's writes go through).
     pub ack_fails: bool,
     /// Reading the shopper's record panics (a bug in delivery, as the dispatcher sees it).
     pub read_panics: bool,
