@@ -69,6 +69,9 @@ pub async fn send(
             .await?;
     }
 
+    if let Some(reason) = unreadable_order_plan(claimed) {
+        return Err(Failure::Dead(reason));
+    }
     let mut progress = match resumable(deps, claimed, gathered) {
         Some(stored) => stored,
         None => plan(deps, gathered),
@@ -290,6 +293,28 @@ fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Optio
         sent,
         unstored: false,
     })
+}
+
+/// Why an order's stored plan cannot go on, if it cannot: some of it was acknowledged (a plan is
+/// stored with its first acknowledged event), and it cannot be read (a version that wrote another
+/// shape, a damaged row) or counts more events than it holds. Planned again, the order could reach
+/// CDP a second time: it becomes a dead letter instead, to be replayed by a version that reads it.
+/// Other intents are planned again (their events are upserts or idempotent).
+fn unreadable_order_plan(claimed: &ClaimedIntent) -> Option<String> {
+    if claimed.intent.kind != IntentKind::OrderSubmitted || claimed.plan.is_none() {
+        return None;
+    }
+    match stored_plan(claimed) {
+        Some((events, sent)) if sent <= events.len() => None,
+        Some((events, sent)) => Some(format!(
+            "the order's stored plan counts {sent} events acknowledged of {}: not planned again, \
+             which could send the order twice",
+            events.len()
+        )),
+        None => {
+            Some("the order's stored plan cannot be read: not planned again, which could send the order twice".into())
+        }
+    }
 }
 
 /// The stored plan and how much of it was acknowledged: a JSON array of events with the `sent`

@@ -306,6 +306,35 @@ async fn an_ack_the_store_refuses_every_time_ages_out_without_resending_the_orde
     assert_eq!(world.cdp.orders().len(), 1);
 }
 
+/// An order whose stored plan cannot be read back (a shape another version wrote, a damaged row)
+/// after CDP took its CHECKOUT (answered 504) is not planned again — in a new session, a second
+/// order — but becomes a dead letter that says why. One order.
+#[tokio::test]
+async fn an_order_whose_stored_plan_cannot_be_read_is_a_dead_letter_not_a_second_order() {
+    let (world, store) = World::start_faulty(Duration::from_secs(2), |_| {}).await;
+    let mut shopper = world.anonymous("O-UNREAD", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-UNREAD",
+        Faults {
+            plan_unreadable: true,
+            ..Faults::default()
+        },
+    );
+    world.cdp.script_all(vec![
+        Answer::status(201),
+        Answer::processed_then(504),
+        Answer::retry_after(503, "3"),
+    ]);
+    shopper.submit().await;
+    let dead = world.dead_letters().await;
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("stored plan cannot be read"), "{reason}");
+    world.drained().await;
+    assert_eq!(world.cdp.orders().len(), 1, "one CDP order");
+}
+
 /// A submit whose CHECKOUT CDP acknowledged, dead-lettered on a later event (the CLEAR_CART of the
 /// cart's other session refused), replayed after every session closed: it goes on from where it
 /// stopped instead of planning the order again, so CDP gets no second order.

@@ -35,6 +35,9 @@ pub struct Faults {
     /// The first `apply` that acknowledges an intent fails once, as on a connection the database
     /// dropped at that moment; later ones go through. [`FaultyStore::ack_faults`] counts them.
     pub ack_fails_once: bool,
+    /// A claimed intent's stored plan comes back in a shape this version cannot read (as one an
+    /// older or newer version wrote, or a damaged row).
+    pub plan_unreadable: bool,
 }
 
 pub struct FaultyStore {
@@ -169,9 +172,18 @@ impl Intake for FaultyStore {
 #[async_trait]
 impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
-        let claimed = self.inner.claim(limit, lease).await?;
+        let mut claimed = self.inner.claim(limit, lease).await?;
         let now = Instant::now();
-        for c in &claimed {
+        for c in &mut claimed {
+            let unreadable = self
+                .faults
+                .lock()
+                .unwrap()
+                .get(&c.shopper_key)
+                .is_some_and(|f| f.plan_unreadable);
+            if unreadable && c.plan.is_some() {
+                c.plan = Some(serde_json::json!({"shape": "unknown"}));
+            }
             self.shoppers
                 .lock()
                 .unwrap()
