@@ -69,10 +69,7 @@ pub async fn send(
             .await?;
     }
 
-    if let Some(reason) = unreadable_order_plan(claimed) {
-        return Err(Failure::Dead(reason));
-    }
-    let mut progress = match resumable(deps, claimed, gathered) {
+    let mut progress = match resumable(deps, claimed, gathered)? {
         Some(stored) => stored,
         None => plan(deps, gathered),
     };
@@ -270,13 +267,31 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
 /// attempt may have sent it and lost CDP's answer (a timeout, a gateway's 5xx, a crash), and
 /// planned again in a new session it would be a second order if CDP built the first. Sent as it
 /// stood, in a session CDP has closed it has no CONFIRM and builds nothing (`cdp.md` §8, reported by
-/// the community), and the landing check then finds the order
-/// or sends it again. Without the landing check the order is planned again (at least once: a CDP
-/// order is never lost for want of a session).
-fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Option<Progress> {
-    let (events, sent) = stored_plan(claimed)?;
-    if sent == 0 || sent > events.len() {
-        return None;
+/// the community), and the landing check then finds the order or sends it again. Without the
+/// landing check the order is planned again (at least once: a CDP order is never lost for want of a
+/// session).
+///
+/// An order's plan that cannot be read (a version that wrote another shape, a damaged row) or that
+/// counts more events than it holds is a dead letter, to be replayed by a version that reads it:
+/// some of it was acknowledged (a plan is stored with its first acknowledged event), and planned
+/// again the order could reach CDP a second time. Other intents are planned again (their events are
+/// upserts or idempotent).
+fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Result<Option<Progress>, Failure> {
+    let Some(plan) = claimed.plan.as_ref() else {
+        return Ok(None);
+    };
+    let Some((events, sent)) = plan_and_sent(plan, claimed.sent).filter(|(events, sent)| *sent <= events.len()) else {
+        return match claimed.intent.kind {
+            IntentKind::OrderSubmitted => Err(Failure::Dead(
+                "the order's stored plan cannot be read (or counts more events than it holds): not planned \
+                 again, which could send the order twice"
+                    .into(),
+            )),
+            _ => Ok(None),
+        };
+    };
+    if sent == 0 {
+        return Ok(None);
     }
     let order_sent = events[..sent]
         .iter()
@@ -288,44 +303,17 @@ fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Optio
     let next_open = events
         .get(sent)
         .is_none_or(|next| gathered.is_open(&next.session, now_ms()));
-    (order_sent || order_in_doubt || next_open).then_some(Progress {
+    Ok((order_sent || order_in_doubt || next_open).then_some(Progress {
         events,
         sent,
         unstored: false,
-    })
-}
-
-/// Why an order's stored plan cannot go on, if it cannot: some of it was acknowledged (a plan is
-/// stored with its first acknowledged event), and it cannot be read (a version that wrote another
-/// shape, a damaged row) or counts more events than it holds. Planned again, the order could reach
-/// CDP a second time: it becomes a dead letter instead, to be replayed by a version that reads it.
-/// Other intents are planned again (their events are upserts or idempotent).
-fn unreadable_order_plan(claimed: &ClaimedIntent) -> Option<String> {
-    if claimed.intent.kind != IntentKind::OrderSubmitted || claimed.plan.is_none() {
-        return None;
-    }
-    match stored_plan(claimed) {
-        Some((events, sent)) if sent <= events.len() => None,
-        Some((events, sent)) => Some(format!(
-            "the order's stored plan counts {sent} events acknowledged of {}: not planned again, \
-             which could send the order twice",
-            events.len()
-        )),
-        None => {
-            Some("the order's stored plan cannot be read: not planned again, which could send the order twice".into())
-        }
-    }
+    }))
 }
 
 /// The stored plan and how much of it was acknowledged: a JSON array of events with the `sent`
 /// column, or as earlier versions stored it, `{"events": [...], "sent": n}` (replicas of either
-/// version may share a database during a rolling upgrade).
-fn stored_plan(claimed: &ClaimedIntent) -> Option<(Vec<Event>, usize)> {
-    plan_and_sent(claimed.plan.as_ref()?, claimed.sent)
-}
-
-/// [`stored_plan`] of a plan and the `sent` column. An earlier version's plan keeps its own count,
-/// and this version records what it acknowledges of that plan in the column (the plan is not
+/// version may share a database during a rolling upgrade). An earlier version's plan keeps its own
+/// count, and this version records what it acknowledges of that plan in the column (the plan is not
 /// written again): the larger of the two is what CDP acknowledged.
 fn plan_and_sent(plan: &Value, sent_column: usize) -> Option<(Vec<Event>, usize)> {
     match plan {

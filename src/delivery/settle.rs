@@ -154,12 +154,7 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
     // a CHECKOUT above all — is sent again, and an order CDP acknowledged is still checked for.
     let acknowledged: Vec<Write> = writes
         .iter()
-        .filter(|w| {
-            matches!(
-                w,
-                Write::Plan(_) | Write::Sent(_) | Write::Durable | Write::CheckOrder(_) | Write::Session(_)
-            )
-        })
+        .filter(|w| is_progress(w) || matches!(w, Write::CheckOrder(_) | Write::Session(_)))
         .cloned()
         .collect();
     match deps.store.apply(claim, writes, Some(settle)).await {
@@ -188,11 +183,7 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
 /// still cannot be written, nothing is dropped: the lease runs out and the intent runs again,
 /// sending its last event again (at least once), and that event's ack records the rest.
 async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, settle: Settle) {
-    let progress: Vec<Write> = acknowledged
-        .iter()
-        .filter(|w| matches!(w, Write::Plan(_) | Write::Sent(_) | Write::Durable))
-        .cloned()
-        .collect();
+    let progress: Vec<Write> = acknowledged.iter().filter(|w| is_progress(w)).cloned().collect();
     let fallback = progress.len() < acknowledged.len();
     let mut result = deps
         .store
@@ -219,4 +210,10 @@ async fn record_progress(deps: &Deps, claim: &Claim, acknowledged: Vec<Write>, s
     if let Err(e) = deps.store.apply(claim, progress, Some(settle)).await {
         warn!(error = %e, "cannot settle the intent; its lease will run out and it runs again");
     }
+}
+
+/// The plan, the count of events CDP acknowledged and the wait for the disk: what keeps an
+/// acknowledged event from being sent again.
+fn is_progress(write: &Write) -> bool {
+    matches!(write, Write::Plan(_) | Write::Sent(_) | Write::Durable)
 }

@@ -277,28 +277,17 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     assert_eq!(ready.status(), 200);
 }
 
-/// Intake's batch is one function whose plans are made once per connection (migration 0007): its
-/// statements insert the rows they are given and read no table to choose them. Delivery's are not
-/// kept: a claim planned on an empty queue and kept scanned it once full (claims of 2 s with 35,000
-/// queued), and kept plans for the apply doubled the server's CPU end to end (BENCHMARKS.md, sessions
-/// 10 and 13). And the intent's text is compressed with lz4 where the server has it.
+/// Plans are kept where a statement can only find its rows by key: intake's batch (migration 0007:
+/// its statements insert the rows they are given) and delivery's apply (migration 0008); the claim
+/// keeps those of its statements after its walk from inside, and its walk is planned at every call
+/// (a walk planned on an empty queue and kept scanned it once full: BENCHMARKS.md, sessions 10, 13
+/// and 14). And the intent's text is compressed with lz4 where the server has it.
 #[tokio::test]
 async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_with_lz4() {
     let Some(url) = postgres_url("plans_are_kept_where_they_find_rows_by_key") else {
         return;
     };
-    // Migrated as an operator's command opens the store: nothing else is needed here.
-    let schema = fresh_schema();
-    let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
-        url: url.clone(),
-        schema: Some(schema.clone()),
-        ..Default::default()
-    };
-    ordercloud_cdp_forwarder::store::open(&store_settings, ordercloud_cdp_forwarder::store::Role::Tool)
-        .await
-        .unwrap()
-        .close()
-        .await;
+    let schema = migrated_schema(&url).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let settings: Vec<(String, Vec<String>)> = sqlx::query_as(
         "SELECT p.proname::text, COALESCE(p.proconfig, '{}') FROM pg_proc p \
@@ -346,17 +335,7 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     let Some(url) = postgres_url("plans_kept_on_an_empty_queue") else {
         return;
     };
-    let schema = fresh_schema();
-    let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
-        url: url.clone(),
-        schema: Some(schema.clone()),
-        ..Default::default()
-    };
-    ordercloud_cdp_forwarder::store::open(&store_settings, ordercloud_cdp_forwarder::store::Role::Tool)
-        .await
-        .unwrap()
-        .close()
-        .await;
+    let schema = migrated_schema(&url).await;
     // A connection set up as the service's are.
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(&format!(
@@ -441,4 +420,20 @@ async fn index_reads(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
     .fetch_one(&mut *conn)
     .await
     .unwrap()
+}
+
+/// A fresh schema, migrated as an operator's command opens the store: nothing else is needed.
+async fn migrated_schema(url: &str) -> String {
+    let schema = fresh_schema();
+    let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: url.to_string(),
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    ordercloud_cdp_forwarder::store::open(&store_settings, ordercloud_cdp_forwarder::store::Role::Tool)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    schema
 }

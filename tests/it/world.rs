@@ -280,22 +280,18 @@ impl<'w> Shopper<'w> {
 
     /// `POST v1/orders/Outgoing/{orderID}/submit`; returns the order's expected revenue.
     pub async fn submit(&mut self) -> f64 {
-        let order = self.order_json();
-        self.world.oc.submit(&self.order_id);
-        let w = self.classic(
-            "POST",
-            "v1/orders/{direction}/{orderID}/submit",
-            None,
-            Value::Null,
-            order.clone(),
-        );
-        self.world.app.deliver(&w).await;
-        order["Total"].as_f64().unwrap()
+        let token = self.token.clone();
+        self.submit_with_token(Some(&token)).await
     }
 
     /// `POST v1/orders/Outgoing/{orderID}/submit` whose webhook carries no `UserToken` (OrderCloud
     /// sends none for some callers): the service cannot tell which shopper acted.
     pub async fn submit_without_user_token(&mut self) -> f64 {
+        self.submit_with_token(None).await
+    }
+
+    /// The order submitted in OrderCloud and its webhook delivered, carrying `token`.
+    async fn submit_with_token(&mut self, token: Option<&str>) -> f64 {
         let order = self.order_json();
         self.world.oc.submit(&self.order_id);
         let params = json!({"direction": "Outgoing", "orderID": self.order_id});
@@ -303,7 +299,7 @@ impl<'w> Shopper<'w> {
             "POST",
             "v1/orders/{direction}/{orderID}/submit",
             params,
-            None,
+            token,
             Value::Null,
             order.clone(),
         );

@@ -1,3 +1,10 @@
+-- Delivery's two functions, replaced (same arguments, same answers) for two reasons.
+--
+-- A takeover claims an intent with the progress its stale worker committed while the claim waited
+-- for the intent's row: the claim reads the progress by a statement of its own, after its UPDATE.
+-- (Migration 0005's forwarder_claim read it in the statement that waited, with the snapshot from
+-- before: the event that write recorded was sent again.)
+--
 -- Delivery's statements that find their rows by a key keep their plans (planned once per
 -- connection instead of at every call: planning was about 40 % of the server's time per delivered
 -- event, BENCHMARKS.md session 14). Sessions 10 and 13 kept plans and saw a deep queue stall: a plan
