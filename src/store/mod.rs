@@ -97,6 +97,21 @@ impl StoreError {
             StoreError::Sync(_) | StoreError::Unavailable(_) | StoreError::StaleClaim(_) => false,
         }
     }
+
+    /// The connection broke, not the statement (the server closed it: a restart, an operator, an
+    /// idle timeout; SQLSTATE class 08 or 57P): on another connection the same statement may pass.
+    pub fn lost_connection(&self) -> bool {
+        match self {
+            StoreError::Database(e) => match &**e {
+                sqlx::Error::Io(_) => true,
+                sqlx::Error::Database(d) => d
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -33,6 +33,9 @@ pub struct PostgresStore {
     takeover: Duration,
 }
 
+/// A pooled connection idle this long is tested before it is used (see [`PostgresStore::open`]).
+const TEST_WHEN_IDLE: Duration = Duration::from_secs(1);
+
 /// How often a replica tells the database it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 
@@ -149,6 +152,8 @@ impl PostgresStore {
                     crate::config::redacted_url(&settings.url)
                 )
             })?
+            // What `pg_stat_activity` shows the service's connections as.
+            .application_name("ordercloud-cdp-forwarder")
             .options([
                 ("statement_timeout", settings.statement_timeout_ms.to_string()),
                 // The queue's shape changes by the second (empty, then a 100,000-intent backlog): a
@@ -185,7 +190,15 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.connect_timeout())
-            .test_before_acquire(true)
+            // sqlx tests every connection as it goes back to the pool; testing it again on its
+            // way out, one more round trip per statement, is left to connections idle long enough
+            // for the server to have gone away meanwhile (a restart, an idle timeout). A broken
+            // connection that slips through fails its statement: intake tries its batch again on
+            // another connection (`enqueue_batch`), delivery retries.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move { Ok(meta.idle_for < TEST_WHEN_IDLE || conn.ping().await.is_ok()) })
+            })
             .connect_with(options)
             .await
             .context("cannot connect to PostgreSQL (store.url)")?;
@@ -205,9 +218,10 @@ impl PostgresStore {
             Role::Tool => (None, Duration::from_secs(10)),
         };
         let writer_pool = pool.clone();
+        let tries = settings.max_connections + 1;
         let writer = GroupCommit::start(move |items| {
             let pool = writer_pool.clone();
-            async move { insert_batch(&pool, &items).await }
+            async move { enqueue_batch(&pool, &items, tries).await }
         });
         Ok(PostgresStore {
             pool,
@@ -215,6 +229,24 @@ impl PostgresStore {
             heartbeat,
             takeover,
         })
+    }
+}
+
+/// Intake's batch, tried again on another connection while the one it was given turns out broken
+/// (the server closed it: a restart, an operator, an idle timeout): OrderCloud does not send a
+/// refused webhook again. `tries` exceeds the pool's size, so that every connection the pool held
+/// can be found broken (each is dropped from the pool) before a new one is opened. Safe to repeat:
+/// a batch committed before its answer was lost comes back as duplicates, which intake answers 200.
+async fn enqueue_batch(pool: &PgPool, items: &[NewIntent], tries: u32) -> Result<Vec<EnqueueOutcome>, StoreError> {
+    let mut tries = tries.max(1);
+    loop {
+        tries -= 1;
+        match insert_batch(pool, items).await {
+            Err(e) if tries > 0 && e.lost_connection() => {
+                tracing::info!(error = %e, "a pooled PostgreSQL connection was broken: intake's batch tried again");
+            }
+            done => return done,
+        }
     }
 }
 

@@ -277,6 +277,53 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     assert_eq!(ready.status(), 200);
 }
 
+/// The database drops every connection the pool holds (a restart, a failover, an operator's
+/// `pg_terminate_backend`) and is back at once: the next webhooks are answered 200 at the first try
+/// (OrderCloud does not send a refused one again), although the pool only tests a connection idle
+/// for a second before it hands it out, and the shopper's order lands once.
+#[tokio::test]
+async fn webhooks_after_the_database_dropped_the_pools_connections_are_taken_at_the_first_try() {
+    let Some(url) = postgres_url("webhooks_after_the_database_dropped_the_pools_connections") else {
+        return;
+    };
+    let mut parsed = url::Url::parse(&url).unwrap();
+    let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
+    let proxy = Proxy::start(upstream).await;
+    parsed.set_host(Some("127.0.0.1")).unwrap();
+    parsed.set_port(Some(proxy.addr.port())).unwrap();
+    let proxied = parsed.to_string();
+
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.store.url = proxied.clone();
+        s.store.schema = Some(fresh_schema());
+        s.store.max_connections = 4;
+    })
+    .await;
+    let mut shopper = world.anonymous("DB-RESTART", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    world.drained().await;
+
+    for round in 0..3 {
+        proxy.cut();
+        proxy.restore();
+        let line = line_item(&format!("L{}", round + 2), &format!("SKU{round}"), 1, 5.0);
+        let webhook = line_created("DB-RESTART", &shopper.token, &line);
+        let status = world
+            .app
+            .post_signed(&serde_json::to_vec(&webhook).unwrap(), KEY)
+            .await
+            .status();
+        assert_eq!(status, 200, "round {round}: a webhook refused for a connection the database had dropped");
+        shopper.lines.push(line);
+    }
+    world.oc.set_lines("DB-RESTART", shopper.lines.clone());
+    let revenue = shopper.submit().await;
+    let order = world.order("DB-RESTART").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.lines.len(), 4);
+    assert_eq!(world.cdp.orders().len(), 1, "one order");
+}
+
 /// Plans are kept where a statement can only find its rows by key: intake's batch (migration 0007:
 /// its statements insert the rows they are given) and delivery's apply (migration 0008); the claim
 /// keeps those of its statements after its walk from inside, and its walk is planned at every call
