@@ -147,6 +147,9 @@ async fn handle(
     };
     let kind = route.kind.label();
     let mut item = new_intent(webhook, route, &body);
+    if let Some(reason) = unkeyable(&item) {
+        return (kind, "400", error(StatusCode::BAD_REQUEST, reason));
+    }
     let identity_known = enrich_with_known_identity(app, &mut item);
     span.record("shopper", item.shopper_key.as_str());
     if let Some(reason) = &item.dead_reason {
@@ -174,6 +177,18 @@ async fn handle(
             )
         }
     }
+}
+
+/// Longest shopper or dedupe key taken (OrderCloud's IDs are at most 100 characters).
+const MAX_KEY_BYTES: usize = 1024;
+
+/// Why the webhook's IDs cannot key a shopper's queue or its dedupe (a control character, which
+/// PostgreSQL cannot store in a key if it is U+0000, or an ID no OrderCloud object has), if so.
+fn unkeyable(item: &NewIntent) -> Option<&'static str> {
+    [&item.shopper_key, &item.dedupe_key]
+        .into_iter()
+        .any(|key| key.len() > MAX_KEY_BYTES || key.chars().any(char::is_control))
+        .then_some("an ID in the webhook (order, user or token claim) holds control characters or is too long to be OrderCloud's")
 }
 
 fn too_large(max: usize) -> (&'static str, &'static str, Response) {

@@ -4,7 +4,7 @@
 //! their own outcome.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -24,9 +24,12 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the writer; `commit` writes one batch in one transaction and returns an outcome per item.
+    /// A batch the database refuses for a value one of its items holds
+    /// ([`StoreError::refuses_value`]) is committed again item by item: only that item is refused,
+    /// not the shoppers whose webhooks shared its batch.
     pub fn start<F, Fut>(commit: F) -> GroupCommit
     where
-        F: Fn(Vec<NewIntent>) -> Fut + Send + 'static,
+        F: Fn(Arc<[NewIntent]>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<EnqueueOutcome>, StoreError>> + Send,
     {
         let (tx, mut rx) = mpsc::channel::<(NewIntent, Reply)>(4 * MAX_BATCH);
@@ -34,10 +37,17 @@ impl GroupCommit {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (items, replies): (Vec<NewIntent>, Vec<Reply>) = batch.drain(..).unzip();
-                match commit(items).await {
+                let items: Arc<[NewIntent]> = items.into();
+                match commit(items.clone()).await {
                     Ok(outcomes) => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) if e.refuses_value() && items.len() > 1 => {
+                        for (item, reply) in items.iter().zip(replies) {
+                            let alone = commit(Arc::new([item.clone()])).await;
+                            let _ = reply.send(alone.and_then(|mut o| o.pop().ok_or(e.clone())));
                         }
                     }
                     Err(e) => {

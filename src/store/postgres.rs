@@ -387,8 +387,8 @@ impl Outbox for PostgresStore {
         let (settle, settle_at, settle_text) = match settle {
             None => (None, None, None),
             Some(Settle::Ack) => (Some("ack"), None, None),
-            Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(error)),
-            Some(Settle::Dead { reason }) => (Some("dead"), None, Some(reason)),
+            Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(storable_text(error))),
+            Some(Settle::Dead { reason }) => (Some("dead"), None, Some(storable_text(reason))),
         };
         let checks = std::mem::take(&mut args.checks);
         // A landing check (one per submit) goes in the same transaction, after the claim was checked.
@@ -534,7 +534,7 @@ impl Outbox for PostgresStore {
              WHERE id = $4 AND enrich_claim = $5 AND NOT enriched AND state = 'pending'",
         )
         .bind(at_ms)
-        .bind(error)
+        .bind(storable_text(error))
         .bind(now_ms())
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
@@ -550,7 +550,7 @@ impl Outbox for PostgresStore {
              claim_id = NULL, lease_until = NULL, replica_id = NULL, enrich_claim = NULL \
              WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending'",
         )
-        .bind(reason)
+        .bind(storable_text(reason))
         .bind(now_ms())
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
@@ -661,7 +661,7 @@ impl Ledger for PostgresStore {
             )
             .bind(order_id)
             .bind(due_at_ms)
-            .bind(error),
+            .bind(storable_text(error)),
         };
         query.execute(&self.pool).await?;
         Ok(())
@@ -693,6 +693,18 @@ impl Ledger for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+}
+
+/// An error's text as PostgreSQL can store it: a text value cannot hold U+0000, which an answer
+/// from CDP or OrderCloud may carry (`error_msg`), and a refused reason would leave its intent
+/// impossible to settle — retried, or dead-lettered, forever.
+fn storable_text(text: impl Into<String>) -> String {
+    let text = text.into();
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
     }
 }
 

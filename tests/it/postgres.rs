@@ -313,7 +313,10 @@ async fn webhooks_after_the_database_dropped_the_pools_connections_are_taken_at_
             .post_signed(&serde_json::to_vec(&webhook).unwrap(), KEY)
             .await
             .status();
-        assert_eq!(status, 200, "round {round}: a webhook refused for a connection the database had dropped");
+        assert_eq!(
+            status, 200,
+            "round {round}: a webhook refused for a connection the database had dropped"
+        );
         shopper.lines.push(line);
     }
     world.oc.set_lines("DB-RESTART", shopper.lines.clone());
@@ -322,6 +325,87 @@ async fn webhooks_after_the_database_dropped_the_pools_connections_are_taken_at_
     assert_eq!(order.revenue, revenue);
     assert_eq!(order.lines.len(), 4);
     assert_eq!(world.cdp.orders().len(), 1, "one order");
+}
+
+/// CDP's answer to an event it refuses carries a text PostgreSQL cannot store (U+0000 in
+/// `error_msg`): the intent still becomes a dead letter that says why, instead of being sent again
+/// and again because its settling is refused.
+#[tokio::test]
+async fn a_refusal_whose_text_postgresql_cannot_store_still_ends_in_a_dead_letter() {
+    let Some(url) = postgres_url("a_refusal_whose_text_postgresql_cannot_store") else {
+        return;
+    };
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.store.url = url.clone();
+        s.store.schema = Some(fresh_schema());
+    })
+    .await;
+    world.cdp.script_all(vec![
+        Answer::status(400).with_body(json!({"error_msg": "bad\u{0}value"}))
+    ]);
+    let mut shopper = world.anonymous("NUL-ERROR", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 10.0).await;
+    let dead = world.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("bad") && reason.contains("value"), "{reason}");
+    assert_eq!(world.cdp.requests().len(), 1, "the refused event was sent once");
+}
+
+/// A signed submit whose order ID cannot key its dedupe (U+0000 in the route's `orderID`:
+/// PostgreSQL cannot store it) is refused with 400, and the shoppers' webhooks that arrived with it
+/// are taken.
+#[tokio::test]
+async fn a_webhook_whose_ids_cannot_be_keys_is_refused_and_those_beside_it_are_taken() {
+    let Some(url) = postgres_url("a_webhook_whose_ids_cannot_be_keys") else {
+        return;
+    };
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.store.url = url.clone();
+        s.store.schema = Some(fresh_schema());
+    })
+    .await;
+    let oc_url = world.oc.base_url();
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let order = format!("KEY-{i}");
+        let token = anon_token(&order, WEB_CLIENT, &oc_url);
+        let webhook = if i == 20 {
+            let params = json!({"direction": "Outgoing", "orderID": "BAD\u{0}ORDER"});
+            let submitted = json!({"ID": "BAD\u{0}ORDER", "Total": 1.0});
+            envelope(
+                "POST",
+                "v1/orders/{direction}/{orderID}/submit",
+                params,
+                Some(&token),
+                Value::Null,
+                submitted,
+            )
+        } else {
+            line_created(&order, &token, &line_item("L1", "SKU", 1, 1.0))
+        };
+        let body = serde_json::to_vec(&webhook).unwrap();
+        let (client, url) = (world.app.client.clone(), world.app.url("/webhooks/ordercloud"));
+        posts.spawn(async move {
+            let status = client
+                .post(url)
+                .header("content-type", "application/json")
+                .header(
+                    "X-oc-hash",
+                    ordercloud_cdp_forwarder::ordercloud::signature::sign(KEY.as_bytes(), &body),
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            (i, status.as_u16())
+        });
+    }
+    while let Some(joined) = posts.join_next().await {
+        let (i, status) = joined.unwrap();
+        assert_eq!(status, if i == 20 { 400 } else { 200 }, "webhook {i}");
+    }
 }
 
 /// Plans are kept where a statement can only find its rows by key: intake's batch (migration 0007:

@@ -129,6 +129,7 @@ contract!(
     a_lookup_sees_every_write_answered_before_it_and_what_the_file_holds,
     a_record_changed_by_another_process_is_seen_once_the_store_writes_again,
     writes_made_together_land_or_fail_each_alone,
+    a_webhook_the_database_refuses_fails_alone_not_the_webhooks_committed_with_it,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -645,6 +646,52 @@ async fn a_value_the_database_refuses_is_told_from_a_database_it_cannot_use(back
         .unwrap_err();
     assert!(!unusable.refuses_value(), "{unusable:?}");
     assert!(!StoreError::Unavailable("closed".into()).refuses_value());
+}
+
+/// Webhooks arriving together are committed together (PostgreSQL's group commit, SQLite's writer);
+/// one whose value the database refuses is refused alone: the others are stored, their shoppers
+/// undisturbed.
+async fn a_webhook_the_database_refuses_fails_alone_not_the_webhooks_committed_with_it(backend: Backend) {
+    let Some(place) = backend.place("refused_webhook") else {
+        return;
+    };
+    let store = place.service().await;
+    place
+        .execute(match backend {
+            Backend::Sqlite => {
+                "CREATE TRIGGER refuse BEFORE INSERT ON intents WHEN NEW.shopper_key = 'refused' \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            }
+            Backend::Postgres => "ALTER TABLE intents ADD CONSTRAINT refuse CHECK (shopper_key <> 'refused')",
+        })
+        .await;
+    for round in 0..3 {
+        let mut enqueues = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            let shopper = if i == 20 {
+                "refused".to_string()
+            } else {
+                format!("s{i}")
+            };
+            let item = intent(&shopper, &format!("together-{round}-{i}"));
+            enqueues.spawn(async move { (shopper, store.enqueue(item).await) });
+        }
+        let mut queued = 0;
+        while let Some(joined) = enqueues.join_next().await {
+            match joined.unwrap() {
+                (shopper, Err(e)) if shopper == "refused" => assert!(e.refuses_value(), "{e:?}"),
+                (shopper, outcome) => {
+                    assert!(
+                        matches!(outcome, Ok(EnqueueOutcome::Queued(_))),
+                        "round {round}, {shopper}: {outcome:?}"
+                    );
+                    queued += 1;
+                }
+            }
+        }
+        assert_eq!(queued, 39, "round {round}");
+    }
 }
 
 /// A shopper whose queue emptied starts a new one; a dead letter replayed then still goes first.
