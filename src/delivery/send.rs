@@ -84,6 +84,20 @@ pub async fn send(
             .window()
             .filter(|w| *w >= MIN_WINDOW)
             .ok_or_else(|| Failure::LeaseLost("the lease ran out before the next event".into()))?;
+        // An ORDER_CHECKOUT an earlier attempt may have sent is a whole order whatever the session:
+        // sent again, it would be a second order if CDP took the first. It is left to the landing
+        // check (on, or the stored plan would not have gone on), which finds the order or sends it
+        // again, once.
+        if doubtful_checkout == Some(progress.sent)
+            && matches!(progress.events[progress.sent].kind, EventKind::OrderCheckout { .. })
+            && deps.settings.verifies_orders()
+        {
+            warn!("an ORDER_CHECKOUT CDP may have taken is not sent again: left to the landing check");
+            progress.sent += 1;
+            record_ack(deps, claimed, &progress, None, &mut writes);
+            write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
+            continue;
+        }
         let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
         let event = &progress.events[progress.sent];
         let name = event.kind.name();
@@ -263,11 +277,13 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
 /// the order is already in CDP (a CHECKOUT or ORDER_CHECKOUT acknowledged): then it goes on whatever
 /// the sessions, for planning it again would send the order a second time.
 ///
-/// The same holds for an order whose CHECKOUT is next where the landing check is on: an earlier
+/// The same holds for an order whose CHECKOUT (or ORDER_CHECKOUT) is next where the landing check is on: an earlier
 /// attempt may have sent it and lost CDP's answer (a timeout, a gateway's 5xx, a crash), and
 /// planned again in a new session it would be a second order if CDP built the first. Sent as it
 /// stood, in a session CDP has closed it has no CONFIRM and builds nothing (`cdp.md` §8, reported by
-/// the community), and the landing check then finds the order or sends it again. Without the
+/// the community), and the landing check then finds the order or sends it again; an ORDER_CHECKOUT,
+/// which builds an order in any session, is not sent again at all but left to the landing check
+/// (see `send`). Without the
 /// landing check the order is planned again (at least once: a CDP order is never lost for want of a
 /// session).
 ///
@@ -299,7 +315,7 @@ fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Resul
     let order_in_doubt = deps.settings.verifies_orders()
         && events
             .get(sent)
-            .is_some_and(|next| matches!(next.kind, EventKind::Checkout { .. }));
+            .is_some_and(|next| matches!(next.kind, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }));
     let next_open = events
         .get(sent)
         .is_none_or(|next| gathered.is_open(&next.session, now_ms()));

@@ -390,6 +390,74 @@ async fn a_checkout_whose_answer_was_lost_is_not_planned_again_after_its_session
     );
 }
 
+/// In `order_checkout` mode CDP takes the ORDER_CHECKOUT but its answer is lost (a 504): sent
+/// again it would be a second order (it needs no CONFIRM in its session). It is left to the landing
+/// check instead, which finds the order CDP built: one order.
+#[tokio::test]
+async fn an_order_checkout_whose_answer_was_lost_is_not_sent_again() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
+        s.reconcile.verify_after_secs = Some(3);
+        s.reconcile.repairs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    let mut shopper = world.anonymous("OC-DOUBT", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    let before = world.cdp.requests().len();
+    // The submit's IDENTITY goes through; its ORDER_CHECKOUT is built but answered 504.
+    world
+        .cdp
+        .script_all(vec![Answer::status(201), Answer::processed_then(504)]);
+    let revenue = shopper.submit().await;
+    eventually("the order's landing check", Duration::from_secs(20), || async {
+        (lookups_of(&world, "OC-DOUBT") >= 1).then_some(())
+    })
+    .await;
+    world.drained().await;
+    let sent: Vec<String> = world.cdp.requests()[before..]
+        .iter()
+        .map(|r| r.event_type.clone())
+        .collect();
+    assert_eq!(
+        orders_of(&world, "OC-DOUBT"),
+        1,
+        "one CDP order; the submit sent {sent:?}"
+    );
+    assert_eq!(world.order("OC-DOUBT").await.revenue, revenue);
+    assert_eq!(sent, ["IDENTITY", "ORDER_CHECKOUT"], "what the submit sent");
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+}
+
+/// As above, but CDP never took the ORDER_CHECKOUT (503): the landing check finds no order and
+/// sends it again, once. Nothing lost, one order.
+#[tokio::test]
+async fn an_order_checkout_cdp_never_took_is_repaired_by_the_landing_check() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
+        s.reconcile.verify_after_secs = Some(3);
+        s.reconcile.repairs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    let mut shopper = world.anonymous("OC-NEVER", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    world.cdp.script_all(vec![Answer::status(201), Answer::status(503)]);
+    let revenue = shopper.submit().await;
+    let order = world.order("OC-NEVER").await;
+    assert_eq!(order.revenue, revenue);
+    world.drained().await;
+    assert_eq!(orders_of(&world, "OC-NEVER"), 1, "one CDP order");
+    assert!(lookups_of(&world, "OC-NEVER") >= 1, "found missing, then repaired");
+}
+
 /// As above, and CDP has meanwhile forgotten the shopper's browser (404 to the CHECKOUT sent as it
 /// stood): no browser is minted for the order to be planned again — a second order — the CHECKOUT
 /// is left to the landing check, which finds the order CDP built from the first.
