@@ -3,7 +3,10 @@
 //! enricher's writes are refused). Failures are retried with backoff and age out under
 //! `delivery.max_age_secs` like delivery's.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt as _;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -66,7 +69,18 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
     async {
         let store = &deps.store;
         let claim = &job.claim;
-        let result = match enrich(deps, &job).await {
+        // A panic (a bug, as the enricher sees it) is a failure like any other: retried, then aged
+        // out to a dead letter that says so. Unsettled, the job would run again at each lease's
+        // end, its shopper's queue waiting behind it for good.
+        let enriched = match AssertUnwindSafe(enrich(deps, &job)).catch_unwind().await {
+            Ok(enriched) => enriched,
+            Err(payload) => {
+                let message = super::dispatcher::panic_message(payload);
+                warn!(message, "enrichment panicked");
+                Err(EnrichError::Retry(format!("enrichment panicked: {message}")))
+            }
+        };
+        let result = match enriched {
             Ok(enrichment) => {
                 // Kept for a registered shopper's later intents, which may carry nothing naming them;
                 // an anonymous shopper's identity is in every one of its tokens (`anon-<orderid>`).

@@ -154,6 +154,48 @@ async fn a_delivery_that_panics_ages_out_to_a_dead_letter_while_others_flow() {
     );
 }
 
+/// An enrichment that panics (a bug, as the enricher sees it) is settled like a failure: retried,
+/// then a dead letter after `delivery.max_age_secs` that says it panicked — not run again at each
+/// lease's end with its shopper's queue stalled behind it.
+#[tokio::test]
+async fn an_enrichment_that_panics_ages_out_to_a_dead_letter() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.max_age_secs = 2;
+    })
+    .await;
+    let host = world
+        .oc
+        .base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    store.set(
+        &format!("user:{host}:enrich-panic-login"),
+        Faults {
+            read_panics: true,
+            ..Faults::default()
+        },
+    );
+    let mut broken = world.registered("buyer1", "enrich-panic", WEB_CLIENT);
+    broken.open_cart("O-ENRICH-PANIC");
+    broken.add("L1", "ROCK", 1, 1.0).await;
+    let dead = eventually(
+        "the panicking enrichment to age out",
+        Duration::from_secs(20),
+        || async {
+            let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("enrichment panicked") && reason.contains("(FaultyStore)"),
+        "{reason}"
+    );
+}
+
 /// A store that refuses one shopper's records (a value it cannot take, every time) makes that
 /// intent fail like any other failure: retried, then a dead letter after `delivery.max_age_secs`
 /// with the reason. The other shopper's order lands meanwhile.
