@@ -60,7 +60,15 @@ impl OrderLookup {
                         e.without_url()
                     ))),
                 },
-                404 => Ok(false),
+                // CDP's "none" (`cdp.md` §15) in CDP's JSON. A 404 page of something else (a proxy,
+                // a wrong cdp.base_url path) says nothing of the order: taken for "none", every
+                // order CDP built would be sent a second time.
+                404 => match response.json::<Value>().await {
+                    Ok(Value::Object(_)) => Ok(false),
+                    _ => Err(LookupError::Unavailable(
+                        "HTTP 404 without CDP's JSON answer (is cdp.base_url CDP's API host?)".into(),
+                    )),
+                },
                 status @ (401 | 403) => Err(LookupError::Credentials(status)),
                 status => Err(LookupError::Unavailable(format!("HTTP {status}"))),
             },

@@ -614,6 +614,32 @@ async fn an_order_lookup_that_keeps_failing_shows_in_readiness_until_it_succeeds
     assert_eq!(orders_of(&world, "O-RESTDOWN"), 1);
 }
 
+/// The lookup answered 404 by something that is not CDP's REST API (an HTML page: a proxy, a wrong
+/// path): that is no answer about the order, which CDP built — it is asked again, never sent a
+/// second time.
+#[tokio::test]
+async fn a_lookup_answered_by_a_not_found_page_is_no_answer_and_sends_nothing() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(1);
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world.cdp.set_rest_not_found_page(true);
+    let mut shopper = world.anonymous("O-404PAGE", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 4.0).await;
+    shopper.submit().await;
+    world.order("O-404PAGE").await;
+    eventually("the lookup to be tried again", Duration::from_secs(20), || async {
+        (lookups_of(&world, "O-404PAGE") >= 2).then_some(())
+    })
+    .await;
+    let text = world.app.ops_get("/health/ready").await.text().await.unwrap();
+    assert!(text.contains("order_check") && text.contains("404"), "{text}");
+    assert_eq!(checkouts_of(&world, "O-404PAGE"), 1, "the order was not sent again");
+    assert_eq!(orders_of(&world, "O-404PAGE"), 1);
+}
+
 /// CDP's REST API refusing the token: the check is retried (readiness shows it, still ready); the
 /// order is not sent again meanwhile.
 #[tokio::test]

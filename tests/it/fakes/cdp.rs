@@ -287,6 +287,12 @@ impl CdpFake {
     }
 
     /// The REST API answers 503 (down) or works again.
+    /// `GET /v2.1/orders` answered by something that is not CDP's REST API (a proxy, a wrong path):
+    /// 404 with an HTML page.
+    pub fn set_rest_not_found_page(&self, on: bool) {
+        self.lock().rest_not_found_page = on;
+    }
+
     pub fn set_rest_down(&self, down: bool) {
         self.lock().rest_down = down;
     }
@@ -428,6 +434,7 @@ struct CdpState {
     rest_calls: Vec<String>,
     /// The REST API answers 503 to everything while set.
     rest_down: bool,
+    rest_not_found_page: bool,
 }
 
 /// The outcome of an event that passed the client-key and JSON checks.
@@ -496,6 +503,7 @@ impl CdpState {
             lose_orders: HashMap::new(),
             rest_calls: Vec::new(),
             rest_down: false,
+            rest_not_found_page: false,
         }
     }
 
@@ -1701,6 +1709,14 @@ async fn rest_orders(
         .path_and_query()
         .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string());
     st.rest_calls.push(format!("GET {target}"));
+    if st.rest_not_found_page {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            [(axum::http::header::CONTENT_TYPE, "text/html")],
+            "<html><body><h1>404 Not Found</h1></body></html>",
+        )
+            .into_response();
+    }
     if st.rest_down {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
