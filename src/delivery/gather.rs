@@ -60,6 +60,8 @@ pub struct Gathered {
     anon_links: Vec<SessionRef>,
     /// Writes that follow from the intent itself, made with the first progress or the ack.
     pub writes: Vec<Write>,
+    /// The recorded lines a submit was planned from, when OrderCloud's could not be read.
+    pub planned_from_record: Option<Vec<Value>>,
 }
 
 pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Failure> {
@@ -124,6 +126,13 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         .or_else(|| link.as_ref().and_then(|l| l.anon_order_id.clone()))
         .unwrap_or_else(|| format!("cart:{key}"));
     let recorded = store.cart_lines(&order_id).await?;
+    // A submit planned from the record of its cart (OrderCloud's lines could not be read): the
+    // record is deleted with the ack, so its lines go with the order's landing check, whose repair
+    // plans from them.
+    let planned_from_record = (intent.kind == IntentKind::OrderSubmitted
+        && enrichment.lines.as_ref().is_none_or(Vec::is_empty)
+        && !recorded.is_empty())
+    .then(|| recorded.iter().map(|l| l.line.clone()).collect());
     let cart = record_cart(cdp, claimed, &enrichment, &order_id, recorded)?;
     let anon_key = cart.anon_key;
 
@@ -238,6 +247,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         others,
         anon_links,
         writes: cart.writes,
+        planned_from_record,
     })
 }
 

@@ -94,7 +94,7 @@ pub async fn send(
         {
             warn!("an ORDER_CHECKOUT CDP may have taken is not sent again: left to the landing check");
             progress.sent += 1;
-            record_ack(deps, claimed, &progress, None, &mut writes);
+            record_ack(deps, claimed, gathered, &progress, None, &mut writes);
             write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
             continue;
         }
@@ -115,7 +115,7 @@ pub async fn send(
                     )));
                     progress.unstored = false;
                 }
-                record_ack(deps, claimed, &progress, Some(facts), &mut writes);
+                record_ack(deps, claimed, gathered, &progress, Some(facts), &mut writes);
                 write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
             }
             // CDP no longer knows the browser of a CHECKOUT that may have reached it before: a new
@@ -129,7 +129,7 @@ pub async fn send(
             {
                 warn!(browser = %progress.events[progress.sent].session.browser_id, "CDP does not know the browser of a CHECKOUT it may have taken: left to the landing check");
                 progress.sent += 1;
-                record_ack(deps, claimed, &progress, None, &mut writes);
+                record_ack(deps, claimed, gathered, &progress, None, &mut writes);
                 write_progress(deps, claimed, gathered, &progress, &mut writes).await?;
             }
             Outcome::BrowserUnknown if Some(&progress.events[progress.sent].session) == gathered.primary().as_ref() => {
@@ -200,6 +200,7 @@ async fn write_progress(
 fn record_ack(
     deps: &Deps,
     claimed: &ClaimedIntent,
+    gathered: &Gathered,
     progress: &Progress,
     facts: Option<SessionFacts>,
     writes: &mut Vec<Write>,
@@ -213,7 +214,7 @@ fn record_ack(
     ) {
         writes.push(Write::Durable);
     }
-    if let Some(check) = landing_check(deps, claimed, acked) {
+    if let Some(check) = landing_check(deps, claimed, gathered, acked) {
         writes.push(Write::CheckOrder(check));
     }
 }
@@ -242,7 +243,7 @@ fn unrecorded(
         .sessions
         .get(&progress.events[progress.sent - 1].session)
         .cloned();
-    record_ack(deps, claimed, progress, facts, &mut writes);
+    record_ack(deps, claimed, gathered, progress, facts, &mut writes);
     Failure::Unrecorded {
         error,
         progress: writes,
@@ -251,7 +252,7 @@ fn unrecorded(
 
 /// After CDP acknowledged an order's CHECKOUT (or ORDER_CHECKOUT): the landing check that asks CDP
 /// for the order later (when `cdp.api_token` is set), recorded with the event's progress.
-fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<OrderCheck> {
+fn landing_check(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered, event: &Event) -> Option<OrderCheck> {
     if !deps.settings.verifies_orders() {
         return None;
     }
@@ -264,7 +265,16 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, event: &Event) -> Option<
         order_id,
         shopper_key: claimed.shopper_key.clone(),
         intent: serde_json::to_value(&claimed.intent).ok()?,
-        enrichment: claimed.enrichment.clone(),
+        // A repair reads OrderCloud's lines from here: those of the cart's record the order was
+        // planned from, when OrderCloud's could not be read (the record leaves with the ack).
+        enrichment: match (&gathered.planned_from_record, &claimed.enrichment) {
+            (Some(lines), Some(Value::Object(enrichment))) => {
+                let mut enrichment = enrichment.clone();
+                enrichment.insert("lines".into(), Value::Array(lines.clone()));
+                Some(Value::Object(enrichment))
+            }
+            _ => claimed.enrichment.clone(),
+        },
         due_at_ms: now_ms() + deps.settings.verify_after().as_millis() as i64,
         since_ms: 0,
         repairs: 0,

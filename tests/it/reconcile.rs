@@ -346,6 +346,30 @@ async fn an_ack_that_fails_once_keeps_its_orders_landing_check() {
     );
 }
 
+/// The submit's lines could not be read from OrderCloud (gone: 404), so the order was planned from
+/// the forwarder's record of the cart, which the ack then deletes; CDP acknowledged the CHECKOUT and
+/// built nothing. The landing check's repair still has the lines it was planned from: one order,
+/// no dead letter.
+#[tokio::test]
+async fn an_order_planned_from_the_record_of_its_cart_is_repaired_with_those_lines() {
+    let world = verifying_world().await;
+    let mut shopper = world.anonymous("O-RECORDED", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    world.oc.lose_lines("O-RECORDED");
+    world.cdp.lose_order("O-RECORDED", 1);
+    let revenue = shopper.submit().await;
+    let order = world.order("O-RECORDED").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(order.lines.len(), 1, "{order:?}");
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-RECORDED"), 1, "one CDP order");
+    assert!(
+        world.app.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "no dead letter"
+    );
+}
+
 /// CDP takes an order's CHECKOUT but its answer is lost (a 504 from a gateway), and CDP is then
 /// down until the session has closed: the retry sends the CHECKOUT as it stood instead of planning
 /// the order again in a new session (which would make a second order); CDP builds nothing from it
