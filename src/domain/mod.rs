@@ -4,6 +4,7 @@
 
 pub mod cart;
 pub mod clock;
+pub mod credentials;
 pub mod intent;
 pub mod session;
 pub mod shopper;

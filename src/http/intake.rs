@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
 use super::{error, AppState};
+use crate::domain::credentials::{self, is_credential_key};
 use crate::domain::intent::{submit_dedupe_key, IntentKind, IntentSecrets, RawIntent};
 use crate::domain::now_ms;
 use crate::ordercloud::envelope::Webhook;
@@ -356,15 +357,7 @@ fn take_strings<const N: usize>(body: &mut Box<RawValue>, names: [&str; N]) -> [
     taken
 }
 
-/// Whether a JSON key names a credential: a password, a token or a secret, in any letter case.
-fn is_credential_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "passwd", "pwd", "token", "secret"]
-        .iter()
-        .any(|word| key.contains(word))
-}
-
-/// Removes every credential-like key ([`is_credential_key`]) of a body, at every depth. The body is
+/// Removes every credential-like key ([`credentials::is_credential_key`]) of a body, at every depth. The body is
 /// parsed only when its text may hold one (most bodies are stored as they came).
 fn strip_credentials(body: &mut Box<RawValue>) {
     let text = body.get().as_bytes();
@@ -376,7 +369,7 @@ fn strip_credentials(body: &mut Box<RawValue>) {
     let Ok(mut value) = serde_json::from_str::<Value>(body.get()) else {
         return;
     };
-    if strip_value(&mut value) {
+    if credentials::strip(&mut value) {
         *body = serde_json::value::to_raw_value(&value).expect("a JSON value serializes");
     }
 }
@@ -384,24 +377,7 @@ fn strip_credentials(body: &mut Box<RawValue>) {
 fn strip_credentials_in_map(map: &mut Map<String, Value>) {
     map.retain(|k, _| !is_credential_key(k));
     for value in map.values_mut() {
-        strip_value(value);
-    }
-}
-
-/// Removes credential-like keys at every depth; true when something was removed.
-fn strip_value(value: &mut Value) -> bool {
-    match value {
-        Value::Object(map) => {
-            let before = map.len();
-            map.retain(|k, _| !is_credential_key(k));
-            let mut removed = map.len() != before;
-            for v in map.values_mut() {
-                removed |= strip_value(v);
-            }
-            removed
-        }
-        Value::Array(items) => items.iter_mut().fold(false, |removed, v| strip_value(v) | removed),
-        _ => false,
+        credentials::strip(value);
     }
 }
 

@@ -6,6 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::delivery::enrich::{profile_of, Enrichment};
+use crate::domain::credentials;
 use crate::domain::intent::{submit_dedupe_key, IntentKind, IntentSecrets, RawIntent, RouteFamily};
 use crate::store::NewIntent;
 
@@ -46,6 +47,14 @@ pub fn shopper_of(order: &Value, api_url: &str, anonymous_usernames: &[String]) 
 
 /// The intent of the order's submit, with what enrichment would have found.
 pub fn submit_of(order: &Value, lines: Vec<Value>, shopper: Shopper, api_url: &str, submitted_at_ms: i64) -> NewIntent {
+    // No credential is stored with an intent (a password or a token in an `xp`), as at intake.
+    let mut order = order.clone();
+    credentials::strip(&mut order);
+    let order = &order;
+    let mut lines = lines;
+    lines.iter_mut().for_each(|line| {
+        credentials::strip(line);
+    });
     let order_id = order.get("ID").and_then(Value::as_str).unwrap_or_default().to_string();
     let enrichment = Enrichment {
         identity: shopper.identity.clone(),

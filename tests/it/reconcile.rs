@@ -234,6 +234,46 @@ async fn an_order_whose_lines_are_gone_does_not_hold_up_the_others() {
     assert_eq!(orders_of(&world, "P-GONE"), 0);
 }
 
+/// A lost order found by reconciliation is stored without the credentials its order or lines
+/// carry (a password or a token in an `xp`), as intake stores a webhook: CDP refuses the order
+/// here, so the dead letter shows what was stored.
+#[tokio::test]
+async fn a_reconciled_order_is_stored_without_the_credentials_it_carries() {
+    let world = reconciling_world(SECRET).await;
+    world.cdp.script_all((0..4).map(|_| Answer::status(400)).collect());
+    let order = json!({"ID": "P-CREDS", "FromCompanyID": "anon-buyer",
+        "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
+        "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1,
+        "xp": {"Colour": "blue", "payment": {"CardToken": "order-secret-1"}, "Password": "order-secret-2"}});
+    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
+        "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {"apiSecret": "line-secret-3"}});
+    world.oc.put_submitted(order, vec![line], chrono::Utc::now());
+    let dead = eventually("the refused order's dead letter", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let text = serde_json::to_string(&dead).unwrap();
+    assert!(text.contains("blue"), "the order is stored: {text}");
+    for secret in ["order-secret-1", "order-secret-2"] {
+        assert!(!text.contains(secret), "{secret} is stored: {text}");
+    }
+    // The lines are stored with the order's enrichment, which dead letters do not show: the SQLite
+    // files hold none of the secrets either.
+    if let Some(path) = world.app.settings.store.url.strip_prefix("sqlite://") {
+        let dir = std::path::Path::new(path).parent().unwrap();
+        for file in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(file.unwrap().path()).unwrap_or_default();
+            for secret in ["order-secret-1", "order-secret-2", "line-secret-3"] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret} is in the store's files"
+                );
+            }
+        }
+    }
+}
+
 /// Wrong client credentials: readiness names the reconciler and stays ready; webhooks flow.
 #[tokio::test]
 async fn bad_client_credentials_show_in_readiness_and_webhooks_keep_flowing() {
