@@ -8,12 +8,12 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::{field, info, warn, Span};
 
+use super::limit::{self, NotRead};
 use super::{error, AppState};
 use crate::domain::credentials::{self, is_credential_key};
 use crate::domain::intent::{submit_dedupe_key, IntentKind, IntentSecrets, RawIntent};
@@ -42,6 +42,8 @@ pub(super) async fn receive(State(app): State<AppState>, headers: HeaderMap, bod
         // Anyone can send these: counted, and logged sparingly (never the body).
         app.refusals
             .refused(reason, "webhook refused before it was read or verified");
+    } else if outcome == "busy" {
+        // Counted and logged sparingly where it was refused (`limit::busy`).
     } else {
         span.record("outcome", outcome);
         span.record("status", status);
@@ -97,11 +99,13 @@ async fn handle(
             )
         }
     };
-    let read = tokio::time::timeout(app.settings.server.read_timeout(), Limited::new(body, max).collect()).await;
-    let body = match read {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(max),
-        Ok(Err(_)) => {
+    let read = tokio::time::timeout(app.settings.server.read_timeout(), app.limits.read(body, max)).await;
+    // What the webhook holds until it is answered: its body's bytes and its slot.
+    let (body, _held) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(NotRead::TooLarge)) => return too_large(max),
+        Ok(Err(NotRead::Busy)) => return ("unknown", "busy", limit::busy(app)),
+        Ok(Err(NotRead::Unreadable)) => {
             return (
                 "unknown",
                 "400",

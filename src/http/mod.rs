@@ -4,12 +4,10 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::sync::Semaphore;
 
 use crate::config::Settings;
 use crate::store::DynStore;
@@ -30,8 +28,8 @@ pub struct AppState {
     pub wake: Arc<tokio::sync::Notify>,
     /// Requests refused before they were verified: counted, logged sparingly.
     pub refusals: Arc<refusals::Refusals>,
-    /// Webhooks in flight (`server.max_inflight`).
-    pub inflight: Arc<Semaphore>,
+    /// Bodies and webhooks in flight (`server.max_inflight`).
+    pub limits: Arc<limit::Limits>,
     /// Registered shoppers' identities enrichment has stored (learned by the enricher).
     pub identities: Arc<crate::delivery::identities::KnownIdentities>,
 }
@@ -43,14 +41,14 @@ impl AppState {
         health: crate::health::Health,
         wake: Arc<tokio::sync::Notify>,
     ) -> AppState {
-        let inflight = Arc::new(Semaphore::new(settings.server.max_inflight));
+        let limits = Arc::new(limit::Limits::new(&settings.server));
         AppState {
             settings,
             store,
             health,
             wake,
             refusals: Arc::default(),
-            inflight,
+            limits,
             identities: Arc::default(),
         }
     }
@@ -60,10 +58,7 @@ impl AppState {
 /// without an operations listener (`server.admin_listen`), the operations routes too.
 pub fn router(state: AppState) -> Router {
     let public = Router::new()
-        .route(
-            "/webhooks/ordercloud",
-            post(intake::receive).layer(from_fn_with_state(state.clone(), limit::inflight)),
-        )
+        .route("/webhooks/ordercloud", post(intake::receive))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready_status));
     let public = match state.settings.server.admin_listen.as_deref() {

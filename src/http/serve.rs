@@ -6,8 +6,8 @@
 //! - At most [`ServerSettings::max_connections`] connections are open; more are closed at once
 //!   (idle or slow sockets cannot use up the file descriptors).
 //! - Bodies are read within the same timeout and up to `server.max_body_bytes` by the handlers that
-//!   read them (intake); requests in flight past `server.max_inflight` are answered 503 at once
-//!   (`http::limit`).
+//!   read them (intake), from a byte budget of `server.max_inflight × server.max_body_bytes`; webhooks
+//!   whose body has arrived past `server.max_inflight` are answered 503 at once (`http::limit`).
 
 use std::sync::Arc;
 use std::time::Duration;

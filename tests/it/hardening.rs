@@ -135,12 +135,13 @@ async fn slow_clients_are_cut_off_and_signed_webhooks_still_flow() {
     assert!(peak < 96, "peak RSS {peak} MiB");
 }
 
-/// Past `server.max_inflight`, intake answers 503 at once; nothing of those is stored, and every
-/// webhook answered 200 is.
+/// Past the memory intake gives bodies in flight (`server.max_inflight × server.max_body_bytes`),
+/// intake answers 503 at once; nothing of those is stored, and every webhook answered 200 is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_inflight_limit_intake_answers_503_and_stores_exactly_what_it_accepted() {
     let app = spawn_app_with(|s| {
         s.server.max_inflight = 8;
+        s.server.max_body_bytes = 8192;
         s.server.read_timeout_ms = 10_000;
         s.cdp.dry_run = false;
         s.cdp.base_url = Some(NOWHERE.into());
@@ -149,11 +150,17 @@ async fn past_the_inflight_limit_intake_answers_503_and_stores_exactly_what_it_a
     })
     .await;
     let addr = app.addr;
-    // Eight signed webhooks whose bodies take a second to arrive: they hold every slot.
+    // Eight signed webhooks of 8 KiB (padded with whitespace) whose last bytes take a second to
+    // arrive: between them they hold all but 80 bytes of the 64 KiB bodies may hold.
+    let padded = |order: &str, len: usize| {
+        let mut body = webhook(order);
+        body.resize(len, b' ');
+        body
+    };
     let holders: Vec<_> = (0..8)
         .map(|i| {
+            let body = padded(&format!("HOLD-{i}"), 8192);
             std::thread::spawn(move || {
-                let body = webhook(&format!("HOLD-{i}"));
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.write_all(
                     format!(
@@ -165,7 +172,7 @@ async fn past_the_inflight_limit_intake_answers_503_and_stores_exactly_what_it_a
                     .as_bytes(),
                 )
                 .unwrap();
-                let (first, rest) = body.split_at(body.len() / 2);
+                let (first, rest) = body.split_at(body.len() - 10);
                 s.write_all(first).unwrap();
                 std::thread::sleep(Duration::from_millis(1500));
                 s.write_all(rest).unwrap();
@@ -180,7 +187,7 @@ async fn past_the_inflight_limit_intake_answers_503_and_stores_exactly_what_it_a
     let mut refused = Vec::new();
     for i in 0..20 {
         let order = format!("EXTRA-{i}");
-        let body = webhook(&order);
+        let body = padded(&order, 2048);
         let started = Instant::now();
         let answer = app.post_signed(&body, KEY).await;
         assert_eq!(answer.status(), 503, "{order}");
@@ -209,6 +216,63 @@ async fn past_the_inflight_limit_intake_answers_503_and_stores_exactly_what_it_a
     // Once the slots are free, webhooks are taken again.
     app.deliver(&serde_json::from_slice::<Value>(&webhook("AFTER")).unwrap())
         .await;
+}
+
+/// Clients that trickle their bodies, more of them than there are slots (`server.max_inflight`),
+/// hold only the bytes they sent: signed webhooks arriving meanwhile are answered 200 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_trickling_bodies_hold_no_slot_and_webhooks_still_flow() {
+    let app = spawn_app_with(|s| {
+        s.server.max_inflight = 8;
+        s.server.read_timeout_ms = 10_000;
+        s.cdp.dry_run = false;
+        s.cdp.base_url = Some(NOWHERE.into());
+        s.cdp.client_key = ordercloud_cdp_forwarder::config::Secret::new("ck");
+        s.ordercloud.api_urls = vec![NOWHERE.into()];
+    })
+    .await;
+    let addr = app.addr;
+    let hash = signature::sign(KEY.as_bytes(), b"whatever");
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(AtomicUsize::new(0));
+    let (stopping, trickled) = (stop.clone(), rounds.clone());
+    let slow = std::thread::spawn(move || {
+        let mut streams: Vec<TcpStream> = (0..40)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(
+                    format!(
+                        "POST /webhooks/ordercloud HTTP/1.1\r\nHost: x\r\nX-oc-hash: {hash}\r\n\
+                         Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{"
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+                s
+            })
+            .collect();
+        // A byte every 100 ms each: never enough, never quite silent.
+        while !stopping.load(Ordering::SeqCst) {
+            for s in &mut streams {
+                let _ = s.write_all(b" ");
+            }
+            trickled.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // The trickling bodies have been arriving for a while before the webhooks are sent.
+    eventually("the bodies to trickle", Duration::from_secs(5), || async {
+        (rounds.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        let order = format!("FLOW-{i}");
+        let answer = app.post_signed(&webhook(&order), KEY).await;
+        assert_eq!(answer.status(), 200, "{order}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    slow.join().unwrap();
 }
 
 /// 10,000 unsigned requests write a handful of log lines, not 10,000.
