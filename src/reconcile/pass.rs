@@ -46,8 +46,11 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     let lag = secs_to_ms(settings.lag_secs);
     let until = now - lag;
     let floor = now - secs_to_ms(settings.lookback_secs);
-    // Each pass looks back over the lag again: orders the search cache showed late are found then.
-    let from = watermark.map_or(floor, |w| w - lag).max(floor);
+    // Each pass looks back over the lag again: orders the search cache showed late are found then;
+    // never before the store's migration to the ledger (earlier submits are keyed by LogID, and
+    // would look lost).
+    let since = r.store.ledger_since().await?.unwrap_or(i64::MIN);
+    let from = watermark.map_or(floor, |w| w - lag).max(floor).max(since);
     let mut report = Report::default();
     if from >= until {
         return Ok(report);

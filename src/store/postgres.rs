@@ -683,6 +683,16 @@ impl Ledger for PostgresStore {
         Ok(row.map(|r| r.get::<Option<i64>, _>("watermark")))
     }
 
+    async fn ledger_since(&self) -> Result<Option<i64>, StoreError> {
+        // Migration 0006 (the reconciler's table), as sqlx recorded it.
+        Ok(sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM installed_on) * 1000)::BIGINT FROM _sqlx_migrations \
+             WHERE version = 6 AND success",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE reconciler SET watermark = $1 \

@@ -119,6 +119,10 @@ pub trait Ledger: Send + Sync + 'static {
     /// Records how far a pass looked, if `holder` still holds the lease (false otherwise: nothing
     /// written).
     async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError>;
+    /// When this store began keying submits by their order (its migration to the order ledger,
+    /// epoch ms): earlier submits were keyed by their LogID, so reconciliation never looks before
+    /// it. `None` if the store cannot tell.
+    async fn ledger_since(&self) -> Result<Option<i64>, StoreError>;
 
     /// Up to `limit` landing checks that are due, leased for `lease` (a check whose lease ran out is
     /// due again).

@@ -212,6 +212,44 @@ async fn orders_and_lines_are_read_across_pages() {
     assert!(!pages.is_empty(), "the second page of orders was read");
 }
 
+/// Orders submitted before the store's migration to the order ledger were taken by a version that
+/// keyed submits by LogID, not by order: the first passes never look before that migration — not
+/// even over the lag they look back — so none is sent a second time. An order submitted after it
+/// lands.
+#[tokio::test]
+async fn orders_submitted_before_the_ledger_began_are_not_sent_again() {
+    let started = chrono::Utc::now();
+    let world = World::start_with(Duration::from_secs(1200), move |s| {
+        s.ordercloud.client_id = Some(CLIENT.into());
+        s.ordercloud.client_secret = Secret::new(SECRET);
+        s.reconcile.interval_secs = 1;
+        s.reconcile.lag_secs = 3;
+        s.reconcile.lookback_secs = 3600;
+    })
+    .await;
+    world.oc.add_api_client(CLIENT, SECRET, ANON_TEMPLATE_USERNAME);
+    let order = |id: &str| {
+        json!({"ID": id, "FromCompanyID": "anon-buyer",
+               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
+               "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
+    };
+    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
+                      "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}});
+    // Taken (and sent to CDP) by the version before, two seconds before this store began.
+    world.oc.put_submitted(
+        order("P-BEFORE"),
+        vec![line.clone()],
+        started - chrono::Duration::seconds(2),
+    );
+    world.oc.put_submitted(order("P-SINCE"), vec![line], chrono::Utc::now());
+    world.order("P-SINCE").await;
+    assert_eq!(
+        orders_of(&world, "P-BEFORE"),
+        0,
+        "an order from before the ledger was sent again"
+    );
+}
+
 /// A lost order whose lines cannot be read any more (deleted after it was listed) is left out; the
 /// other lost orders of the pass still land, and the pass does not start over forever.
 #[tokio::test]

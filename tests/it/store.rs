@@ -130,6 +130,7 @@ contract!(
     a_record_changed_by_another_process_is_seen_once_the_store_writes_again,
     writes_made_together_land_or_fail_each_alone,
     a_webhook_the_database_refuses_fails_alone_not_the_webhooks_committed_with_it,
+    the_ledger_begins_with_the_stores_migration_to_it,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -646,6 +647,22 @@ async fn a_value_the_database_refuses_is_told_from_a_database_it_cannot_use(back
         .unwrap_err();
     assert!(!unusable.refuses_value(), "{unusable:?}");
     assert!(!StoreError::Unavailable("closed".into()).refuses_value());
+}
+
+/// A store says when it began keying submits by their order (its migration to the ledger): the
+/// time it was created, for a new one (to the second).
+async fn the_ledger_begins_with_the_stores_migration_to_it(backend: Backend) {
+    let Some(place) = backend.place("ledger_since") else {
+        return;
+    };
+    let before = now_ms();
+    let store = place.service().await;
+    let since = store.ledger_since().await.unwrap().expect("the ledger's migration ran");
+    assert!(
+        (before - 1_000..=now_ms()).contains(&since),
+        "{since} not within {before}..{}",
+        now_ms()
+    );
 }
 
 /// Webhooks arriving together are committed together (PostgreSQL's group commit, SQLite's writer);

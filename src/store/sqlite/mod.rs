@@ -706,6 +706,16 @@ impl Ledger for SqliteStore {
             .await
     }
 
+    async fn ledger_since(&self) -> Result<Option<i64>, StoreError> {
+        // Migration 0009 (the reconciler's table); sqlx records when it ran, to the second.
+        Ok(sqlx::query_scalar(
+            "SELECT CAST((julianday(installed_on) - 2440587.5) * 86400000 AS INTEGER) \
+             FROM _sqlx_migrations WHERE version = 9 AND success",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     async fn advance_reconciler(&self, holder: &str, watermark_ms: i64) -> Result<bool, StoreError> {
         let holder = holder.to_string();
         self.writer

@@ -336,6 +336,10 @@ impl Operations for FaultyStore {
 
 #[async_trait]
 impl Ledger for FaultyStore {
+    async fn ledger_since(&self) -> Result<Option<i64>, StoreError> {
+        self.inner.ledger_since().await
+    }
+
     async fn claim_order_checks(
         &self,
         limit: usize,
