@@ -76,6 +76,11 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
+        // While paused, the intent claimed is the probe: no other goes until it is answered.
+        let probe = deps.pause.is_paused();
+        if probe {
+            deps.pause.probing();
+        }
         for intent in claimed {
             let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
             let (deps, stop) = (deps.clone(), stop.clone());
@@ -90,6 +95,9 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                     let message = panic_message(payload);
                     warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
                     settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
+                }
+                if probe {
+                    deps.pause.probe_ended();
                 }
                 drop(permit);
             });

@@ -12,8 +12,15 @@ use crate::health::Health;
 pub struct Pause {
     first: Duration,
     health: Health,
-    /// While paused: when to probe again, and the current pause length.
-    state: Mutex<Option<(Instant, Duration)>>,
+    /// While paused: when to probe again, the current pause length, and whether a probe is out.
+    state: Mutex<Option<Paused>>,
+}
+
+#[derive(Clone, Copy)]
+struct Paused {
+    probe_at: Instant,
+    length: Duration,
+    probing: bool,
 }
 
 impl Pause {
@@ -26,20 +33,30 @@ impl Pause {
     }
 
     /// CDP refused the configuration: pause, report it, probe again later (slowly). Returns the wait.
+    /// A probe's refusal doubles the pause (up to ten times the first); the refusals of requests
+    /// that were on their way when the pause began do not.
     pub fn start(&self, reason: &str) -> Duration {
         let mut state = self.state.lock().expect("pause lock");
-        let next = match *state {
-            Some((_, last)) => (last * 2).min(self.first * 10),
+        let length = match *state {
+            Some(p) if p.probing => (p.length * 2).min(self.first * 10),
+            Some(p) => {
+                // Already paused by this wave of refusals: the probe's time stands.
+                return p.probe_at.saturating_duration_since(Instant::now());
+            }
             None => self.first,
         };
-        *state = Some((Instant::now() + next, next));
+        *state = Some(Paused {
+            probe_at: Instant::now() + length,
+            length,
+            probing: false,
+        });
         self.health.set("cdp", reason.to_string());
         warn!(
             reason,
-            probe_in_secs = next.as_secs(),
+            probe_in_secs = length.as_secs(),
             "CDP refuses the configuration: delivery paused"
         );
-        next
+        length
     }
 
     /// CDP accepted an event or a browser/create: resume.
@@ -51,13 +68,35 @@ impl Pause {
         }
     }
 
-    /// `Some(wait)` while paused and the next probe is not due yet.
+    /// `Some(wait)` while paused and no probe may go yet: the next is not due, or one is out.
     pub fn waiting(&self) -> Option<Duration> {
         let state = self.state.lock().expect("pause lock");
-        state.and_then(|(probe_at, _)| probe_at.checked_duration_since(Instant::now()))
+        state.and_then(|p| match p.probing {
+            true => Some(p.length),
+            false => p.probe_at.checked_duration_since(Instant::now()),
+        })
     }
 
     pub fn is_paused(&self) -> bool {
         self.state.lock().expect("pause lock").is_some()
+    }
+
+    /// The probe is out: no other goes until its answer ([`Pause::start`], [`Pause::end`]) or
+    /// [`Pause::probe_ended`].
+    pub fn probing(&self) {
+        if let Some(p) = self.state.lock().expect("pause lock").as_mut() {
+            p.probing = true;
+        }
+    }
+
+    /// The probe's intent ended without an answer from CDP on the key (it failed before reaching
+    /// CDP, say): another may probe now.
+    pub fn probe_ended(&self) {
+        if let Some(p) = self.state.lock().expect("pause lock").as_mut() {
+            if p.probing {
+                p.probing = false;
+                p.probe_at = Instant::now();
+            }
+        }
     }
 }

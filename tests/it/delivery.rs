@@ -296,6 +296,47 @@ async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
     );
 }
 
+/// Shoppers' events refused (401) while a pause begins make one pause, not one doubling each;
+/// while paused, one intent at a time probes CDP — the next request waits for the pause after the
+/// last probe's answer — not a burst of them.
+#[tokio::test]
+async fn a_refused_key_is_probed_by_one_intent_at_a_time() {
+    let world = World::start_with(Duration::from_secs(1200), |s| s.delivery.auth_pause_secs = 1).await;
+    world.cdp.script_all((0..3).map(|_| Answer::status(401)).collect());
+    let mut shoppers: Vec<_> = (0..5)
+        .map(|i| world.anonymous(&format!("PROBE-{i}"), WEB_CLIENT))
+        .collect();
+    for shopper in &mut shoppers {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    world.drained().await;
+    let requests = world.cdp.requests();
+    assert_eq!(requests.iter().filter(|r| r.answered == 401).count(), 3);
+    // Refusals of requests already on their way when the first came may follow it at once; from
+    // half a second on, every request is a probe, until CDP accepts one.
+    let first = requests.iter().find(|r| r.answered == 401).unwrap().at;
+    let mut previous = first;
+    for request in &requests {
+        if request.at < first + Duration::from_millis(500) {
+            previous = previous.max(request.at);
+            continue;
+        }
+        let gap = request.at - previous;
+        assert!(
+            gap >= Duration::from_millis(900),
+            "a request {gap:?} after the one before: {requests:?}"
+        );
+        assert!(
+            gap < Duration::from_millis(4_500),
+            "the pause grew past its doubling: {gap:?}"
+        );
+        if request.answered != 401 {
+            break;
+        }
+        previous = request.at;
+    }
+}
+
 #[tokio::test]
 async fn dry_run_delivers_without_calling_cdp() {
     let world = World::start_with(Duration::from_secs(1200), |s| s.cdp.dry_run = true).await;
