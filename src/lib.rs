@@ -119,9 +119,11 @@ impl Application {
                 state.health.clone(),
                 state.wake.clone(),
             )?;
-            Some(tokio::spawn(reconcile::run_reconciler(
-                Arc::new(reconciler),
+            let reconciler = Arc::new(reconciler);
+            Some(tokio::spawn(delivery::supervised(
+                "reconciler",
                 stop_tx.subscribe(),
+                move |stop| reconcile::run_reconciler(reconciler.clone(), stop),
             )))
         } else {
             None
@@ -133,9 +135,11 @@ impl Application {
                 state.health.clone(),
                 state.wake.clone(),
             )?;
-            Some(tokio::spawn(reconcile::verify::run_verifier(
-                Arc::new(verifier),
+            let verifier = Arc::new(verifier);
+            Some(tokio::spawn(delivery::supervised(
+                "verifier",
                 stop_tx.subscribe(),
+                move |stop| reconcile::verify::run_verifier(verifier.clone(), stop),
             )))
         } else {
             None

@@ -98,8 +98,38 @@ async fn idle(deps: &Deps, stop: &mut watch::Receiver<bool>, wait: Duration) -> 
 
 /// Spawns both loops; they end when `stop` turns true.
 pub fn spawn(deps: Arc<Deps>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let (enricher, dispatcher) = (deps.clone(), deps);
     vec![
-        tokio::spawn(run_enricher(deps.clone(), stop.clone())),
-        tokio::spawn(run_dispatcher(deps, stop)),
+        tokio::spawn(supervised("enricher", stop.clone(), move |stop| {
+            run_enricher(enricher.clone(), stop)
+        })),
+        tokio::spawn(supervised("dispatcher", stop, move |stop| {
+            run_dispatcher(dispatcher.clone(), stop)
+        })),
     ]
+}
+
+/// Runs a worker loop until `stop`, starting it again (a second later) should it panic: a loop
+/// that ended silently would leave the service live and ready while nothing is delivered. (A
+/// panic inside one intent's delivery or enrichment is settled where it happens.)
+pub async fn supervised<F, Fut>(name: &'static str, stop: watch::Receiver<bool>, run: F)
+where
+    F: Fn(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(run(stop.clone())).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                let message = dispatcher::panic_message(e.into_panic());
+                tracing::error!(worker = name, message, "a worker loop panicked: started again");
+                metrics::counter!("forwarder_worker_restarts_total", "worker" => name).increment(1);
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => return,
+        }
+    }
 }

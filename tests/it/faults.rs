@@ -196,6 +196,22 @@ async fn an_enrichment_that_panics_ages_out_to_a_dead_letter() {
     );
 }
 
+/// A panic in the loops themselves (the claims of delivery and enrichment, outside any intent's
+/// task) does not stop them for good: each loop starts again, and orders still land.
+#[tokio::test]
+async fn a_delivery_loop_that_panics_starts_again() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    store.panic_next_claims(4);
+    let mut shopper = world.registered("buyer1", "loop-panic", WEB_CLIENT);
+    shopper.open_cart("O-LOOP-PANIC");
+    shopper.add("L1", "ROCK", 1, 1.0).await;
+    let revenue = shopper.submit().await;
+    let order = world.order("O-LOOP-PANIC").await;
+    assert_eq!(order.revenue, revenue);
+    let metrics = world.app.ops_get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("forwarder_worker_restarts_total"), "{metrics}");
+}
+
 /// A store that refuses one shopper's records (a value it cannot take, every time) makes that
 /// intent fail like any other failure: retried, then a dead letter after `delivery.max_age_secs`
 /// with the reason. The other shopper's order lands meanwhile.

@@ -61,6 +61,8 @@ pub struct FaultyStore {
     ack_faults: std::sync::atomic::AtomicUsize,
     /// Every apply that carried a settlement: its writes.
     settled_writes: Mutex<Vec<Vec<Write>>>,
+    /// Claims (delivery's and enrichment's) still to panic (a bug in the loop that claims).
+    claims_to_panic: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyStore {
@@ -77,7 +79,21 @@ impl FaultyStore {
             progress_faults: Default::default(),
             ack_faults: Default::default(),
             settled_writes: Mutex::default(),
+            claims_to_panic: Default::default(),
         })
+    }
+
+    /// The next `n` claims, delivery's or enrichment's, panic in the loop that claims.
+    pub fn panic_next_claims(&self, n: usize) {
+        self.claims_to_panic.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn maybe_panic_in_claim(&self) {
+        use std::sync::atomic::Ordering;
+        let left = self
+            .claims_to_panic
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        assert!(left.is_err(), "a claim panicked (FaultyStore)");
     }
 
     pub fn set(&self, shopper: &str, faults: Faults) {
@@ -172,6 +188,7 @@ impl Intake for FaultyStore {
 #[async_trait]
 impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
+        self.maybe_panic_in_claim();
         let mut claimed = self.inner.claim(limit, lease).await?;
         let now = Instant::now();
         for c in &mut claimed {
@@ -243,6 +260,7 @@ impl Outbox for FaultyStore {
     }
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
+        self.maybe_panic_in_claim();
         self.inner.claim_enrichment(limit, lease).await
     }
 
