@@ -3,6 +3,8 @@
 //!
 //! - A connection must send a request's headers within `server.read_timeout_ms`, also when it waits
 //!   idle between requests (keep-alive); otherwise it is closed.
+//! - A request's headers take at most 16 KiB (more: 431), so a connection buffers little before
+//!   anything is verified.
 //! - At most [`ServerSettings::max_connections`] connections are open; more are closed at once
 //!   (idle or slow sockets cannot use up the file descriptors).
 //! - Bodies are read within the same timeout and up to `server.max_body_bytes` by the handlers that
@@ -22,6 +24,9 @@ use tokio::sync::{watch, Semaphore};
 
 use super::refusals::Refusals;
 use crate::config::ServerSettings;
+
+/// What a connection buffers of a request's head (and of its body at a time), at most: 16 KiB.
+const MAX_HEADER_BUFFER: usize = 16 * 1024;
 
 /// Serves `router` on `listener` until `stop` turns true, then stops accepting and waits for the
 /// connections in flight (the caller bounds that wait).
@@ -57,6 +62,9 @@ pub async fn serve(
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(read_timeout)
+            // Headers past this are answered 431 (hyper's default buffers about 400 KiB per
+            // connection before anything is verified; a webhook's headers take a few hundred bytes).
+            .max_buf_size(MAX_HEADER_BUFFER)
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
         let connection = graceful.watch(connection);

@@ -275,6 +275,27 @@ async fn clients_trickling_bodies_hold_no_slot_and_webhooks_still_flow() {
     slow.join().unwrap();
 }
 
+/// Headers larger than a webhook's ever are refused (431) and the connection closed: what a client
+/// makes the service buffer before anything is verified stays small, whatever it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused_before_they_are_buffered() {
+    let app = spawn_app_with(|_| {}).await;
+    let addr = app.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let pad = "a".repeat(100_000);
+        let _ =
+            s.write_all(format!("POST /webhooks/ordercloud HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n").as_bytes());
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).to_string()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
 /// 10,000 unsigned requests write a handful of log lines, not 10,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_unsigned_requests_write_a_handful_of_log_lines() {
