@@ -301,6 +301,9 @@ pub struct StoreSettings {
     pub connect_timeout_ms: u64,
     /// How long a LogID is remembered for deduplication.
     pub dedupe_retention_secs: u64,
+    /// How long what a shopper left (cart records, CDP session facts, the shopper's record) is kept
+    /// after it was last touched; 0 keeps it for ever.
+    pub shopper_retention_secs: u64,
 }
 
 impl fmt::Debug for StoreSettings {
@@ -312,6 +315,7 @@ impl fmt::Debug for StoreSettings {
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("dedupe_retention_secs", &self.dedupe_retention_secs)
+            .field("shopper_retention_secs", &self.shopper_retention_secs)
             .finish()
     }
 }
@@ -361,6 +365,10 @@ impl StoreSettings {
     pub fn dedupe_retention(&self) -> Duration {
         Duration::from_secs(self.dedupe_retention_secs)
     }
+    /// `None`: kept for ever.
+    pub fn shopper_retention(&self) -> Option<Duration> {
+        (self.shopper_retention_secs > 0).then(|| Duration::from_secs(self.shopper_retention_secs))
+    }
 }
 
 impl Default for StoreSettings {
@@ -372,6 +380,7 @@ impl Default for StoreSettings {
             statement_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             dedupe_retention_secs: 7 * 24 * 3600,
+            shopper_retention_secs: 90 * 24 * 3600,
         }
     }
 }

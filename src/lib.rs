@@ -228,6 +228,14 @@ async fn housekeeping(
         if let Err(e) = store.prune_dedupe(domain::now_ms().saturating_sub(retention_ms)).await {
             warn!(error = %e, "cannot prune dedupe records");
         }
+        if let Some(retention) = settings.store.shopper_retention() {
+            let before = domain::now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+            match store.prune_shoppers(before).await {
+                Ok(0) => {}
+                Ok(n) => info!(rows = n, "forgot what shoppers left past store.shopper_retention_secs"),
+                Err(e) => warn!(error = %e, "cannot prune shoppers' records"),
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(600)) => {}
             _ = stop.wait_for(|s| *s) => return,

@@ -616,6 +616,18 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
             .rows_affected())
     }
 
+    async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for sql in shared::PRUNE_SHOPPERS {
+            deleted += sqlx::query(sql)
+                .bind(before_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(deleted)
+    }
+
     async fn close(&self) {
         self.writer.close().await;
         // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had

@@ -105,6 +105,10 @@ pub trait Operations: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Forgets dedupe records older than `before_ms`.
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError>;
+    /// Forgets what shoppers left that nothing touched since `before_ms`: records of carts, facts
+    /// of CDP sessions, and shoppers' records (identity, details, browsers) — not the record of a
+    /// shopper with an intent in its queue. Returns the rows deleted.
+    async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError>;
     /// Flushes and closes; later calls fail.
     async fn close(&self);
 }

@@ -18,6 +18,13 @@ pub(crate) const CART_LINES: &str = "SELECT order_id, line_id, shopper_key, line
 pub(crate) const PENDING: &str =
     "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
      FROM intents WHERE state = 'pending' ORDER BY id LIMIT $1";
+/// What [`super::Operations::prune_shoppers`] deletes, one statement per table (`$1`: before).
+pub(crate) const PRUNE_SHOPPERS: [&str; 3] = [
+    "DELETE FROM cart_lines WHERE updated_at < $1",
+    "DELETE FROM cdp_sessions WHERE last_event_at < $1",
+    "DELETE FROM shoppers WHERE updated_at < $1 AND NOT EXISTS \
+     (SELECT 1 FROM intents i WHERE i.shopper_key = shoppers.shopper_key AND i.state = 'pending')",
+];
 pub(crate) const COUNT_DEAD_BEFORE: &str = "SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < $1";
 pub(crate) const STATS: &str = "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
             (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \

@@ -131,6 +131,7 @@ contract!(
     writes_made_together_land_or_fail_each_alone,
     a_webhook_the_database_refuses_fails_alone_not_the_webhooks_committed_with_it,
     the_ledger_begins_with_the_stores_migration_to_it,
+    what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_shoppers_record,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -647,6 +648,75 @@ async fn a_value_the_database_refuses_is_told_from_a_database_it_cannot_use(back
         .unwrap_err();
     assert!(!unusable.refuses_value(), "{unusable:?}");
     assert!(!StoreError::Unavailable("closed".into()).refuses_value());
+}
+
+/// What shoppers left (cart records, session facts, shoppers' records) is forgotten once nothing
+/// touched it since the cutoff; a shopper with an intent in its queue keeps its record.
+async fn what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_shoppers_record(backend: Backend) {
+    let Some(place) = backend.place("prune_shoppers") else {
+        return;
+    };
+    let store = place.service().await;
+    let now = now_ms();
+    for key in ["old", "new", "busy"] {
+        queued(&store, key, &format!("prune-{key}")).await;
+    }
+    let claimed = store.claim(3, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    for c in &claimed {
+        let key = c.shopper_key.clone();
+        let writes = vec![
+            Write::Shopper {
+                key: key.clone(),
+                state: ShopperState {
+                    identity: Some(format!("id-{key}")),
+                    browsers: [("WEB".to_string(), format!("b-{key}"))].into(),
+                    ..ShopperState::default()
+                },
+            },
+            Write::Session(SessionFacts {
+                channel: "WEB".into(),
+                browser_id: format!("b-{key}"),
+                shopper_key: key.clone(),
+                last_event_at_ms: now,
+                ..SessionFacts::default()
+            }),
+            Write::CartLine(CartLine {
+                order_id: format!("o-{key}"),
+                line_id: "L1".into(),
+                shopper_key: key.clone(),
+                line: json!({"ID": "L1"}),
+                updated_at_ms: now,
+            }),
+        ];
+        let settle = (key != "busy").then_some(Settle::Ack);
+        store.apply(&c.claim, writes, settle).await.unwrap();
+    }
+    place
+        .execute(
+            "UPDATE shoppers SET updated_at = 1000 WHERE shopper_key IN ('old', 'busy'); \
+             UPDATE cdp_sessions SET last_event_at = 1000 WHERE shopper_key IN ('old', 'busy'); \
+             UPDATE cart_lines SET updated_at = 1000 WHERE shopper_key IN ('old', 'busy')",
+        )
+        .await;
+    // Read before the pruning (a write first, so that the store has seen the change above): what a
+    // lookup keeps in memory must go with the rows.
+    store.prune_dedupe(0).await.unwrap();
+    assert!(store.shopper("old").await.unwrap().is_some());
+    assert!(store.session("WEB", "b-old").await.unwrap().is_some());
+    assert_eq!(store.cart_lines("o-old").await.unwrap().len(), 1);
+    let deleted = store.prune_shoppers(now - 3_600_000).await.unwrap();
+    assert_eq!(deleted, 5, "old's three rows, busy's cart and session");
+    assert!(store.shopper("old").await.unwrap().is_none());
+    assert!(store.session("WEB", "b-old").await.unwrap().is_none());
+    assert!(store.cart_lines("o-old").await.unwrap().is_empty());
+    assert!(store.shopper("busy").await.unwrap().is_some(), "its intent is queued");
+    assert!(store.session("WEB", "b-busy").await.unwrap().is_none());
+    assert!(store.cart_lines("o-busy").await.unwrap().is_empty());
+    assert!(store.shopper("new").await.unwrap().is_some());
+    assert!(store.session("WEB", "b-new").await.unwrap().is_some());
+    assert_eq!(store.cart_lines("o-new").await.unwrap().len(), 1);
+    assert_eq!(store.prune_shoppers(now - 3_600_000).await.unwrap(), 0, "nothing more");
 }
 
 /// A store says when it began keying submits by their order (its migration to the ledger): the

@@ -672,6 +672,22 @@ shared::operations!(SqliteStore, "CAST(intent AS BLOB)", {
             .await
     }
 
+    async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let deleted = self
+            .writer
+            .write(move |c| {
+                shared::PRUNE_SHOPPERS
+                    .iter()
+                    .try_fold(0, |n, sql| Ok(n + run(c, sql, params![before_ms])?))
+            })
+            .await?;
+        if deleted > 0 {
+            // Lookups read the file again: what memory kept of a deleted record goes with it.
+            self.recent.forget();
+        }
+        Ok(deleted)
+    }
+
     async fn close(&self) {
         // The readers first: the last connection to close removes the WAL, which a read-only one
         // cannot do.

@@ -91,7 +91,8 @@ impl Recent {
         self.forget();
     }
 
-    fn forget(&self) {
+    /// Forgets everything kept: lookups read the file (after records were deleted, say).
+    pub fn forget(&self) {
         self.inner().forget();
     }
 

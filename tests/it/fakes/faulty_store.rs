@@ -343,6 +343,10 @@ impl Operations for FaultyStore {
         self.inner.ping().await
     }
 
+    async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.inner.prune_shoppers(before_ms).await
+    }
+
     async fn prune_dedupe(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_dedupe(before_ms).await
     }
