@@ -5,10 +5,11 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -17,27 +18,42 @@ use super::{backoff, idle, Deps};
 use crate::domain::now_ms;
 use crate::store::{EnrichmentJob, StoreError};
 
-/// Runs enrichment jobs until stopped.
+/// Runs enrichment jobs until stopped: up to `delivery.concurrency` (4 to 64) at once, claiming
+/// more as soon as some are done — a slow shopper's reads hold only their own slots, not every
+/// other shopper's enrichment.
 pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
-    let batch = deps.settings.delivery.concurrency.clamp(4, 64);
+    let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency.clamp(4, 64)));
+    let mut tasks = JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         if *stop.borrow() {
-            return;
+            break;
         }
-        let jobs = match deps.store.claim_enrichment(batch, deps.settings.delivery.lease()).await {
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        let jobs = match deps.store.claim_enrichment(free, deps.settings.delivery.lease()).await {
             Ok(jobs) => jobs,
             Err(e) => {
                 warn!(error = %e, "cannot claim enrichment jobs");
                 if !idle(&deps, &mut stop, poll * 5).await {
-                    return;
+                    break;
                 }
                 continue;
             }
         };
         if jobs.is_empty() {
-            if !idle(&deps, &mut stop, poll).await {
-                return;
+            tokio::select! {
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = deps.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = stop.wait_for(|s| *s) => break,
             }
             continue;
         }
@@ -50,18 +66,37 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                 None => by_shopper.push((job.shopper_key.clone(), vec![job])),
             }
         }
-        let mut set = JoinSet::new();
         for (_, list) in by_shopper {
+            let count = u32::try_from(list.len()).unwrap_or(u32::MAX);
+            let Ok(permits) = slots.clone().try_acquire_many_owned(count) else {
+                break; // claimed no more than `free`: not reached
+            };
             let deps = deps.clone();
-            set.spawn(async move {
+            let claimed_at = std::time::Instant::now();
+            tasks.spawn(async move {
+                let lease = deps.settings.delivery.lease();
                 for job in list {
+                    // A job its lease no longer covers for a whole try is left to be claimed again.
+                    if claimed_at.elapsed() + deadline(lease) > lease {
+                        debug!(
+                            intent_id = job.claim.intent_id,
+                            "no lease left for the job: claimed again later"
+                        );
+                        continue;
+                    }
                     enrich_one(&deps, job).await;
                 }
+                drop(permits);
+                deps.wake.notify_waiters();
             });
         }
-        while set.join_next().await.is_some() {}
-        deps.wake.notify_waiters();
     }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// How long one job's OrderCloud reads may take: three quarters of its lease, which is not renewed.
+fn deadline(lease: Duration) -> Duration {
+    lease - lease / 4
 }
 
 async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
@@ -72,9 +107,17 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
         // A panic (a bug, as the enricher sees it) is a failure like any other: retried, then aged
         // out to a dead letter that says so. Unsettled, the job would run again at each lease's
         // end, its shopper's queue waiting behind it for good.
-        let enriched = match AssertUnwindSafe(enrich(deps, &job)).catch_unwind().await {
-            Ok(enriched) => enriched,
-            Err(payload) => {
+        // Its lease is not renewed: the reads end within three quarters of it, or are tried again
+        // later (counted, and aged out), before another enricher could take the job over.
+        let deadline = deadline(deps.settings.delivery.lease());
+        let enriching = tokio::time::timeout(deadline, AssertUnwindSafe(enrich(deps, &job)).catch_unwind());
+        let enriched = match enriching.await {
+            Err(_) => Err(EnrichError::Retry(format!(
+                "the OrderCloud reads took longer than {} ms (three quarters of delivery.lease_secs)",
+                deadline.as_millis()
+            ))),
+            Ok(Ok(enriched)) => enriched,
+            Ok(Err(payload)) => {
                 let message = super::dispatcher::panic_message(payload);
                 warn!(message, "enrichment panicked");
                 Err(EnrichError::Retry(format!("enrichment panicked: {message}")))

@@ -337,6 +337,39 @@ async fn a_refused_key_is_probed_by_one_intent_at_a_time() {
     }
 }
 
+/// One shopper's OrderCloud reads are slow (1.5 s each): the shoppers whose webhooks come after are
+/// enriched and delivered meanwhile, not held until the slow reads end.
+#[tokio::test]
+async fn a_shopper_whose_reads_are_slow_holds_up_no_other_shopper() {
+    let world = World::start().await;
+    let mut slow = world.registered("buyer1", "slow-reads", WEB_CLIENT);
+    world.oc.set_token_delay(&slow.token, Duration::from_millis(1500));
+    slow.open_cart("O-SLOW");
+    let mut fast = world.registered("buyer1", "fast-reads", WEB_CLIENT);
+    fast.open_cart("O-FAST");
+    slow.add("L1", "SKU", 1, 10.0).await;
+    fast.add("L1", "SKU", 1, 10.0).await;
+    world.drained().await;
+    let first_of = |user: &str| {
+        world
+            .cdp
+            .requests()
+            .iter()
+            .position(|r| r.shopper.as_deref() == Some(&format!("buyer1-{user}")))
+            .unwrap_or_else(|| panic!("no event of {user}"))
+    };
+    assert!(
+        first_of("fast-reads") < first_of("slow-reads"),
+        "the fast shopper waited for the slow one: {:?}",
+        world
+            .cdp
+            .requests()
+            .iter()
+            .map(|r| r.shopper.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn dry_run_delivers_without_calling_cdp() {
     let world = World::start_with(Duration::from_secs(1200), |s| s.cdp.dry_run = true).await;

@@ -212,6 +212,30 @@ async fn a_delivery_loop_that_panics_starts_again() {
     assert!(metrics.contains("forwarder_worker_restarts_total"), "{metrics}");
 }
 
+/// An enrichment's lease is not renewed: OrderCloud reads that take longer than three quarters of
+/// it are given up and tried again later (counted, then aged out to a dead letter that says why),
+/// before another enricher could take the job over and run it twice at once, for ever.
+#[tokio::test]
+async fn enrichment_reads_longer_than_their_lease_allows_are_retried_and_age_out() {
+    let (world, _store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.lease_secs = 2;
+        s.delivery.request_timeout_ms = 1_000;
+        s.delivery.max_age_secs = 2;
+    })
+    .await;
+    let mut slow = world.registered("buyer1", "slow-enrich", WEB_CLIENT);
+    world.oc.set_token_delay(&slow.token, Duration::from_secs(3));
+    slow.open_cart("O-SLOW-ENRICH");
+    slow.add("L1", "ROCK", 1, 1.0).await;
+    let dead = eventually("the slow enrichment to age out", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("took longer than 1500 ms"), "{reason}");
+}
+
 /// A store that refuses one shopper's records (a value it cannot take, every time) makes that
 /// intent fail like any other failure: retried, then a dead letter after `delivery.max_age_secs`
 /// with the reason. The other shopper's order lands meanwhile.

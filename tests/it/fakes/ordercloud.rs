@@ -86,6 +86,8 @@ struct OcState {
     search_lag: Duration,
     /// Orders whose lines answer 404 (deleted since they were listed).
     lines_gone: HashSet<String>,
+    /// Requests bearing these tokens wait this long more (one slow shopper).
+    token_delays: HashMap<String, Duration>,
 }
 
 impl OcState {
@@ -293,6 +295,11 @@ impl OrderCloudFake {
         self.lock().script.extend(statuses);
     }
 
+    /// Requests bearing `token` wait `delay` before being answered (a shopper whose reads are slow).
+    pub fn set_token_delay(&self, token: &str, delay: Duration) {
+        self.lock().token_delays.insert(token.to_string(), delay);
+    }
+
     /// Every later request waits `delay` before being answered (to exercise client timeouts).
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
@@ -345,7 +352,12 @@ async fn begin(state: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap) 
             .path_and_query()
             .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string());
         st.calls.push(format!("{method} {target}"));
-        st.delay
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .map(|(_, token)| token.trim());
+        st.delay + bearer.and_then(|t| st.token_delays.get(t)).copied().unwrap_or_default()
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await; // never holding the lock across the await
