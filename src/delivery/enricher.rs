@@ -3,13 +3,14 @@
 //! enricher's writes are refused). Failures are retried with backoff and age out under
 //! `delivery.max_age_secs` like delivery's.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -24,6 +25,7 @@ use crate::store::{EnrichmentJob, StoreError};
 pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
     let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency.clamp(4, 64)));
+    let queues: Arc<Queues> = Arc::default();
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -57,41 +59,96 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        // One task per shopper, their jobs in order: the first resolves the identity, the rest find
-        // it cached instead of each calling OrderCloud.
-        let mut by_shopper: Vec<(String, Vec<EnrichmentJob>)> = Vec::new();
+        // One task per shopper, its jobs in order — those claimed while it runs join its queue — so
+        // that the first resolves the identity and the rest find it cached instead of each calling
+        // OrderCloud.
+        let claimed_at = Instant::now();
         for job in jobs {
-            match by_shopper.iter_mut().find(|(key, _)| *key == job.shopper_key) {
-                Some((_, list)) => list.push(job),
-                None => by_shopper.push((job.shopper_key.clone(), vec![job])),
-            }
-        }
-        for (_, list) in by_shopper {
-            let count = u32::try_from(list.len()).unwrap_or(u32::MAX);
-            let Ok(permits) = slots.clone().try_acquire_many_owned(count) else {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break; // claimed no more than `free`: not reached
             };
-            let deps = deps.clone();
-            let claimed_at = std::time::Instant::now();
-            tasks.spawn(async move {
-                let lease = deps.settings.delivery.lease();
-                for job in list {
-                    // A job its lease no longer covers for a whole try is left to be claimed again.
-                    if claimed_at.elapsed() + deadline(lease) > lease {
-                        debug!(
-                            intent_id = job.claim.intent_id,
-                            "no lease left for the job: claimed again later"
-                        );
-                        continue;
+            let key = job.shopper_key.clone();
+            let queued = Queued {
+                job,
+                permit,
+                claimed_at,
+            };
+            let start = {
+                let mut queues = queues.lock().expect("enrichment queues");
+                match queues.get_mut(&key) {
+                    Some(queue) => {
+                        queue.push_back(queued);
+                        false
                     }
-                    enrich_one(&deps, job).await;
+                    None => {
+                        queues.insert(key.clone(), VecDeque::from([queued]));
+                        true
+                    }
                 }
-                drop(permits);
-                deps.wake.notify_waiters();
-            });
+            };
+            if start {
+                let (deps, queues) = (deps.clone(), queues.clone());
+                tasks.spawn(async move { run_shopper(&deps, &queues, &key).await });
+            }
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// The jobs of each shopper whose task runs, in the order they were claimed.
+type Queues = Mutex<HashMap<String, VecDeque<Queued>>>;
+
+/// A claimed job waiting for its shopper's task, with its slot.
+struct Queued {
+    job: EnrichmentJob,
+    permit: OwnedSemaphorePermit,
+    claimed_at: Instant,
+}
+
+/// A shopper's task: its jobs one after the other until its queue is empty (then the queue goes,
+/// under the same lock that adds to it: a job claimed meanwhile starts a new task).
+async fn run_shopper(deps: &Deps, queues: &Queues, key: &str) {
+    let lease = deps.settings.delivery.lease();
+    // Should the task panic (a bug outside a job's reads, which are caught), the shopper's queue
+    // goes with it: its jobs' slots are freed and the jobs claimed again after their lease.
+    struct Leave<'a>(&'a Queues, &'a str);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(self.1);
+            }
+        }
+    }
+    let _leave = Leave(queues, key);
+    loop {
+        let next = {
+            let mut queues = queues.lock().expect("enrichment queues");
+            let next = queues.get_mut(key).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                queues.remove(key);
+            }
+            next
+        };
+        let Some(Queued {
+            job,
+            permit,
+            claimed_at,
+        }) = next
+        else {
+            break;
+        };
+        // A job its lease no longer covers for a whole try is left to be claimed again.
+        if claimed_at.elapsed() + deadline(lease) > lease {
+            debug!(
+                intent_id = job.claim.intent_id,
+                "no lease left for the job: claimed again later"
+            );
+        } else {
+            enrich_one(deps, job).await;
+        }
+        drop(permit);
+    }
+    deps.wake.notify_waiters();
 }
 
 /// How long one job's OrderCloud reads may take: three quarters of its lease, which is not renewed.
