@@ -131,6 +131,22 @@ async fn check_one(v: &Verifier, check: &OrderCheck) -> Result<CheckOutcome, Sto
             due_at_ms: now_ms() + later.as_millis() as i64,
         });
     }
+    // This round's repair was stored and its CHECKOUT never acknowledged (that would have begun a
+    // new round): it became a dead letter of its own, which stands for the order. A second one
+    // would be replayed with it, a second order.
+    if check.repairs > 0 {
+        let repair = format!("order-repair:{order}:{}:{}", check.since_ms, check.repairs);
+        if !v
+            .store
+            .known_dedupe_keys(std::slice::from_ref(&repair))
+            .await?
+            .is_empty()
+        {
+            metrics::counter!("orders_verified_total", "outcome" => "repair_dead_letter").increment(1);
+            warn!(order = %order, "CDP holds no order and its repair became a dead letter: replay that one");
+            return Ok(CheckOutcome::Done);
+        }
+    }
     let reason = missing_reason(order);
     let key = format!("order-missing:{order}:{}", check.since_ms);
     let dead = copy_of_submit(check, key, Some(reason.clone()))?;

@@ -682,6 +682,48 @@ async fn a_replayed_landing_check_dead_letter_is_checked_and_repaired_anew() {
     );
 }
 
+/// The landing check's repair of a missing order becomes a dead letter of its own (CDP refuses
+/// it): when the check comes due again, that dead letter stands for the order — no second one is
+/// written — and replaying every dead letter once the cause is fixed makes one order.
+#[tokio::test]
+async fn a_repair_that_became_a_dead_letter_is_the_orders_only_dead_letter() {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(2);
+        s.reconcile.repairs = 1;
+        s.delivery.max_age_secs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world.cdp.lose_order("O-REPAIR-DEAD", 1);
+    let mut shopper = world.anonymous("O-REPAIR-DEAD", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 1, 4.0).await;
+    shopper.submit().await;
+    world.drained().await;
+    // The repair's events are refused for good.
+    world.cdp.script_all((0..4).map(|_| Answer::status(400)).collect());
+    eventually("the repair's dead letter", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(())
+    })
+    .await;
+    world.cdp.clear_script_all();
+    // The check comes due again once the repair could have aged out and been checked.
+    eventually("the check to come due again", Duration::from_secs(30), || async {
+        let metrics = world.app.ops_get("/metrics").await.text().await.unwrap();
+        (metrics.contains("orders_verified_total{outcome=\"missing\"}")
+            || metrics.contains("orders_verified_total{outcome=\"repair_dead_letter\"}"))
+        .then_some(())
+    })
+    .await;
+    let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "one dead letter for the order: {dead:?}");
+    assert_eq!(world.app.store.replay_dead_letters(None, None).await.unwrap(), 1);
+    world.order("O-REPAIR-DEAD").await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "O-REPAIR-DEAD"), 1);
+}
+
 /// CDP's REST API down: the check is retried without sending the order again, readiness shows
 /// why (still ready), and once the API is back the check completes and the warning goes.
 #[tokio::test]
