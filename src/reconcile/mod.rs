@@ -94,7 +94,16 @@ pub async fn run_reconciler(reconciler: Arc<Reconciler>, mut stop: watch::Receiv
     loop {
         match pass::run(&reconciler).await {
             Ok(report) => {
-                reconciler.health.clear("reconciler");
+                match &report.unread {
+                    Some((order, _, error)) => reconciler.health.warn(
+                        "reconciler",
+                        format!(
+                            "the lines of lost order {order} could not be read ({error}); tried again at each pass, \
+                             the other orders go on"
+                        ),
+                    ),
+                    None => reconciler.health.clear("reconciler"),
+                }
                 if report.sent > 0 {
                     reconciler.wake.notify_waiters();
                     info!(

@@ -18,12 +18,20 @@ const MAX_PAGES: u32 = 100;
 /// A bound on the queries of one pass (a million orders), against a server that never stops.
 const MAX_WINDOWS: u32 = 100;
 
+/// Lost orders whose lines could not be read for now (OrderCloud failing on them) that a pass
+/// passes over before it takes OrderCloud for down and stops.
+const MAX_UNREAD: u64 = 3;
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     /// Orders listed in the window.
     pub listed: u64,
     /// Submits stored by this pass (orders whose webhook never came).
     pub sent: u64,
+    /// The first lost order whose lines could not be read for now: (order ID, submitted at, why).
+    /// The pass went on past it, and the watermark stops before it: the next pass tries it again.
+    pub unread: Option<(String, i64, String)>,
+    unread_count: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +109,12 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
             _ => break,
         }
     }
-    let reached = until;
+    // An order whose lines could not be read is looked at again by the next pass: the window ends
+    // just before it.
+    let reached = match &report.unread {
+        Some((_, submitted, _)) => until.min(submitted - 1),
+        None => until,
+    };
     if !r.store.advance_reconciler(&r.holder, reached).await? {
         return Err(PassError::LeaseLost);
     }
@@ -133,6 +146,16 @@ async fn send_lost(
             // on; OrderCloud down or the credentials refused stop the pass (the window is kept).
             Err(e @ AdminError::Permanent(..)) => {
                 tracing::warn!(order = %id, error = %e, "cannot read a lost order's lines: not reconciled");
+                continue;
+            }
+            // OrderCloud failing on this order for now (a 5xx, a timeout): the others go on, and
+            // the next pass tries it again; past a few such orders OrderCloud is taken for down.
+            Err(e @ AdminError::Transient(..)) if report.unread_count < MAX_UNREAD => {
+                tracing::warn!(order = %id, error = %e, "cannot read a lost order's lines for now: tried again next pass");
+                report.unread_count += 1;
+                if report.unread.as_ref().is_none_or(|(_, at, _)| submitted < at) {
+                    report.unread = Some((id.clone(), *submitted, e.to_string()));
+                }
                 continue;
             }
             Err(e) => return Err(e.into()),

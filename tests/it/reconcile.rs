@@ -312,6 +312,35 @@ async fn a_reconciled_order_is_stored_without_the_credentials_it_carries() {
     }
 }
 
+/// A lost order whose lines OrderCloud keeps failing to answer (503) holds up no other: the lost
+/// orders after it land, readiness names it (still ready), and once OrderCloud answers it lands too.
+#[tokio::test]
+async fn an_order_whose_lines_keep_failing_does_not_hold_up_the_others() {
+    let world = reconciling_world(SECRET).await;
+    let order = |id: &str| {
+        json!({"ID": id, "FromCompanyID": "anon-buyer",
+               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
+               "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
+    };
+    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
+                      "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}});
+    let now = chrono::Utc::now();
+    world.oc.fail_lines("P-STUCK", true);
+    world.oc.put_submitted(order("P-STUCK"), vec![line.clone()], now);
+    world
+        .oc
+        .put_submitted(order("P-NEXT"), vec![line], now + chrono::Duration::milliseconds(5));
+    world.order("P-NEXT").await;
+    let text = world.app.ops_get("/health/ready").await.text().await.unwrap();
+    assert!(text.contains("reconciler") && text.contains("P-STUCK"), "{text}");
+    assert_eq!(orders_of(&world, "P-STUCK"), 0);
+    world.oc.fail_lines("P-STUCK", false);
+    world.order("P-STUCK").await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "P-STUCK"), 1);
+    assert_eq!(orders_of(&world, "P-NEXT"), 1);
+}
+
 /// Wrong client credentials: readiness names the reconciler and stays ready; webhooks flow.
 #[tokio::test]
 async fn bad_client_credentials_show_in_readiness_and_webhooks_keep_flowing() {

@@ -88,6 +88,8 @@ struct OcState {
     lines_gone: HashSet<String>,
     /// Requests bearing these tokens wait this long more (one slow shopper).
     token_delays: HashMap<String, Duration>,
+    /// Orders whose lines answer 503 (OrderCloud failing on one order, for now).
+    lines_failing: HashSet<String>,
 }
 
 impl OcState {
@@ -255,6 +257,16 @@ impl OrderCloudFake {
         self.lock()
             .api_clients
             .push((client_id.into(), secret.into(), default_context_username.into()));
+    }
+
+    /// The order's lines answer 503 from now on, or again normally (`failing` false).
+    pub fn fail_lines(&self, order_id: &str, failing: bool) {
+        let mut st = self.lock();
+        if failing {
+            st.lines_failing.insert(order_id.to_string());
+        } else {
+            st.lines_failing.remove(order_id);
+        }
     }
 
     /// The order's lines answer 404 from now on (it was deleted after being listed).
@@ -475,6 +487,9 @@ async fn order_lines(
     let st = lock(&state);
     if st.lines_gone.contains(&order_id) {
         return not_found("Order");
+    }
+    if st.lines_failing.contains(&order_id) {
+        return oc_error(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "try again later");
     }
     match st.orders.get(&order_id) {
         Some(record) if record.owner == owner && direction != "incoming" => list_page(&record.lines, raw),
