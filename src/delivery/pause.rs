@@ -2,6 +2,7 @@
 //! readiness names the cause, and one intent probes again after `delivery.auth_pause_secs`,
 //! doubling up to ten times as long, until CDP accepts the key.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,19 @@ pub struct Pause {
     health: Health,
     /// While paused: when to probe again, the current pause length, and whether a probe is out.
     state: Mutex<Option<Paused>>,
+    /// Intents whose event CDP refused, and when; and when the latest request CDP accepted was sent.
+    refusals: Mutex<Refusals>,
 }
+
+#[derive(Default)]
+struct Refusals {
+    refused_at: HashMap<i64, Instant>,
+    last_accepted_sent: Option<Instant>,
+}
+
+/// Intents remembered as refused, at most (a key refused for hours refuses a few at a time: the
+/// probes). Past it the memory starts over.
+const MAX_REFUSED: usize = 4096;
 
 #[derive(Clone, Copy)]
 struct Paused {
@@ -29,7 +42,43 @@ impl Pause {
             first,
             health,
             state: Mutex::new(None),
+            refusals: Mutex::default(),
         }
+    }
+
+    /// CDP refused the event of intent `intent_id` (401/403, a redirect). When a request sent after
+    /// this intent was last refused has been accepted since, the key works and the refusal is the
+    /// event's own (a rule of CDP's or of a firewall in front of it): `None`, and the intent is a
+    /// dead letter instead of pausing everyone's delivery again and again. Otherwise the pause
+    /// begins, or goes on: `Some(wait)`.
+    pub fn refused_event(&self, intent_id: i64, reason: &str) -> Option<Duration> {
+        {
+            let mut refusals = self.refusals.lock().expect("refusals lock");
+            let accepted_since = match (refusals.refused_at.get(&intent_id), refusals.last_accepted_sent) {
+                (Some(refused), Some(accepted)) => accepted > *refused,
+                _ => false,
+            };
+            if accepted_since {
+                refusals.refused_at.remove(&intent_id);
+                return None;
+            }
+            if refusals.refused_at.len() >= MAX_REFUSED {
+                refusals.refused_at.clear();
+            }
+            refusals.refused_at.insert(intent_id, Instant::now());
+        }
+        Some(self.start(reason))
+    }
+
+    /// CDP accepted a request sent at `sent_at`: the key works; resume.
+    pub fn accepted(&self, sent_at: Instant) {
+        {
+            let mut refusals = self.refusals.lock().expect("refusals lock");
+            if !refusals.refused_at.is_empty() {
+                refusals.last_accepted_sent = Some(refusals.last_accepted_sent.map_or(sent_at, |t| t.max(sent_at)));
+            }
+        }
+        self.end();
     }
 
     /// CDP refused the configuration: pause, report it, probe again later (slowly). Returns the wait.

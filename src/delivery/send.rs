@@ -101,12 +101,13 @@ pub async fn send(
         let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
         let event = &progress.events[progress.sent];
         let name = event.kind.name();
+        let sent_at = std::time::Instant::now();
         let outcome = deps.cdp.send(event.to_wire(), name, timeout).await;
         metrics::counter!("forwarder_cdp_events_total", "event" => name, "outcome" => outcome_label(&outcome))
             .increment(1);
         match outcome {
             Outcome::Done => {
-                deps.pause.end();
+                deps.pause.accepted(sent_at);
                 let facts = gathered.acknowledge(&progress.events[progress.sent], now_ms());
                 progress.sent += 1;
                 if progress.unstored {
@@ -168,8 +169,12 @@ pub async fn send(
             }
             Outcome::Permanent(reason) => return Err(Failure::Dead(reason)),
             Outcome::Config(reason) => {
-                let wait = deps.pause.start(&reason);
-                return Err(Failure::Paused { wait, reason });
+                return Err(match deps.pause.refused_event(claimed.claim.intent_id, &reason) {
+                    Some(wait) => Failure::Paused { wait, reason },
+                    None => Failure::Dead(format!(
+                        "{reason}: refused again while CDP accepted other events, so this event's own refusal"
+                    )),
+                });
             }
             Outcome::Retry { after, reason } => return Err(Failure::Retry { after, reason }),
         }
@@ -375,10 +380,11 @@ async fn mint(deps: &Deps, lease: &Lease) -> Result<String, Failure> {
         .filter(|w| *w >= MIN_WINDOW)
         .ok_or_else(|| Failure::LeaseLost("the lease ran out before browser/create".into()))?;
     let timeout = deps.settings.delivery.request_timeout().min(window - WINDOW_MARGIN);
+    let sent_at = std::time::Instant::now();
     match deps.cdp.create_browser(timeout).await {
         Ok(browser) => {
             metrics::counter!("forwarder_browsers_minted_total").increment(1);
-            deps.pause.end();
+            deps.pause.accepted(sent_at);
             Ok(browser)
         }
         Err(Outcome::Config(reason)) => {

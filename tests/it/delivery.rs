@@ -370,6 +370,41 @@ async fn a_shopper_whose_reads_are_slow_holds_up_no_other_shopper() {
     );
 }
 
+/// CDP refuses one shopper's event (403: a rule of CDP's or of a firewall in front of it) while
+/// accepting the others': the first refusal pauses delivery like a refused key; refused again once
+/// CDP has accepted other events since, it is that event's own — a dead letter that says so — and
+/// no longer pauses every shopper again and again.
+#[tokio::test]
+async fn an_event_cdp_alone_refuses_becomes_a_dead_letter_after_others_are_accepted() {
+    let world = World::start_with(Duration::from_secs(1200), |s| s.delivery.auth_pause_secs = 1).await;
+    world
+        .cdp
+        .script("anon-REFUSED-1", (0..20).map(|_| Answer::status(403)).collect());
+    let mut refused = world.anonymous("REFUSED-1", WEB_CLIENT);
+    refused.add("L1", "SKU", 1, 10.0).await;
+    let mut others: Vec<_> = (0..3)
+        .map(|i| world.anonymous(&format!("ACCEPTED-{i}"), WEB_CLIENT))
+        .collect();
+    for shopper in &mut others {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+        shopper.submit().await;
+    }
+    for i in 0..3 {
+        world.order(&format!("ACCEPTED-{i}")).await;
+    }
+    let dead = eventually("the refused event's dead letter", Duration::from_secs(20), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].shopper_key, "anon-REFUSED-1");
+    let reason = dead[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("403") && reason.contains("own refusal"), "{reason}");
+    let refusals = world.cdp.requests().iter().filter(|r| r.answered == 403).count();
+    assert!(refusals <= 3, "refused {refusals} times");
+}
+
 #[tokio::test]
 async fn dry_run_delivers_without_calling_cdp() {
     let world = World::start_with(Duration::from_secs(1200), |s| s.cdp.dry_run = true).await;
