@@ -88,6 +88,8 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             // run on it (each more task was a spawn and a wake-up of the other worker thread per
             // intent). Aborting it at the shutdown deadline aborts all three.
             tasks.spawn(async move {
+                // The probe's end, however the task ends (aborted too): another may probe then.
+                let _probe = probe.then(|| ProbeEnd(deps.clone()));
                 // Kept to settle the intent should its delivery panic.
                 let attempt = Attempt::of(&intent);
                 let run = AssertUnwindSafe(deliver::process(deps.clone(), intent, claiming, stop));
@@ -96,14 +98,20 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                     warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
                     settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
                 }
-                if probe {
-                    deps.pause.probe_ended();
-                }
                 drop(permit);
             });
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Ends a pause's probe when its task ends, however it ends.
+struct ProbeEnd(Arc<Deps>);
+
+impl Drop for ProbeEnd {
+    fn drop(&mut self) {
+        self.0.pause.probe_ended();
+    }
 }
 
 /// What a caught panic said.

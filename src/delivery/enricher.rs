@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -26,20 +26,28 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
     let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency.clamp(4, 64)));
     let queues: Arc<Queues> = Arc::default();
+    // Told each time a job ends and frees its slot (a shopper's task may run on with more jobs).
+    let freed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(ended) = tasks.try_join_next() {
+            if ended.is_err_and(|e| e.is_panic()) {
+                warn!("an enrichment task panicked; its jobs run again after their lease");
+            }
+        }
         if *stop.borrow() {
             break;
         }
         let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
-                _ = tasks.join_next() => {}
+                _ = freed.notified() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
             continue;
         }
+        // Before the claim: the lease it takes starts no later than this.
+        let claimed_at = Instant::now();
         let jobs = match deps.store.claim_enrichment(free, deps.settings.delivery.lease()).await {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -62,7 +70,6 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         // One task per shopper, its jobs in order — those claimed while it runs join its queue — so
         // that the first resolves the identity and the rest find it cached instead of each calling
         // OrderCloud.
-        let claimed_at = Instant::now();
         for job in jobs {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break; // claimed no more than `free`: not reached
@@ -87,8 +94,8 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                 }
             };
             if start {
-                let (deps, queues) = (deps.clone(), queues.clone());
-                tasks.spawn(async move { run_shopper(&deps, &queues, &key).await });
+                let (deps, queues, freed) = (deps.clone(), queues.clone(), freed.clone());
+                tasks.spawn(async move { run_shopper(&deps, &queues, &freed, &key).await });
             }
         }
     }
@@ -107,7 +114,7 @@ struct Queued {
 
 /// A shopper's task: its jobs one after the other until its queue is empty (then the queue goes,
 /// under the same lock that adds to it: a job claimed meanwhile starts a new task).
-async fn run_shopper(deps: &Deps, queues: &Queues, key: &str) {
+async fn run_shopper(deps: &Deps, queues: &Queues, freed: &Notify, key: &str) {
     let lease = deps.settings.delivery.lease();
     // Should the task panic (a bug outside a job's reads, which are caught), the shopper's queue
     // goes with it: its jobs' slots are freed and the jobs claimed again after their lease.
@@ -147,6 +154,7 @@ async fn run_shopper(deps: &Deps, queues: &Queues, key: &str) {
             enrich_one(deps, job).await;
         }
         drop(permit);
+        freed.notify_one();
     }
     deps.wake.notify_waiters();
 }

@@ -117,8 +117,17 @@ where
     F: Fn(watch::Receiver<bool>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    // Aborting the supervisor (the shutdown's deadline) aborts the loop it runs.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
     loop {
-        match tokio::spawn(run(stop.clone())).await {
+        let task = tokio::spawn(run(stop.clone()));
+        let _abort = AbortOnDrop(task.abort_handle());
+        match task.await {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 let message = dispatcher::panic_message(e.into_panic());

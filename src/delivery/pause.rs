@@ -141,7 +141,8 @@ impl Pause {
     /// The probe's intent ended without an answer from CDP on the key (it failed before reaching
     /// CDP, say): another may probe now.
     pub fn probe_ended(&self) {
-        if let Some(p) = self.state.lock().expect("pause lock").as_mut() {
+        // Called from a drop guard, also while a panic unwinds: a poisoned lock is taken as it is.
+        if let Some(p) = self.state.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             if p.probing {
                 p.probing = false;
                 p.probe_at = Instant::now();

@@ -619,11 +619,17 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
         for sql in shared::PRUNE_SHOPPERS {
-            deleted += sqlx::query(sql)
-                .bind(before_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+            loop {
+                let rows = sqlx::query(sql)
+                    .bind(before_ms)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                deleted += rows;
+                if rows < shared::PRUNE_BATCH {
+                    break;
+                }
+            }
         }
         Ok(deleted)
     }

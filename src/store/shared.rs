@@ -18,13 +18,21 @@ pub(crate) const CART_LINES: &str = "SELECT order_id, line_id, shopper_key, line
 pub(crate) const PENDING: &str =
     "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
      FROM intents WHERE state = 'pending' ORDER BY id LIMIT $1";
-/// What [`super::Operations::prune_shoppers`] deletes, one statement per table (`$1`: before).
+/// What [`super::Operations::prune_shoppers`] deletes, one statement per table (`$1`: before), each
+/// at most [`PRUNE_BATCH`] records at a time (run again until fewer go): whole carts whose lines
+/// all are older, sessions, and shoppers without an intent queued.
 pub(crate) const PRUNE_SHOPPERS: [&str; 3] = [
-    "DELETE FROM cart_lines WHERE updated_at < $1",
-    "DELETE FROM cdp_sessions WHERE last_event_at < $1",
-    "DELETE FROM shoppers WHERE updated_at < $1 AND NOT EXISTS \
-     (SELECT 1 FROM intents i WHERE i.shopper_key = shoppers.shopper_key AND i.state = 'pending')",
+    "DELETE FROM cart_lines WHERE order_id IN (SELECT order_id FROM cart_lines GROUP BY order_id \
+     HAVING MAX(updated_at) < $1 LIMIT 500)",
+    "DELETE FROM cdp_sessions WHERE (channel, browser_id) IN (SELECT channel, browser_id FROM cdp_sessions \
+     WHERE last_event_at < $1 LIMIT 500)",
+    "DELETE FROM shoppers WHERE shopper_key IN (SELECT s.shopper_key FROM shoppers s WHERE s.updated_at < $1 \
+     AND NOT EXISTS (SELECT 1 FROM intents i WHERE i.shopper_key = s.shopper_key AND i.state = 'pending') \
+     LIMIT 500)",
 ];
+/// The `LIMIT` of [`PRUNE_SHOPPERS`]'s statements (carts, sessions, shoppers per statement): a
+/// statement short enough not to hold SQLite's writer, or PostgreSQL's statement timeout, for long.
+pub(crate) const PRUNE_BATCH: u64 = 500;
 pub(crate) const COUNT_DEAD_BEFORE: &str = "SELECT COUNT(*) FROM intents WHERE state = 'dead' AND dead_at < $1";
 pub(crate) const STATS: &str = "SELECT (SELECT COUNT(*) FROM intents WHERE state = 'pending') AS pending, \
             (SELECT COUNT(*) FROM intents WHERE state = 'dead') AS dead, \

@@ -689,6 +689,29 @@ async fn what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_sho
                 updated_at_ms: now,
             }),
         ];
+        let mut writes = writes;
+        if key == "old" {
+            // More than a batch of the pruning: 600 sessions gone for long.
+            writes.extend((0..600).map(|i| {
+                Write::Session(SessionFacts {
+                    channel: "APP".into(),
+                    browser_id: format!("b-old-{i}"),
+                    shopper_key: key.clone(),
+                    last_event_at_ms: 1_000,
+                    ..SessionFacts::default()
+                })
+            }));
+        }
+        if key == "new" {
+            // A cart touched lately keeps its lines, the older ones too.
+            writes.push(Write::CartLine(CartLine {
+                order_id: format!("o-{key}"),
+                line_id: "L0".into(),
+                shopper_key: key.clone(),
+                line: json!({"ID": "L0"}),
+                updated_at_ms: 1_000,
+            }));
+        }
         let settle = (key != "busy").then_some(Settle::Ack);
         store.apply(&c.claim, writes, settle).await.unwrap();
     }
@@ -706,7 +729,10 @@ async fn what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_sho
     assert!(store.session("WEB", "b-old").await.unwrap().is_some());
     assert_eq!(store.cart_lines("o-old").await.unwrap().len(), 1);
     let deleted = store.prune_shoppers(now - 3_600_000).await.unwrap();
-    assert_eq!(deleted, 5, "old's three rows, busy's cart and session");
+    assert_eq!(
+        deleted, 605,
+        "old's three rows and 600 sessions, busy's cart and session"
+    );
     assert!(store.shopper("old").await.unwrap().is_none());
     assert!(store.session("WEB", "b-old").await.unwrap().is_none());
     assert!(store.cart_lines("o-old").await.unwrap().is_empty());
@@ -715,7 +741,12 @@ async fn what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_sho
     assert!(store.cart_lines("o-busy").await.unwrap().is_empty());
     assert!(store.shopper("new").await.unwrap().is_some());
     assert!(store.session("WEB", "b-new").await.unwrap().is_some());
-    assert_eq!(store.cart_lines("o-new").await.unwrap().len(), 1);
+    assert_eq!(
+        store.cart_lines("o-new").await.unwrap().len(),
+        2,
+        "a cart goes whole or not at all"
+    );
+    assert!(store.session("APP", "b-old-599").await.unwrap().is_none());
     assert_eq!(store.prune_shoppers(now - 3_600_000).await.unwrap(), 0, "nothing more");
 }
 

@@ -673,14 +673,17 @@ shared::operations!(SqliteStore, "CAST(intent AS BLOB)", {
     }
 
     async fn prune_shoppers(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let deleted = self
-            .writer
-            .write(move |c| {
-                shared::PRUNE_SHOPPERS
-                    .iter()
-                    .try_fold(0, |n, sql| Ok(n + run(c, sql, params![before_ms])?))
-            })
-            .await?;
+        // A batch at a time, each a write of its own: intake's commits go in between.
+        let mut deleted = 0;
+        for sql in shared::PRUNE_SHOPPERS {
+            loop {
+                let rows = self.writer.write(move |c| run(c, sql, params![before_ms])).await?;
+                deleted += rows;
+                if rows < shared::PRUNE_BATCH {
+                    break;
+                }
+            }
+        }
         if deleted > 0 {
             // Lookups read the file again: what memory kept of a deleted record goes with it.
             self.recent.forget();
