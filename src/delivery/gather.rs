@@ -130,7 +130,11 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     // record is deleted with the ack, so its lines go with the order's landing check, whose repair
     // plans from them.
     let planned_from_record = (intent.kind == IntentKind::OrderSubmitted
-        && enrichment.lines.as_ref().is_none_or(Vec::is_empty)
+        // As `record_cart` decides: OrderCloud's lines are used when any of them is a line.
+        && enrichment
+            .lines
+            .as_ref()
+            .is_none_or(|lines| !lines.iter().any(|l| planner::lines::Line::from_json(l, cdp).is_some()))
         && !recorded.is_empty())
     .then(|| recorded.iter().map(|l| l.line.clone()).collect());
     let cart = record_cart(cdp, claimed, &enrichment, &order_id, recorded)?;
