@@ -77,7 +77,14 @@ pub async fn send(
     let mut doubtful_checkout = (!progress.unstored).then_some(progress.sent);
     let mut remints = 0;
     while progress.sent < progress.events.len() {
-        if *stop.borrow() {
+        // An order's last event goes before delivery stops: left for the next start, a CHECKOUT or
+        // ORDER_CHECKOUT would be an order in doubt (its request may have gone), waiting for the
+        // landing check instead of landing now. The lease and the shutdown's deadline still bound it.
+        let completes_order = matches!(
+            progress.events[progress.sent].kind,
+            EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
+        );
+        if *stop.borrow() && !completes_order {
             return Err(Failure::Stopping);
         }
         let window = lease

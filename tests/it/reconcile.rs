@@ -565,6 +565,36 @@ async fn an_order_checkout_whose_answer_was_lost_is_not_sent_again() {
     );
 }
 
+/// The service is stopped (a rolling restart) while an order's IDENTITY is in flight: its
+/// ORDER_CHECKOUT still goes before delivery stops — left for the next start, it would be an order
+/// in doubt, waiting for the landing check instead of landing at once.
+#[tokio::test]
+async fn a_stop_between_an_orders_events_sends_its_order_checkout_first() {
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
+        s.reconcile.verify_after_secs = Some(3600);
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    let mut shopper = world.anonymous("OC-STOP", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    world.cdp.script_all(vec![Answer::delayed(Duration::from_millis(1500))]);
+    shopper.submit().await;
+    eventually("the IDENTITY in flight", Duration::from_secs(10), || async {
+        (world.cdp.held() == 1).then_some(())
+    })
+    .await;
+    let World { app, cdp, oc: _oc } = world;
+    app.stop().await;
+    assert_eq!(
+        cdp.orders().iter().filter(|o| o.reference_id == "OC-STOP").count(),
+        1,
+        "the order landed before the service stopped"
+    );
+}
+
 /// As above, but CDP never took the ORDER_CHECKOUT (503): the landing check finds no order and
 /// sends it again, once. Nothing lost, one order.
 #[tokio::test]

@@ -293,6 +293,11 @@ impl CdpFake {
         self.lock().rest_not_found_page = on;
     }
 
+    /// Event requests being held by a `delayed` answer now (in flight, not answered yet).
+    pub fn held(&self) -> usize {
+        self.lock().held
+    }
+
     pub fn set_rest_down(&self, down: bool) {
         self.lock().rest_down = down;
     }
@@ -435,6 +440,8 @@ struct CdpState {
     /// The REST API answers 503 to everything while set.
     rest_down: bool,
     rest_not_found_page: bool,
+    /// Event requests held by a `delayed` answer right now.
+    held: usize,
 }
 
 /// The outcome of an event that passed the client-key and JSON checks.
@@ -504,6 +511,7 @@ impl CdpState {
             rest_calls: Vec::new(),
             rest_down: false,
             rest_not_found_page: false,
+            held: 0,
         }
     }
 
@@ -1136,7 +1144,10 @@ async fn answer_event(state: &Shared, via: &'static str, event: Value, now: Inst
                 answer @ Answer {
                     hold: Hold::For(delay), ..
                 },
-            ) => Some((delay, answer, event)),
+            ) => {
+                st.held += 1;
+                Some((delay, answer, event))
+            }
             Some(Answer {
                 hold: Hold::Forever, ..
             }) => {
@@ -1154,9 +1165,9 @@ async fn answer_event(state: &Shared, via: &'static str, event: Value, now: Inst
         hold: Hold::No,
         ..answer
     };
-    lock(state)
-        .process(via, event, Some(answer), Instant::now())
-        .into_response()
+    let mut st = lock(state);
+    st.held -= 1;
+    st.process(via, event, Some(answer), Instant::now()).into_response()
 }
 
 /// `GET /v1.2/event/create.json?client_key=CK&message=<URL-encoded event JSON>` (§2, documented).
