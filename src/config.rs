@@ -700,6 +700,19 @@ impl Settings {
                 ));
             }
         }
+        // A landing check that comes due again after its order's repair became a dead letter tells
+        // it by the repair's dedupe record: it must still be remembered then.
+        if self.verifies_orders() {
+            let due = self.delivery.max_age_secs.saturating_add(self.verify_after().as_secs());
+            if self.store.dedupe_retention_secs < due {
+                errors.push(format!(
+                    "store.dedupe_retention_secs ({}) must cover delivery.max_age_secs + reconcile.verify_after_secs \
+                     ({due}) while the landing check is on (cdp.api_token): a repair that became a dead letter \
+                     would be followed by a second one",
+                    self.store.dedupe_retention_secs
+                ));
+            }
+        }
         if self.ordercloud.hash_keys.iter().all(|k| k.is_empty()) {
             errors.push(
                 "ordercloud.hash_keys is empty: set at least one key, e.g. FORWARDER__ORDERCLOUD__HASH_KEYS=key1,key2"

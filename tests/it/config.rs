@@ -265,3 +265,32 @@ fn sign_prints_vector_a() {
         "4NPw1O9AviSOC1A3C+HqkDutRLNwyABneY/3M2OqByE="
     );
 }
+
+/// With the landing check on, the dedupe must remember a repair until its check can come due again
+/// (`delivery.max_age_secs` + `reconcile.verify_after_secs`): a shorter retention is refused at
+/// start, and the API token is not shown.
+#[test]
+fn a_dedupe_shorter_than_a_landing_checks_round_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let base = [
+        ("FORWARDER__ORDERCLOUD__HASH_KEYS", "landing-key-0001"),
+        ("FORWARDER__CDP__CLIENT_KEY", "ck"),
+        ("FORWARDER__CDP__POS", "pos"),
+        ("FORWARDER__CDP__API_TOKEN", "cdp-api-token-secret-9"),
+    ];
+    let mut short = base.to_vec();
+    short.push(("FORWARDER__STORE__DEDUPE_RETENTION_SECS", "3600"));
+    let err = Settings::load_with_env(&sources, Some(env(&short)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("store.dedupe_retention_secs") && err.contains("delivery.max_age_secs"),
+        "{err}"
+    );
+    assert!(!err.contains("cdp-api-token-secret-9"), "{err}");
+    Settings::load_with_env(&sources, Some(env(&base))).expect("the defaults cover it");
+}
