@@ -1,5 +1,5 @@
 //! The pause while CDP refuses the client key (401/403) or redirects: nothing is dead-lettered,
-//! readiness names the cause, and one intent probes again after `delivery.auth_pause_secs`,
+//! readiness names the cause (a warning: webhooks are still taken and wait), and one intent probes again after `delivery.auth_pause_secs`,
 //! doubling up to ten times as long, until CDP accepts the key.
 
 use std::collections::HashMap;
@@ -99,7 +99,10 @@ impl Pause {
             length,
             probing: false,
         });
-        self.health.set("cdp", reason.to_string());
+        // A warning, not a problem: the replica stays ready and keeps taking webhooks (intake needs only
+        // the store), which wait for CDP. Not ready, every replica would leave the load balancer at
+        // once, and OrderCloud does not send a refused webhook again.
+        self.health.warn("cdp", reason.to_string());
         warn!(
             reason,
             probe_in_secs = length.as_secs(),

@@ -99,11 +99,21 @@ pub(crate) async fn readiness(app: &AppState) -> (Vec<String>, Vec<String>) {
     (problems, app.health.warnings())
 }
 
-/// For anyone: ready or not, and which parts fail — never their error text.
+/// For anyone: ready or not, which parts fail, and which warn (ready all the same) — never their
+/// error text.
 async fn ready_status(State(app): State<AppState>) -> Response {
-    let (problems, _) = readiness(&app).await;
+    let (problems, warnings) = readiness(&app).await;
+    let names = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .map(|p| p.split(':').next().unwrap_or_default().to_string())
+            .collect()
+    };
     if problems.is_empty() {
-        return Json(json!({"status": "ready"})).into_response();
+        let mut body = json!({"status": "ready"});
+        if !warnings.is_empty() {
+            body["warnings"] = json!(names(&warnings));
+        }
+        return Json(body).into_response();
     }
     let failing: Vec<&str> = problems
         .iter()
