@@ -327,6 +327,43 @@ async fn webhooks_after_the_database_dropped_the_pools_connections_are_taken_at_
     assert_eq!(world.cdp.orders().len(), 1, "one order");
 }
 
+/// A database that requires TLS (managed PostgreSQL does, by default) is reached over TLS with
+/// `sslmode=require` in `store.url`: the service's connections are encrypted. Skipped where the
+/// server has TLS off.
+#[tokio::test]
+async fn a_database_that_requires_tls_is_reached_over_tls() {
+    let Some(url) = postgres_url("a_database_that_requires_tls") else {
+        return;
+    };
+    use sqlx::Connection as _;
+    let mut plain = sqlx::PgConnection::connect(&url).await.unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&mut plain).await.unwrap();
+    if ssl != "on" {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "SKIPPED a_database_that_requires_tls: the server has ssl = off"
+        );
+        return;
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let tls_url = format!("{url}{sep}sslmode=require&application_name=forwarder-tls-test");
+    let mut settings = ordercloud_cdp_forwarder::config::StoreSettings::default();
+    settings.url = tls_url.clone();
+    settings.schema = Some(fresh_schema());
+    let store = ordercloud_cdp_forwarder::store::open(&settings, ordercloud_cdp_forwarder::store::Role::Tool)
+        .await
+        .expect("the store opens over TLS");
+    store.ping().await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&tls_url).await.unwrap();
+    let encrypted: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(encrypted);
+    store.close().await;
+}
+
 /// CDP's answer to an event it refuses carries a text PostgreSQL cannot store (U+0000 in
 /// `error_msg`): the intent still becomes a dead letter that says why, instead of being sent again
 /// and again because its settling is refused.
