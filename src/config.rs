@@ -702,6 +702,15 @@ impl Settings {
         }
         // A landing check that comes due again after its order's repair became a dead letter tells
         // it by the repair's dedupe record: it must still be remembered then.
+        if self.verifies_orders() && self.verify_after().as_secs() < self.cdp.session_timeout_secs {
+            errors.push(format!(
+                "reconcile.verify_after_secs ({}) must be at least cdp.session_timeout_secs ({}): an order is \
+                 looked for once its CHECKOUT's session has closed, or a repair could join the session CDP may \
+                 still be building the first order in",
+                self.verify_after().as_secs(),
+                self.cdp.session_timeout_secs
+            ));
+        }
         if self.verifies_orders() {
             let due = self.delivery.max_age_secs.saturating_add(self.verify_after().as_secs());
             if self.store.dedupe_retention_secs < due {

@@ -293,4 +293,14 @@ fn a_dedupe_shorter_than_a_landing_checks_round_is_refused() {
     );
     assert!(!err.contains("cdp-api-token-secret-9"), "{err}");
     Settings::load_with_env(&sources, Some(env(&base))).expect("the defaults cover it");
+    // The landing check looks once the CHECKOUT's session has closed.
+    let mut early = base.to_vec();
+    early.push(("FORWARDER__RECONCILE__VERIFY_AFTER_SECS", "60"));
+    let err = Settings::load_with_env(&sources, Some(env(&early)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reconcile.verify_after_secs") && err.contains("cdp.session_timeout_secs"),
+        "{err}"
+    );
 }

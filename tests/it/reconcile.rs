@@ -789,7 +789,7 @@ async fn a_repair_that_became_a_dead_letter_is_the_orders_only_dead_letter() {
 async fn an_order_lookup_that_keeps_failing_shows_in_readiness_until_it_succeeds() {
     let world = World::start_with(Duration::from_secs(2), |s| {
         s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
-        s.reconcile.verify_after_secs = Some(1);
+        s.reconcile.verify_after_secs = Some(2);
     })
     .await;
     world.cdp.set_api_token(CDP_API_TOKEN);
@@ -824,7 +824,7 @@ async fn an_order_lookup_that_keeps_failing_shows_in_readiness_until_it_succeeds
 async fn a_lookup_answered_by_a_not_found_page_is_no_answer_and_sends_nothing() {
     let world = World::start_with(Duration::from_secs(2), |s| {
         s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
-        s.reconcile.verify_after_secs = Some(1);
+        s.reconcile.verify_after_secs = Some(2);
     })
     .await;
     world.cdp.set_api_token(CDP_API_TOKEN);
@@ -849,7 +849,7 @@ async fn a_lookup_answered_by_a_not_found_page_is_no_answer_and_sends_nothing() 
 async fn a_failing_order_lookup_is_retried_and_sends_nothing() {
     let world = World::start_with(Duration::from_secs(2), |s| {
         s.cdp.api_token = Some(Secret::new("not-the-cdp-token-1"));
-        s.reconcile.verify_after_secs = Some(1);
+        s.reconcile.verify_after_secs = Some(2);
     })
     .await;
     world.cdp.set_api_token(CDP_API_TOKEN);
