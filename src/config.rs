@@ -40,7 +40,8 @@ impl Serialize for Secret {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
     pub ordercloud: OrderCloudSettings,
@@ -53,7 +54,8 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
     /// The operations listener (`/metrics`, `/admin`, the detailed readiness report); when unset
@@ -96,7 +98,8 @@ impl Default for ServerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct OrderCloudSettings {
     #[serde(deserialize_with = "list_or_commas")]
     pub hash_keys: Vec<Secret>,
@@ -193,6 +196,7 @@ pub enum OrderEvents {
 
 /// Channel and point of sale for one OrderCloud API client (the token's `cid`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct ClientChannel {
     pub client_id: String,
     pub channel: String,
@@ -200,7 +204,8 @@ pub struct ClientChannel {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct CdpSettings {
     pub region: Region,
     pub base_url: Option<String>,
@@ -289,7 +294,8 @@ impl CdpSettings {
 }
 
 #[derive(Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
     /// A secret: it may hold the database's password. Printed only through [`redacted_url`].
     #[serde(serialize_with = "serialize_redacted_url")]
@@ -386,7 +392,8 @@ impl Default for StoreSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct DeliverySettings {
     pub concurrency: usize,
     pub request_timeout_ms: u64,
@@ -455,7 +462,8 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
@@ -471,7 +479,8 @@ impl Default for LogSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
     /// Bearer token for `/admin`; the admin API is off while this is unset.
     pub token: Option<Secret>,
@@ -480,7 +489,8 @@ pub struct AdminSettings {
 /// The order ledger's reconciliation with OrderCloud (on while `ordercloud.client_id` is set): the
 /// submitted orders whose webhook never came are found and sent.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+// A key no setting has (a typo) is an error naming it, not ignored.
+#[serde(default, deny_unknown_fields)]
 pub struct ReconcileSettings {
     /// The marketplace's OrderCloud API host to read orders from (https); required while
     /// `ordercloud.api_urls` lists several, else that one host.
@@ -613,9 +623,18 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(e.to_string()))?;
-        // "old, new" or a key file's trailing newline: the spaces are not part of the key.
+        // "old, new" or a key file's trailing newline: the spaces are not part of a key or secret.
         for key in &mut settings.ordercloud.hash_keys {
             *key = Secret::new(key.expose().trim());
+        }
+        let trimmed = |secret: &mut Secret| *secret = Secret::new(secret.expose().trim());
+        trimmed(&mut settings.cdp.client_key);
+        trimmed(&mut settings.ordercloud.client_secret);
+        if let Some(token) = settings.cdp.api_token.as_mut() {
+            trimmed(token);
+        }
+        if let Some(token) = settings.admin.token.as_mut() {
+            trimmed(token);
         }
         settings.validate()?;
         Ok(settings)
@@ -753,10 +772,19 @@ impl Settings {
                 ));
             }
         }
+        if self.ordercloud.api_urls.is_empty() {
+            errors.push(
+                "ordercloud.api_urls is empty: no OrderCloud host could be read (leave it unset for every \
+                 documented host, or list yours, e.g. https://api.ordercloud.io)"
+                    .into(),
+            );
+        }
         for url in &self.ordercloud.api_urls {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
+            // A shopper's token goes to these hosts: https, or plain http on this machine only.
+            if !(url.starts_with("https://") || is_loopback_http(url)) {
                 errors.push(format!(
-                    "ordercloud.api_urls: {url:?} is not an http(s) URL: use e.g. https://api.ordercloud.io"
+                    "ordercloud.api_urls: {url:?} is not an https URL (plain http only to this machine): \
+                     use e.g. https://api.ordercloud.io"
                 ));
             }
         }

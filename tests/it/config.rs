@@ -304,3 +304,46 @@ fn a_dedupe_shorter_than_a_landing_checks_round_is_refused() {
         "{err}"
     );
 }
+
+/// A key no setting has (a typo) stops the service at start and is named, instead of being ignored
+/// (`ADMINLISTEN` would have left the operations routes on the public port); an empty or plain-http
+/// `ordercloud.api_urls` is refused; secrets lose the newline a secret file leaves.
+#[test]
+fn unknown_keys_bad_ordercloud_hosts_and_untrimmed_secrets_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let base = [
+        ("FORWARDER__ORDERCLOUD__HASH_KEYS", "typo-key-0000001"),
+        ("FORWARDER__CDP__CLIENT_KEY", "ck-from-a-file\n"),
+        ("FORWARDER__CDP__POS", "pos"),
+    ];
+    let settings = Settings::load_with_env(&sources, Some(env(&base))).expect("valid");
+    assert_eq!(settings.cdp.client_key.expose(), "ck-from-a-file");
+
+    let mut typo = base.to_vec();
+    typo.push(("FORWARDER__SERVER__ADMINLISTEN", "0.0.0.0:9090"));
+    let err = Settings::load_with_env(&sources, Some(env(&typo)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adminlisten"), "{err}");
+
+    let mut empty = base.to_vec();
+    empty.push(("FORWARDER__ORDERCLOUD__API_URLS", ""));
+    let err = Settings::load_with_env(&sources, Some(env(&empty)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ordercloud.api_urls is empty"), "{err}");
+
+    let mut plain = base.to_vec();
+    plain.push(("FORWARDER__ORDERCLOUD__API_URLS", "http://api.ordercloud.io"));
+    let err = Settings::load_with_env(&sources, Some(env(&plain)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an https URL"), "{err}");
+    let mut local = base.to_vec();
+    local.push(("FORWARDER__ORDERCLOUD__API_URLS", "http://127.0.0.1:8081"));
+    Settings::load_with_env(&sources, Some(env(&local))).expect("plain http to this machine");
+}
