@@ -348,9 +348,11 @@ async fn a_database_that_requires_tls_is_reached_over_tls() {
     }
     let sep = if url.contains('?') { '&' } else { '?' };
     let tls_url = format!("{url}{sep}sslmode=require&application_name=forwarder-tls-test");
-    let mut settings = ordercloud_cdp_forwarder::config::StoreSettings::default();
-    settings.url = tls_url.clone();
-    settings.schema = Some(fresh_schema());
+    let settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: tls_url.clone(),
+        schema: Some(fresh_schema()),
+        ..Default::default()
+    };
     let store = ordercloud_cdp_forwarder::store::open(&settings, ordercloud_cdp_forwarder::store::Role::Tool)
         .await
         .expect("the store opens over TLS");
