@@ -106,11 +106,14 @@ pub async fn settle(deps: &Deps, claimed: &Attempt, result: Result<Vec<Write>, F
             metrics::counter!("forwarder_dead_letters_total", "stage" => "delivery").increment(1);
             ("dead_letter", Vec::new(), Settle::Dead { reason })
         }
+        // Due again after two pauses, not one: the next probe is then another shopper's intent where
+        // there is one (an intent CDP refuses for itself would otherwise be the probe every time, the
+        // oldest due, and CDP never get to accept another: the pause would grow for ever).
         Err(Failure::Paused { wait, reason }) => (
             "paused",
             Vec::new(),
             Settle::Retry {
-                at_ms: now_ms() + wait.as_millis() as i64,
+                at_ms: now_ms() + 2 * wait.as_millis() as i64,
                 error: reason,
             },
         ),
