@@ -112,6 +112,26 @@ async fn dead_letters_through_the_command_line() {
     );
 }
 
+/// The dead-letter commands open an existing SQLite store only: run from the wrong folder (the
+/// default `store.url` is relative) they say there is no store there, instead of creating an empty
+/// one and reporting "0 dead letter(s)".
+#[test]
+fn a_dead_letter_command_finds_no_store_where_there_is_none_and_creates_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordercloud-cdp-forwarder"))
+        .current_dir(dir.path())
+        .args(["dead-letters", "list"])
+        .env("FORWARDER__ORDERCLOUD__HASH_KEYS", KEY)
+        .env("FORWARDER__CDP__DRY_RUN", "true")
+        .env("FORWARDER__STORE__URL", "sqlite://data/forwarder.db")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no SQLite store"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
 #[tokio::test]
 async fn dead_letters_through_the_admin_api() {
     let off = World::start().await;

@@ -96,6 +96,19 @@ impl SqliteStore {
             // less CPU per webhook at intake than either).
             .page_size(2048);
         let path = options.get_filename().to_path_buf();
+        // An operator's command reads the store a service made: where there is none (the wrong
+        // folder: the default store.url is relative), it says so instead of making an empty one.
+        if matches!(role, Role::Tool) && !path.exists() {
+            anyhow::bail!(
+                "no SQLite store at {} (store.url {:?}, read from the folder {}): run the command where the \
+                 service runs, or give its store.url",
+                path.display(),
+                redacted_url(&settings.url),
+                std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent)
