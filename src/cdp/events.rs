@@ -107,6 +107,12 @@ pub struct ItemRef {
 }
 
 impl EventKind {
+    /// A CHECKOUT or an ORDER_CHECKOUT: the event CDP builds an order from (sent twice, it could
+    /// build two).
+    pub fn builds_order(&self) -> bool {
+        matches!(self, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::Identity { .. } => "IDENTITY",

@@ -94,7 +94,7 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                 let attempt = Attempt::of(&intent);
                 let run = AssertUnwindSafe(deliver::process(deps.clone(), intent, claiming, stop));
                 if let Err(payload) = run.catch_unwind().await {
-                    let message = panic_message(payload);
+                    let message = super::panic_message(payload);
                     warn!(intent_id = attempt.claim.intent_id, message, "delivery panicked");
                     settle(&deps, &attempt, Err(Failure::Panicked(message))).await;
                 }
@@ -112,13 +112,4 @@ impl Drop for ProbeEnd {
     fn drop(&mut self) {
         self.0.pause.probe_ended();
     }
-}
-
-/// What a caught panic said.
-pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }

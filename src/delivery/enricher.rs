@@ -169,11 +169,10 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
     async {
         let store = &deps.store;
         let claim = &job.claim;
-        // A panic (a bug, as the enricher sees it) is a failure like any other: retried, then aged
-        // out to a dead letter that says so. Unsettled, the job would run again at each lease's
-        // end, its shopper's queue waiting behind it for good.
-        // Its lease is not renewed: the reads end within three quarters of it, or are tried again
-        // later (counted, and aged out), before another enricher could take the job over.
+        // The reads end within three quarters of the lease, which is not renewed, or are tried
+        // again later (counted, and aged out) before another enricher could take the job over. A
+        // panic (a bug, as the enricher sees it) is a failure like any other: unsettled, the job
+        // would run again at each lease's end, its shopper's queue waiting behind it for good.
         let deadline = deadline(deps.settings.delivery.lease());
         let enriching = tokio::time::timeout(deadline, AssertUnwindSafe(enrich(deps, &job)).catch_unwind());
         let enriched = match enriching.await {
@@ -183,7 +182,7 @@ async fn enrich_one(deps: &Deps, job: EnrichmentJob) {
             ))),
             Ok(Ok(enriched)) => enriched,
             Ok(Err(payload)) => {
-                let message = super::dispatcher::panic_message(payload);
+                let message = super::panic_message(payload);
                 warn!(message, "enrichment panicked");
                 Err(EnrichError::Retry(format!("enrichment panicked: {message}")))
             }

@@ -130,7 +130,7 @@ where
         match task.await {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
-                let message = dispatcher::panic_message(e.into_panic());
+                let message = panic_message(e.into_panic());
                 tracing::error!(worker = name, message, "a worker loop panicked: started again");
                 metrics::counter!("forwarder_worker_restarts_total", "worker" => name).increment(1);
                 if *stop.borrow() {
@@ -141,4 +141,13 @@ where
             Err(_) => return,
         }
     }
+}
+
+/// What a caught panic said.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -1,9 +1,10 @@
 //! The pause while CDP refuses the client key (401/403) or redirects: nothing is dead-lettered,
-//! readiness names the cause (a warning: webhooks are still taken and wait), and one intent probes again after `delivery.auth_pause_secs`,
-//! doubling up to ten times as long, until CDP accepts the key.
+//! readiness names the cause (a warning: webhooks are still taken and wait), and one intent probes
+//! again after `delivery.auth_pause_secs`, doubling up to ten times as long, until CDP accepts the
+//! key. An event refused again after CDP accepted a request sent since is refused for itself.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -13,15 +14,17 @@ use crate::health::Health;
 pub struct Pause {
     first: Duration,
     health: Health,
-    /// While paused: when to probe again, the current pause length, and whether a probe is out.
-    state: Mutex<Option<Paused>>,
-    /// Intents whose event CDP refused, and when; and when the latest request CDP accepted was sent.
-    refusals: Mutex<Refusals>,
+    /// One lock, taken once per request CDP answers.
+    state: Mutex<State>,
 }
 
 #[derive(Default)]
-struct Refusals {
+struct State {
+    /// While paused: when to probe again, the current pause length, and whether a probe is out.
+    paused: Option<Paused>,
+    /// Intents whose event CDP refused, and when.
     refused_at: HashMap<i64, Instant>,
+    /// When the latest request CDP accepted was sent (kept while some intent is remembered refused).
     last_accepted_sent: Option<Instant>,
 }
 
@@ -41,9 +44,13 @@ impl Pause {
         Pause {
             first,
             health,
-            state: Mutex::new(None),
-            refusals: Mutex::default(),
+            state: Mutex::default(),
         }
+    }
+
+    /// Called from drop guards too, also while a panic unwinds: a poisoned lock is taken as it is.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// CDP refused the event of intent `intent_id` (401/403, a redirect). When a request sent after
@@ -52,56 +59,47 @@ impl Pause {
     /// dead letter instead of pausing everyone's delivery again and again. Otherwise the pause
     /// begins, or goes on: `Some(wait)`.
     pub fn refused_event(&self, intent_id: i64, reason: &str) -> Option<Duration> {
-        {
-            let mut refusals = self.refusals.lock().expect("refusals lock");
-            let accepted_since = match (refusals.refused_at.get(&intent_id), refusals.last_accepted_sent) {
-                (Some(refused), Some(accepted)) => accepted > *refused,
-                _ => false,
-            };
-            if accepted_since {
-                refusals.refused_at.remove(&intent_id);
-                return None;
-            }
-            if refusals.refused_at.len() >= MAX_REFUSED {
-                refusals.refused_at.clear();
-            }
-            refusals.refused_at.insert(intent_id, Instant::now());
+        let mut state = self.state();
+        let accepted_since = match (state.refused_at.get(&intent_id), state.last_accepted_sent) {
+            (Some(refused), Some(accepted)) => accepted > *refused,
+            _ => false,
+        };
+        if accepted_since {
+            state.refused_at.remove(&intent_id);
+            return None;
         }
-        Some(self.start(reason))
+        if state.refused_at.len() >= MAX_REFUSED {
+            state.refused_at.clear();
+        }
+        state.refused_at.insert(intent_id, Instant::now());
+        Some(self.pause(state, reason))
     }
 
-    /// CDP accepted a request sent at `sent_at`: the key works; resume.
-    pub fn accepted(&self, sent_at: Instant) {
-        {
-            let mut refusals = self.refusals.lock().expect("refusals lock");
-            if !refusals.refused_at.is_empty() {
-                refusals.last_accepted_sent = Some(refusals.last_accepted_sent.map_or(sent_at, |t| t.max(sent_at)));
-            }
-        }
-        self.end();
-    }
-
-    /// CDP refused the configuration: pause, report it, probe again later (slowly). Returns the wait.
-    /// A probe's refusal doubles the pause (up to ten times the first); the refusals of requests
-    /// that were on their way when the pause began do not.
+    /// CDP refused the configuration outside any one event (browser/create): the pause begins, or
+    /// goes on. Returns the wait.
     pub fn start(&self, reason: &str) -> Duration {
-        let mut state = self.state.lock().expect("pause lock");
-        let length = match *state {
+        self.pause(self.state(), reason)
+    }
+
+    /// Pauses, reports it, and says when to probe again (slowly). A probe's refusal doubles the
+    /// pause (up to ten times the first); the refusals of requests that were on their way when the
+    /// pause began do not.
+    fn pause(&self, mut state: MutexGuard<'_, State>, reason: &str) -> Duration {
+        let length = match state.paused {
             Some(p) if p.probing => (p.length * 2).min(self.first * 10),
-            Some(p) => {
-                // Already paused by this wave of refusals: the probe's time stands.
-                return p.probe_at.saturating_duration_since(Instant::now());
-            }
+            // Already paused by this wave of refusals: the probe's time stands.
+            Some(p) => return p.probe_at.saturating_duration_since(Instant::now()),
             None => self.first,
         };
-        *state = Some(Paused {
+        state.paused = Some(Paused {
             probe_at: Instant::now() + length,
             length,
             probing: false,
         });
-        // A warning, not a problem: the replica stays ready and keeps taking webhooks (intake needs only
-        // the store), which wait for CDP. Not ready, every replica would leave the load balancer at
-        // once, and OrderCloud does not send a refused webhook again.
+        drop(state);
+        // A warning, not a problem: the replica stays ready and keeps taking webhooks (intake needs
+        // only the store), which wait for CDP. Not ready, every replica would leave the load
+        // balancer at once, and OrderCloud does not send a refused webhook again.
         self.health.warn("cdp", reason.to_string());
         warn!(
             reason,
@@ -111,9 +109,16 @@ impl Pause {
         length
     }
 
-    /// CDP accepted an event or a browser/create: resume.
-    pub fn end(&self) {
-        let was_paused = self.state.lock().expect("pause lock").take().is_some();
+    /// CDP accepted a request sent at `sent_at` (an event, a browser/create): the key works;
+    /// resume.
+    pub fn accepted(&self, sent_at: Instant) {
+        let was_paused = {
+            let mut state = self.state();
+            if !state.refused_at.is_empty() {
+                state.last_accepted_sent = Some(state.last_accepted_sent.map_or(sent_at, |t| t.max(sent_at)));
+            }
+            state.paused.take().is_some()
+        };
         if was_paused {
             self.health.clear("cdp");
             info!("CDP accepts the configuration again: delivery resumed");
@@ -122,21 +127,20 @@ impl Pause {
 
     /// `Some(wait)` while paused and no probe may go yet: the next is not due, or one is out.
     pub fn waiting(&self) -> Option<Duration> {
-        let state = self.state.lock().expect("pause lock");
-        state.and_then(|p| match p.probing {
+        self.state().paused.and_then(|p| match p.probing {
             true => Some(p.length),
             false => p.probe_at.checked_duration_since(Instant::now()),
         })
     }
 
     pub fn is_paused(&self) -> bool {
-        self.state.lock().expect("pause lock").is_some()
+        self.state().paused.is_some()
     }
 
-    /// The probe is out: no other goes until its answer ([`Pause::start`], [`Pause::end`]) or
-    /// [`Pause::probe_ended`].
+    /// The probe is out: no other goes until its answer ([`Pause::refused_event`],
+    /// [`Pause::accepted`]) or [`Pause::probe_ended`].
     pub fn probing(&self) {
-        if let Some(p) = self.state.lock().expect("pause lock").as_mut() {
+        if let Some(p) = self.state().paused.as_mut() {
             p.probing = true;
         }
     }
@@ -144,12 +148,9 @@ impl Pause {
     /// The probe's intent ended without an answer from CDP on the key (it failed before reaching
     /// CDP, say): another may probe now.
     pub fn probe_ended(&self) {
-        // Called from a drop guard, also while a panic unwinds: a poisoned lock is taken as it is.
-        if let Some(p) = self.state.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            if p.probing {
-                p.probing = false;
-                p.probe_at = Instant::now();
-            }
+        if let Some(p) = self.state().paused.as_mut().filter(|p| p.probing) {
+            p.probing = false;
+            p.probe_at = Instant::now();
         }
     }
 }

@@ -80,11 +80,7 @@ pub async fn send(
         // An order's last event goes before delivery stops: left for the next start, a CHECKOUT or
         // ORDER_CHECKOUT would be an order in doubt (its request may have gone), waiting for the
         // landing check instead of landing now. The lease and the shutdown's deadline still bound it.
-        let completes_order = matches!(
-            progress.events[progress.sent].kind,
-            EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }
-        );
-        if *stop.borrow() && !completes_order {
+        if *stop.borrow() && !progress.events[progress.sent].kind.builds_order() {
             return Err(Failure::Stopping);
         }
         let window = lease
@@ -331,13 +327,9 @@ fn resumable(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered) -> Resul
     if sent == 0 {
         return Ok(None);
     }
-    let order_sent = events[..sent]
-        .iter()
-        .any(|e| matches!(e.kind, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }));
-    let order_in_doubt = deps.settings.verifies_orders()
-        && events
-            .get(sent)
-            .is_some_and(|next| matches!(next.kind, EventKind::Checkout { .. } | EventKind::OrderCheckout { .. }));
+    let order_sent = events[..sent].iter().any(|e| e.kind.builds_order());
+    let order_in_doubt =
+        deps.settings.verifies_orders() && events.get(sent).is_some_and(|next| next.kind.builds_order());
     let next_open = events
         .get(sent)
         .is_none_or(|next| gathered.is_open(&next.session, now_ms()));

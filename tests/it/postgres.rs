@@ -180,6 +180,16 @@ struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy in front of the server of `url`, and the URL that reaches the server through it.
+    async fn in_front_of(url: &str) -> (Proxy, String) {
+        let mut parsed = url::Url::parse(url).unwrap();
+        let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
+        let proxy = Proxy::start(upstream).await;
+        parsed.set_host(Some("127.0.0.1")).unwrap();
+        parsed.set_port(Some(proxy.addr.port())).unwrap();
+        (proxy, parsed.to_string())
+    }
+
     async fn start(upstream: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -231,12 +241,7 @@ async fn database_unreachable_then_back_no_200_without_commit_and_delivery_resum
     let Some(url) = postgres_url("database_unreachable_then_back") else {
         return;
     };
-    let mut parsed = url::Url::parse(&url).unwrap();
-    let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
-    let proxy = Proxy::start(upstream).await;
-    parsed.set_host(Some("127.0.0.1")).unwrap();
-    parsed.set_port(Some(proxy.addr.port())).unwrap();
-    let proxied = parsed.to_string();
+    let (proxy, proxied) = Proxy::in_front_of(&url).await;
 
     let world = World::start_with(Duration::from_secs(1200), |s| {
         s.store.url = proxied.clone();
@@ -286,12 +291,7 @@ async fn webhooks_after_the_database_dropped_the_pools_connections_are_taken_at_
     let Some(url) = postgres_url("webhooks_after_the_database_dropped_the_pools_connections") else {
         return;
     };
-    let mut parsed = url::Url::parse(&url).unwrap();
-    let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
-    let proxy = Proxy::start(upstream).await;
-    parsed.set_host(Some("127.0.0.1")).unwrap();
-    parsed.set_port(Some(proxy.addr.port())).unwrap();
-    let proxied = parsed.to_string();
+    let (proxy, proxied) = Proxy::in_front_of(&url).await;
 
     let world = World::start_with(Duration::from_secs(1200), |s| {
         s.store.url = proxied.clone();

@@ -30,6 +30,19 @@ async fn reconciling_world(secret: &str) -> World {
     world
 }
 
+/// An anonymous shopper's order as OrderCloud lists it to the marketplace (one line).
+fn lost_order(id: &str) -> Value {
+    json!({"ID": id, "FromCompanyID": "anon-buyer",
+           "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
+           "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
+}
+
+/// The one line of a [`lost_order`].
+fn lost_line() -> Value {
+    json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
+           "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}})
+}
+
 fn orders_of(world: &World, reference: &str) -> usize {
     world
         .cdp
@@ -228,20 +241,15 @@ async fn orders_submitted_before_the_ledger_began_are_not_sent_again() {
     })
     .await;
     world.oc.add_api_client(CLIENT, SECRET, ANON_TEMPLATE_USERNAME);
-    let order = |id: &str| {
-        json!({"ID": id, "FromCompanyID": "anon-buyer",
-               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
-               "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
-    };
-    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
-                      "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}});
     // Taken (and sent to CDP) by the version before, two seconds before this store began.
     world.oc.put_submitted(
-        order("P-BEFORE"),
-        vec![line.clone()],
+        lost_order("P-BEFORE"),
+        vec![lost_line()],
         started - chrono::Duration::seconds(2),
     );
-    world.oc.put_submitted(order("P-SINCE"), vec![line], chrono::Utc::now());
+    world
+        .oc
+        .put_submitted(lost_order("P-SINCE"), vec![lost_line()], chrono::Utc::now());
     world.order("P-SINCE").await;
     assert_eq!(
         orders_of(&world, "P-BEFORE"),
@@ -255,19 +263,14 @@ async fn orders_submitted_before_the_ledger_began_are_not_sent_again() {
 #[tokio::test]
 async fn an_order_whose_lines_are_gone_does_not_hold_up_the_others() {
     let world = reconciling_world(SECRET).await;
-    let order = |id: &str| {
-        json!({"ID": id, "FromCompanyID": "anon-buyer",
-               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
-               "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
-    };
-    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
-                      "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}});
     let now = chrono::Utc::now();
-    world.oc.put_submitted(order("P-GONE"), vec![line.clone()], now);
+    world.oc.put_submitted(lost_order("P-GONE"), vec![lost_line()], now);
     world.oc.lose_lines("P-GONE");
-    world
-        .oc
-        .put_submitted(order("P-AFTER"), vec![line], now + chrono::Duration::milliseconds(5));
+    world.oc.put_submitted(
+        lost_order("P-AFTER"),
+        vec![lost_line()],
+        now + chrono::Duration::milliseconds(5),
+    );
     world.order("P-AFTER").await;
     assert_eq!(orders_of(&world, "P-GONE"), 0);
 }
@@ -317,19 +320,14 @@ async fn a_reconciled_order_is_stored_without_the_credentials_it_carries() {
 #[tokio::test]
 async fn an_order_whose_lines_keep_failing_does_not_hold_up_the_others() {
     let world = reconciling_world(SECRET).await;
-    let order = |id: &str| {
-        json!({"ID": id, "FromCompanyID": "anon-buyer",
-               "FromUser": {"ID": "anon-template-user", "Username": ANON_TEMPLATE_USERNAME},
-               "Currency": "USD", "Total": 1.0, "Subtotal": 1.0, "LineItemCount": 1, "xp": {}})
-    };
-    let line = json!({"ID": "L1", "ProductID": "SKU-1", "Quantity": 1, "UnitPrice": 1.0, "LineSubtotal": 1.0,
-                      "LineTotal": 1.0, "Product": {"ID": "SKU-1", "Name": "Thing"}, "xp": {}});
     let now = chrono::Utc::now();
     world.oc.fail_lines("P-STUCK", true);
-    world.oc.put_submitted(order("P-STUCK"), vec![line.clone()], now);
-    world
-        .oc
-        .put_submitted(order("P-NEXT"), vec![line], now + chrono::Duration::milliseconds(5));
+    world.oc.put_submitted(lost_order("P-STUCK"), vec![lost_line()], now);
+    world.oc.put_submitted(
+        lost_order("P-NEXT"),
+        vec![lost_line()],
+        now + chrono::Duration::milliseconds(5),
+    );
     world.order("P-NEXT").await;
     let text = world.app.ops_get("/health/ready").await.text().await.unwrap();
     assert!(text.contains("reconciler") && text.contains("P-STUCK"), "{text}");
@@ -371,6 +369,19 @@ const CDP_API_TOKEN: &str = "cdp-api-token-0001";
 async fn verifying_world() -> World {
     let world = World::start_with(Duration::from_secs(2), |s| {
         s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(3);
+        s.reconcile.repairs = 1;
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    world
+}
+
+/// As [`verifying_world`], in `order_checkout` mode (IDENTITY then ORDER_CHECKOUT).
+async fn order_checkout_verifying_world() -> World {
+    let world = World::start_with(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
         s.reconcile.verify_after_secs = Some(3);
         s.reconcile.repairs = 1;
     })
@@ -526,14 +537,7 @@ async fn a_checkout_whose_answer_was_lost_is_not_planned_again_after_its_session
 /// check instead, which finds the order CDP built: one order.
 #[tokio::test]
 async fn an_order_checkout_whose_answer_was_lost_is_not_sent_again() {
-    let world = World::start_with(Duration::from_secs(2), |s| {
-        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
-        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
-        s.reconcile.verify_after_secs = Some(3);
-        s.reconcile.repairs = 1;
-    })
-    .await;
-    world.cdp.set_api_token(CDP_API_TOKEN);
+    let world = order_checkout_verifying_world().await;
     let mut shopper = world.anonymous("OC-DOUBT", WEB_CLIENT);
     shopper.add("L1", "SKU-1", 2, 4.0).await;
     world.drained().await;
@@ -599,14 +603,7 @@ async fn a_stop_between_an_orders_events_sends_its_order_checkout_first() {
 /// sends it again, once. Nothing lost, one order.
 #[tokio::test]
 async fn an_order_checkout_cdp_never_took_is_repaired_by_the_landing_check() {
-    let world = World::start_with(Duration::from_secs(2), |s| {
-        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
-        s.cdp.order_events = ordercloud_cdp_forwarder::config::OrderEvents::OrderCheckout;
-        s.reconcile.verify_after_secs = Some(3);
-        s.reconcile.repairs = 1;
-    })
-    .await;
-    world.cdp.set_api_token(CDP_API_TOKEN);
+    let world = order_checkout_verifying_world().await;
     let mut shopper = world.anonymous("OC-NEVER", WEB_CLIENT);
     shopper.add("L1", "SKU-1", 2, 4.0).await;
     world.drained().await;
