@@ -318,15 +318,22 @@ async fn refused_client_key_pauses_delivery_burns_nothing_and_resumes() {
 #[tokio::test]
 async fn a_refused_key_is_probed_by_one_intent_at_a_time() {
     let world = World::start_with(Duration::from_secs(1200), |s| s.delivery.auth_pause_secs = 1).await;
-    world.cdp.script_all((0..3).map(|_| Answer::status(401)).collect());
     let mut shoppers: Vec<_> = (0..5)
         .map(|i| world.anonymous(&format!("PROBE-{i}"), WEB_CLIENT))
         .collect();
+    // Their browsers minted first: a browser/create CDP accepts says the key works and ends the
+    // pause, which is not what is watched here.
     for shopper in &mut shoppers {
         shopper.add("L1", "SKU", 1, 10.0).await;
     }
     world.drained().await;
-    let requests = world.cdp.requests();
+    let before = world.cdp.requests().len();
+    world.cdp.script_all((0..3).map(|_| Answer::status(401)).collect());
+    for shopper in &mut shoppers {
+        shopper.add("L2", "SKU2", 1, 10.0).await;
+    }
+    world.drained().await;
+    let requests = world.cdp.requests().split_off(before);
     assert_eq!(requests.iter().filter(|r| r.answered == 401).count(), 3);
     // Refusals of requests already on their way when the first came may follow it at once; from
     // half a second on, every request is a probe, until CDP accepts one.
