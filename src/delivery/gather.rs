@@ -80,8 +80,23 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     let (channel, pos) = cdp.channel_for(intent.client_id.as_deref());
     let (channel, pos) = (channel.to_string(), pos.to_string());
 
+    // The order (Cart API routes name none: the shopper's cart).
+    let link = enrichment.link.clone();
+    let order_id = enrichment
+        .order_id
+        .clone()
+        .or_else(|| intent.order_id.clone())
+        .or_else(|| link.as_ref().and_then(|l| l.anon_order_id.clone()))
+        .unwrap_or_else(|| format!("cart:{key}"));
+    // The shopper's record, the record of the cart, and the session of the stored browser, in one
+    // read where the store can.
+    let crate::store::DeliveryReads {
+        shopper: stored_shopper,
+        cart: recorded,
+        session: stored_session,
+    } = store.delivery_reads(key, &order_id, &channel).await?;
+
     // The shopper: identity, details, browser.
-    let stored_shopper = store.shopper(key).await?;
     let mut shopper = stored_shopper.clone().unwrap_or_default();
     shopper.identity = Some(enrichment.identity.clone());
     let mut given = enrichment.profile.clone();
@@ -100,7 +115,6 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     shopper.lastname = profile.lastname.clone();
     shopper.phone = profile.phone.clone();
 
-    let link = enrichment.link.clone();
     let mut anon_state = match link.as_ref().and_then(|l| l.anon_shopper_key.as_deref()) {
         Some(anon) if anon != key => store.shopper(anon).await?,
         _ => None,
@@ -118,14 +132,6 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     let browser_is_new = shopper.browsers.get(&channel) != stored_browser;
     let shopper_changed = stored_shopper.as_ref() != Some(&shopper);
 
-    // The order and its lines, and the record of the cart.
-    let order_id = enrichment
-        .order_id
-        .clone()
-        .or_else(|| intent.order_id.clone())
-        .or_else(|| link.as_ref().and_then(|l| l.anon_order_id.clone()))
-        .unwrap_or_else(|| format!("cart:{key}"));
-    let recorded = store.cart_lines(&order_id).await?;
     // A submit planned from the record of its cart (OrderCloud's lines could not be read): the
     // record is deleted with the ack, so its lines go with the order's landing check, whose repair
     // plans from them.
@@ -157,7 +163,12 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         pos: cdp.pos_for_channel(channel).to_string(),
     };
     if let Some(browser) = shopper.browsers.get(&channel) {
-        read_session(store, &mut sessions, session_on(&channel, browser)).await?;
+        if browser_is_new {
+            read_session(store, &mut sessions, session_on(&channel, browser)).await?;
+        } else if let Some(facts) = stored_session {
+            // The stored browser's session, read with the shopper.
+            sessions.insert(session_on(&channel, browser), facts);
+        }
     }
     let mut others = Vec::new();
     let mut anon_links = Vec::new();

@@ -21,7 +21,7 @@ mod roles;
 pub(crate) mod shared;
 pub mod sqlite;
 
-pub use roles::{DynStore, Intake, Ledger, Operations, Outbox, Shoppers, Store};
+pub use roles::{DeliveryReads, DynStore, Intake, Ledger, Operations, Outbox, Shoppers, Store};
 
 /// The queue key of webhooks without a usable shopper (they go straight to the dead letters).
 pub const UNIDENTIFIED_SHOPPER: &str = "unidentified";

@@ -86,6 +86,41 @@ pub trait Shoppers: Send + Sync + 'static {
     /// Sessions of a shopper whose last event is at or after `since_ms`.
     async fn sessions_of(&self, shopper_key: &str, since_ms: i64) -> Result<Vec<SessionFacts>, StoreError>;
     async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError>;
+
+    /// What delivery reads first for each intent: the shopper's record, the record of the cart
+    /// `order_id`, and the facts of the session of the shopper's stored browser on `channel`. As
+    /// the three reads above would answer; a backend whose reads are round trips makes it one.
+    async fn delivery_reads(&self, shopper_key: &str, order_id: &str, channel: &str) -> Result<DeliveryReads, StoreError> {
+        DeliveryReads::read_apart(self, shopper_key, order_id, channel).await
+    }
+}
+
+/// What [`Shoppers::delivery_reads`] answers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeliveryReads {
+    pub shopper: Option<ShopperState>,
+    /// The record of the cart, oldest line first (as [`Shoppers::cart_lines`]).
+    pub cart: Vec<CartLine>,
+    /// The facts of the session of `shopper`'s browser on the channel, when both are known.
+    pub session: Option<SessionFacts>,
+}
+
+impl DeliveryReads {
+    /// The three reads one after the other.
+    pub async fn read_apart<S: Shoppers + ?Sized>(
+        store: &S,
+        shopper_key: &str,
+        order_id: &str,
+        channel: &str,
+    ) -> Result<DeliveryReads, StoreError> {
+        let shopper = store.shopper(shopper_key).await?;
+        let cart = store.cart_lines(order_id).await?;
+        let session = match shopper.as_ref().and_then(|s| s.browsers.get(channel)) {
+            Some(browser) => store.session(channel, browser).await?,
+            None => None,
+        };
+        Ok(DeliveryReads { shopper, cart, session })
+    }
 }
 
 /// Operators and upkeep: the queue and dead letters as they are, readiness, pruning, closing.

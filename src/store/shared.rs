@@ -117,6 +117,73 @@ impl CartLineRow {
     }
 }
 
+/// [`super::Shoppers::delivery_reads`] in one statement (PostgreSQL's: the browser is read from the
+/// shopper's record on the server). `$1` shopper, `$2` order, `$3` channel; one row, the cart's
+/// lines as arrays in [`CART_LINES`]' order.
+pub(crate) const DELIVERY_READS: &str = "WITH cart AS (SELECT line_id, shopper_key, line, updated_at FROM cart_lines \
+     WHERE order_id = $2) \
+     SELECT s.state, s.identity, \
+       (SELECT f.facts FROM cdp_sessions f WHERE f.channel = $3::text \
+          AND f.browser_id = (s.state::jsonb -> 'browsers' ->> $3::text)) AS facts, \
+       (SELECT array_agg(line_id ORDER BY updated_at, line_id) FROM cart) AS line_ids, \
+       (SELECT array_agg(shopper_key ORDER BY updated_at, line_id) FROM cart) AS line_shoppers, \
+       (SELECT array_agg(line ORDER BY updated_at, line_id) FROM cart) AS lines, \
+       (SELECT array_agg(updated_at ORDER BY updated_at, line_id) FROM cart) AS line_times \
+     FROM (VALUES (1)) AS one (x) LEFT JOIN shoppers s ON s.shopper_key = $1";
+
+/// A row of [`DELIVERY_READS`].
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeliveryReadsRow {
+    state: Option<String>,
+    identity: Option<String>,
+    facts: Option<String>,
+    line_ids: Option<Vec<String>>,
+    line_shoppers: Option<Vec<String>>,
+    lines: Option<Vec<String>>,
+    line_times: Option<Vec<i64>>,
+}
+
+impl DeliveryReadsRow {
+    pub fn decode(self, order_id: &str) -> Result<super::DeliveryReads, StoreError> {
+        let shopper = self
+            .state
+            .map(|state| ShopperRow { state, identity: self.identity }.decode())
+            .transpose()?;
+        let session = self.facts.map(|facts| FactsRow { facts }.decode()).transpose()?;
+        let cart = zip4(
+            self.line_ids.unwrap_or_default(),
+            self.line_shoppers.unwrap_or_default(),
+            self.lines.unwrap_or_default(),
+            self.line_times.unwrap_or_default(),
+        )
+        .map(|(line_id, shopper_key, line, updated_at)| {
+            CartLineRow {
+                order_id: order_id.to_string(),
+                line_id,
+                shopper_key,
+                line,
+                updated_at,
+            }
+            .decode()
+        })
+        .collect::<Result<_, _>>()?;
+        Ok(super::DeliveryReads { shopper, cart, session })
+    }
+}
+
+/// Four columns of one cart, zipped.
+fn zip4<A, B, C, D>(
+    a: Vec<A>,
+    b: Vec<B>,
+    c: Vec<C>,
+    d: Vec<D>,
+) -> impl Iterator<Item = (A, B, C, D)> {
+    a.into_iter()
+        .zip(b)
+        .zip(c.into_iter().zip(d))
+        .map(|((a, b), (c, d))| (a, b, c, d))
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct DeadLetterRow {
     id: i64,
@@ -164,9 +231,10 @@ impl StatsRow {
 }
 
 /// The reads of the whole [`super::Shoppers`] role through a sqlx pool (`self.pool`), for `$store`
-/// (PostgreSQL; SQLite reads the same SQL with its own readers, `sqlite::readers`).
+/// (PostgreSQL; SQLite reads the same SQL with its own readers, `sqlite::readers`), then the
+/// backend's own methods (`$own`).
 macro_rules! shopper_reads {
-    ($store:ty) => {
+    ($store:ty, { $($own:tt)* }) => {
         #[async_trait::async_trait]
         impl Shoppers for $store {
             async fn shopper(&self, shopper_key: &str) -> Result<Option<ShopperState>, StoreError> {
@@ -202,6 +270,8 @@ macro_rules! shopper_reads {
                     .await?;
                 rows.into_iter().map(shared::CartLineRow::decode).collect()
             }
+
+            $($own)*
         }
     };
 }

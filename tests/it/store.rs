@@ -132,6 +132,7 @@ contract!(
     a_webhook_the_database_refuses_fails_alone_not_the_webhooks_committed_with_it,
     the_ledger_begins_with_the_stores_migration_to_it,
     what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_shoppers_record,
+    delivery_reads_answer_as_the_three_reads_apart,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -1601,4 +1602,84 @@ async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
     assert_eq!(store.shopper("record-stale").await.unwrap(), None);
     assert!(store.pending(10).await.unwrap().is_empty());
     store.close().await;
+}
+
+/// Delivery's first reads in one go (one round trip on PostgreSQL) answer what the shopper, cart
+/// and session reads answer apart: the session of the stored browser on the channel asked, none for
+/// a channel without a browser, the cart's lines oldest first; and a shopper's record damaged
+/// outside the service fails them as the shopper read fails.
+async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
+    use ordercloud_cdp_forwarder::store::DeliveryReads;
+    let Some(place) = backend.place("delivery_reads") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "w").await;
+    let claim = store.claim(1, LONG).await.unwrap().remove(0).claim;
+    let facts = |browser: &str, at: i64| SessionFacts {
+        channel: "WEB".into(),
+        browser_id: browser.into(),
+        shopper_key: "s1".into(),
+        last_event_at_ms: at,
+        ..SessionFacts::default()
+    };
+    let line = |id: &str, at: i64| CartLine {
+        order_id: "o1".into(),
+        line_id: id.into(),
+        shopper_key: "s1".into(),
+        line: json!({"ID": id, "Quantity": at}),
+        updated_at_ms: at,
+    };
+    let shopper = ShopperState {
+        identity: Some("buyer-u1".into()),
+        email: Some("u1@example.com".into()),
+        browsers: [("WEB".to_string(), "b1".to_string()), ("APP".to_string(), "b9".to_string())].into(),
+        ..ShopperState::default()
+    };
+    store
+        .apply(
+            &claim,
+            vec![
+                Write::Shopper {
+                    key: "s1".into(),
+                    state: shopper.clone(),
+                },
+                // The stored browser's session, and another browser's on the same channel.
+                Write::Session(facts("b1", 1_000)),
+                Write::Session(facts("b2", 2_000)),
+                // Written newest first: read back oldest first.
+                Write::CartLine(line("L2", 20)),
+                Write::CartLine(line("L1", 10)),
+                Write::CartLine(CartLine {
+                    order_id: "o2".into(),
+                    ..line("L3", 5)
+                }),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+
+    let read = store.delivery_reads("s1", "o1", "WEB").await.unwrap();
+    let apart = DeliveryReads::read_apart(&*store, "s1", "o1", "WEB").await.unwrap();
+    assert_eq!(read, apart);
+    assert_eq!(read.shopper, Some(shopper));
+    assert_eq!(read.session, Some(facts("b1", 1_000)), "the stored browser's session");
+    assert_eq!(read.cart, vec![line("L1", 10), line("L2", 20)]);
+    // A channel whose browser has no session yet, a channel without a browser, an unknown shopper.
+    let app = store.delivery_reads("s1", "o2", "APP").await.unwrap();
+    assert_eq!((app.session, app.cart.len()), (None, 1));
+    assert_eq!(store.delivery_reads("s1", "o9", "POS").await.unwrap().session, None);
+    assert_eq!(
+        store.delivery_reads("nobody", "o9", "WEB").await.unwrap(),
+        DeliveryReads::default()
+    );
+    drop(store);
+
+    place.execute("UPDATE shoppers SET state = 'not json' WHERE shopper_key = 's1'").await;
+    let store = place.service().await;
+    let read = store.delivery_reads("s1", "o1", "WEB").await.map(|_| ()).map_err(|e| e.to_string());
+    let apart = store.shopper("s1").await.map(|_| ()).map_err(|e| e.to_string());
+    assert!(apart.is_err());
+    assert_eq!(read, apart);
 }
