@@ -390,18 +390,17 @@ impl Outbox for PostgresStore {
             Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(storable_text(error))),
             Some(Settle::Dead { reason }) => (Some("dead"), None, Some(storable_text(reason))),
         };
+        // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in one call
+        // too (migration 0009): the commit then waits for the WAL's flush.
         let checks = std::mem::take(&mut args.checks);
-        // A landing check (one per submit) goes in the same transaction, after the claim was checked.
-        let durable = args.durable;
-        let mut tx = if checks.is_empty() && !durable {
-            None
+        let durable = args.durable || !checks.is_empty();
+        let call = sqlx::query_scalar(if durable {
+            "SELECT forwarder_apply_durable($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
         } else {
-            Some(self.pool.begin().await?)
-        };
-        let call = sqlx::query_scalar(
             "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23)",
-        )
+             $16, $17, $18, $19, $20, $21, $22, $23)"
+        })
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
         .bind(now_ms())
@@ -425,31 +424,19 @@ impl Outbox for PostgresStore {
         .bind(settle)
         .bind(settle_at)
         .bind(settle_text);
-        let held: bool = match tx.as_mut() {
-            Some(tx) => call.fetch_one(&mut **tx).await?,
-            None => call.fetch_one(&self.pool).await?,
+        let call = if durable {
+            call.bind(true)
+                .bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.enrichment.as_ref().map(Value::to_string)).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
+        } else {
+            call
         };
+        let held: bool = call.fetch_one(&self.pool).await?;
         if !held {
             return Err(StoreError::StaleClaim(claim.intent_id));
-        }
-        if let Some(mut tx) = tx {
-            if durable {
-                // After the function's own setting: the last one in the transaction holds at commit.
-                sqlx::query("SET LOCAL synchronous_commit = on")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            for check in checks {
-                sqlx::query(ORDER_CHECK_UPSERT)
-                    .bind(&check.order_id)
-                    .bind(&check.shopper_key)
-                    .bind(check.intent.to_string())
-                    .bind(check.enrichment.as_ref().map(Value::to_string))
-                    .bind(check.due_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
         }
         Ok(())
     }
@@ -775,9 +762,10 @@ struct ApplyArgs {
     session_shoppers: Vec<String>,
     session_at: Vec<i64>,
     session_facts: Vec<String>,
-    /// Landing checks: written after `forwarder_apply`, in its transaction.
+    /// Landing checks: written by `forwarder_apply_durable` after its `forwarder_apply`.
     checks: Vec<OrderCheck>,
-    /// The commit waits for the WAL's flush (`forwarder_apply` turns that off for its own).
+    /// The commit waits for the WAL's flush (`forwarder_apply` turns that off for its own;
+    /// `forwarder_apply_durable` on again).
     durable: bool,
 }
 

@@ -451,7 +451,8 @@ async fn a_webhook_whose_ids_cannot_be_keys_is_refused_and_those_beside_it_are_t
 /// its statements insert the rows they are given) and delivery's apply (migration 0008); the claim
 /// keeps those of its statements after its walk from inside, and its walk is planned at every call
 /// (a walk planned on an empty queue and kept scanned it once full: BENCHMARKS.md, sessions 10, 13
-/// and 14). And the intent's text is compressed with lz4 where the server has it.
+/// and 14); so does the apply of a CONFIRM's or a CHECKOUT's progress with its landing check
+/// (migration 0009), which inserts the check it is given. And the intent's text is compressed with lz4 where the server has it.
 #[tokio::test]
 async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_with_lz4() {
     let Some(url) = postgres_url("plans_are_kept_where_they_find_rows_by_key") else {
@@ -474,7 +475,11 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
         .map(|(function, _)| function.as_str())
         .collect();
     // The claim keeps the plans of its statements by key from inside (its walk is planned anew).
-    assert_eq!(kept, ["forwarder_apply", "forwarder_enqueue"], "{settings:?}");
+    assert_eq!(
+        kept,
+        ["forwarder_apply", "forwarder_apply_durable", "forwarder_enqueue"],
+        "{settings:?}"
+    );
     let lz4: bool =
         sqlx::query_scalar("SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
             .fetch_one(&pool)
@@ -606,4 +611,70 @@ async fn migrated_schema(url: &str) -> String {
         .close()
         .await;
     schema
+}
+
+/// The progress of a CONFIRM or a CHECKOUT, with its order's landing check, is one call
+/// (`forwarder_apply_durable`, migration 0009) whose commit waits for the WAL's flush, where other
+/// progress does not wait (sent twice, a CONFIRM or CHECKOUT could make a second order); a stale
+/// claim writes no check.
+#[tokio::test]
+async fn a_confirms_or_checkouts_progress_and_landing_check_are_one_call_that_waits_for_the_disk() {
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("durable_apply_in_one_call") else {
+        return;
+    };
+    let schema = migrated_schema(&url).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; \
+         INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+           created_at, updated_at, claim_id, lease_until) \
+         VALUES (1, 'k1', 's1', 'x', '{{}}', true, 'pending', 0, 0, 0, 'c1', forwarder_now_ms() + 60000)"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let nulls = "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL";
+    let durable = |claim: &str| {
+        format!(
+            "SELECT forwarder_apply_durable(1, '{claim}', 0, false, NULL, 3, {nulls}, true, \
+             ARRAY['o1'], ARRAY['s1'], ARRAY['{{}}'], ARRAY[NULL::text], ARRAY[5::bigint])"
+        )
+    };
+    // The setting in the call's transaction after the call: what holds at its commit.
+    async fn call_then_setting(conn: &mut sqlx::PgConnection, call: &str) -> (bool, String) {
+        let mut tx = conn.begin().await.unwrap();
+        let held: bool = sqlx::query_scalar(call).fetch_one(&mut *tx).await.unwrap();
+        let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (held, setting)
+    }
+    let (held, setting) = call_then_setting(&mut conn, &durable("c1")).await;
+    assert!(held);
+    assert_eq!(setting, "on", "the commit waits for the disk");
+    let check: (String, i64, i64) = sqlx::query_as("SELECT shopper_key, due_at, since FROM order_checks WHERE order_id = 'o1'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(check, ("s1".to_string(), 5, 5));
+    let sent: i64 = sqlx::query_scalar("SELECT sent FROM intent_progress WHERE intent_id = 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(sent, 3);
+    // Other progress does not wait.
+    let plain = format!("SELECT forwarder_apply(1, 'c1', 0, false, NULL, 4, {nulls})");
+    let (held, setting) = call_then_setting(&mut conn, &plain).await;
+    assert!(held);
+    assert_eq!(setting, "off");
+    // A stale claim: nothing written, no check.
+    sqlx::raw_sql("DELETE FROM order_checks").execute(&mut conn).await.unwrap();
+    let held: bool = sqlx::query_scalar(&durable("c2")).fetch_one(&mut conn).await.unwrap();
+    assert!(!held);
+    let checks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_checks").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(checks, 0);
+    conn.close().await.unwrap();
 }
