@@ -429,7 +429,12 @@ impl Outbox for PostgresStore {
                 .bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
                 .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
                 .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
-                .bind(checks.iter().map(|c| c.enrichment.as_ref().map(Value::to_string)).collect::<Vec<_>>())
+                .bind(
+                    checks
+                        .iter()
+                        .map(|c| c.enrichment.as_ref().map(Value::to_string))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
         } else {
             call
@@ -552,7 +557,12 @@ shared::shopper_reads!(PostgresStore, {
     /// One round trip instead of three (each intent's first reads). Should the server fail to read
     /// the browser from a shopper's record (not JSON: a record damaged outside the service), the
     /// three reads are made apart, and fail or not as they would.
-    async fn delivery_reads(&self, shopper_key: &str, order_id: &str, channel: &str) -> Result<DeliveryReads, StoreError> {
+    async fn delivery_reads(
+        &self,
+        shopper_key: &str,
+        order_id: &str,
+        channel: &str,
+    ) -> Result<DeliveryReads, StoreError> {
         let row: Result<shared::DeliveryReadsRow, sqlx::Error> = sqlx::query_as(shared::DELIVERY_READS)
             .bind(shopper_key)
             .bind(order_id)

@@ -90,7 +90,12 @@ pub trait Shoppers: Send + Sync + 'static {
     /// What delivery reads first for each intent: the shopper's record, the record of the cart
     /// `order_id`, and the facts of the session of the shopper's stored browser on `channel`. As
     /// the three reads above would answer; a backend whose reads are round trips makes it one.
-    async fn delivery_reads(&self, shopper_key: &str, order_id: &str, channel: &str) -> Result<DeliveryReads, StoreError> {
+    async fn delivery_reads(
+        &self,
+        shopper_key: &str,
+        order_id: &str,
+        channel: &str,
+    ) -> Result<DeliveryReads, StoreError> {
         DeliveryReads::read_apart(self, shopper_key, order_id, channel).await
     }
 }

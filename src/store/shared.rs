@@ -147,7 +147,13 @@ impl DeliveryReadsRow {
     pub fn decode(self, order_id: &str) -> Result<super::DeliveryReads, StoreError> {
         let shopper = self
             .state
-            .map(|state| ShopperRow { state, identity: self.identity }.decode())
+            .map(|state| {
+                ShopperRow {
+                    state,
+                    identity: self.identity,
+                }
+                .decode()
+            })
             .transpose()?;
         let session = self.facts.map(|facts| FactsRow { facts }.decode()).transpose()?;
         let cart = zip4(
@@ -172,12 +178,7 @@ impl DeliveryReadsRow {
 }
 
 /// Four columns of one cart, zipped.
-fn zip4<A, B, C, D>(
-    a: Vec<A>,
-    b: Vec<B>,
-    c: Vec<C>,
-    d: Vec<D>,
-) -> impl Iterator<Item = (A, B, C, D)> {
+fn zip4<A, B, C, D>(a: Vec<A>, b: Vec<B>, c: Vec<C>, d: Vec<D>) -> impl Iterator<Item = (A, B, C, D)> {
     a.into_iter()
         .zip(b)
         .zip(c.into_iter().zip(d))

@@ -655,10 +655,11 @@ async fn a_confirms_or_checkouts_progress_and_landing_check_are_one_call_that_wa
     let (held, setting) = call_then_setting(&mut conn, &durable("c1")).await;
     assert!(held);
     assert_eq!(setting, "on", "the commit waits for the disk");
-    let check: (String, i64, i64) = sqlx::query_as("SELECT shopper_key, due_at, since FROM order_checks WHERE order_id = 'o1'")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let check: (String, i64, i64) =
+        sqlx::query_as("SELECT shopper_key, due_at, since FROM order_checks WHERE order_id = 'o1'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
     assert_eq!(check, ("s1".to_string(), 5, 5));
     let sent: i64 = sqlx::query_scalar("SELECT sent FROM intent_progress WHERE intent_id = 1")
         .fetch_one(&mut conn)
@@ -671,10 +672,16 @@ async fn a_confirms_or_checkouts_progress_and_landing_check_are_one_call_that_wa
     assert!(held);
     assert_eq!(setting, "off");
     // A stale claim: nothing written, no check.
-    sqlx::raw_sql("DELETE FROM order_checks").execute(&mut conn).await.unwrap();
+    sqlx::raw_sql("DELETE FROM order_checks")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let held: bool = sqlx::query_scalar(&durable("c2")).fetch_one(&mut conn).await.unwrap();
     assert!(!held);
-    let checks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_checks").fetch_one(&mut conn).await.unwrap();
+    let checks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_checks")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(checks, 0);
     conn.close().await.unwrap();
 }

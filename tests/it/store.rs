@@ -1633,7 +1633,11 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     let shopper = ShopperState {
         identity: Some("buyer-u1".into()),
         email: Some("u1@example.com".into()),
-        browsers: [("WEB".to_string(), "b1".to_string()), ("APP".to_string(), "b9".to_string())].into(),
+        browsers: [
+            ("WEB".to_string(), "b1".to_string()),
+            ("APP".to_string(), "b9".to_string()),
+        ]
+        .into(),
         ..ShopperState::default()
     };
     store
@@ -1676,9 +1680,15 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     );
     drop(store);
 
-    place.execute("UPDATE shoppers SET state = 'not json' WHERE shopper_key = 's1'").await;
+    place
+        .execute("UPDATE shoppers SET state = 'not json' WHERE shopper_key = 's1'")
+        .await;
     let store = place.service().await;
-    let read = store.delivery_reads("s1", "o1", "WEB").await.map(|_| ()).map_err(|e| e.to_string());
+    let read = store
+        .delivery_reads("s1", "o1", "WEB")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     let apart = store.shopper("s1").await.map(|_| ()).map_err(|e| e.to_string());
     assert!(apart.is_err());
     assert_eq!(read, apart);
