@@ -90,11 +90,15 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         .unwrap_or_else(|| format!("cart:{key}"));
     // The shopper's record, the record of the cart, and the session of the stored browser, in one
     // read where the store can.
+    // A submit clears the shopper's other open sessions.
+    let idle_ms = cdp.session_idle().as_millis() as i64;
+    let open_since = (intent.kind == IntentKind::OrderSubmitted).then(|| now_ms() - idle_ms);
     let crate::store::DeliveryReads {
         shopper: stored_shopper,
         cart: recorded,
         session: stored_session,
-    } = store.delivery_reads(key, &order_id, &channel).await?;
+        open_sessions,
+    } = store.delivery_reads(key, &order_id, &channel, open_since).await?;
 
     // The shopper: identity, details, browser.
     let mut shopper = stored_shopper.clone().unwrap_or_default();
@@ -172,11 +176,10 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     }
     let mut others = Vec::new();
     let mut anon_links = Vec::new();
-    let idle_ms = cdp.session_idle().as_millis() as i64;
     let mut registered_state = None;
     match intent.kind {
         IntentKind::OrderSubmitted => {
-            for facts in store.sessions_of(key, now_ms() - idle_ms).await? {
+            for facts in open_sessions {
                 let session = session_on(&facts.channel, &facts.browser_id);
                 others.push(session.clone());
                 sessions.entry(session).or_insert(facts);

@@ -554,7 +554,7 @@ impl Outbox for PostgresStore {
 }
 
 shared::shopper_reads!(PostgresStore, {
-    /// One round trip instead of three (each intent's first reads). Should the server fail to read
+    /// One round trip instead of three or four (each intent's first reads). Should the server fail to read
     /// the browser from a shopper's record (not JSON: a record damaged outside the service), the
     /// three reads are made apart, and fail or not as they would.
     async fn delivery_reads(
@@ -562,17 +562,19 @@ shared::shopper_reads!(PostgresStore, {
         shopper_key: &str,
         order_id: &str,
         channel: &str,
+        open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
         let row: Result<shared::DeliveryReadsRow, sqlx::Error> = sqlx::query_as(shared::DELIVERY_READS)
             .bind(shopper_key)
             .bind(order_id)
             .bind(channel)
+            .bind(open_since)
             .fetch_one(&self.pool)
             .await;
         match row {
             Ok(row) => row.decode(order_id),
             Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
-                DeliveryReads::read_apart(self, shopper_key, order_id, channel).await
+                DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await
             }
             Err(e) => Err(e.into()),
         }

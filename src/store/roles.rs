@@ -88,15 +88,17 @@ pub trait Shoppers: Send + Sync + 'static {
     async fn cart_lines(&self, order_id: &str) -> Result<Vec<CartLine>, StoreError>;
 
     /// What delivery reads first for each intent: the shopper's record, the record of the cart
-    /// `order_id`, and the facts of the session of the shopper's stored browser on `channel`. As
-    /// the three reads above would answer; a backend whose reads are round trips makes it one.
+    /// `order_id`, the facts of the session of the shopper's stored browser on `channel`, and with
+    /// `open_since` the shopper's sessions since then (a submit's). As the reads above would answer;
+    /// a backend whose reads are round trips makes it one.
     async fn delivery_reads(
         &self,
         shopper_key: &str,
         order_id: &str,
         channel: &str,
+        open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
-        DeliveryReads::read_apart(self, shopper_key, order_id, channel).await
+        DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await
     }
 }
 
@@ -108,15 +110,18 @@ pub struct DeliveryReads {
     pub cart: Vec<CartLine>,
     /// The facts of the session of `shopper`'s browser on the channel, when both are known.
     pub session: Option<SessionFacts>,
+    /// The shopper's sessions since `open_since` (as [`Shoppers::sessions_of`]); none when not asked.
+    pub open_sessions: Vec<SessionFacts>,
 }
 
 impl DeliveryReads {
-    /// The three reads one after the other.
+    /// The reads one after the other.
     pub async fn read_apart<S: Shoppers + ?Sized>(
         store: &S,
         shopper_key: &str,
         order_id: &str,
         channel: &str,
+        open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
         let shopper = store.shopper(shopper_key).await?;
         let cart = store.cart_lines(order_id).await?;
@@ -124,7 +129,16 @@ impl DeliveryReads {
             Some(browser) => store.session(channel, browser).await?,
             None => None,
         };
-        Ok(DeliveryReads { shopper, cart, session })
+        let open_sessions = match open_since {
+            Some(since) => store.sessions_of(shopper_key, since).await?,
+            None => Vec::new(),
+        };
+        Ok(DeliveryReads {
+            shopper,
+            cart,
+            session,
+            open_sessions,
+        })
     }
 }
 

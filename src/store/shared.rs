@@ -11,8 +11,8 @@ use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub(crate) const SHOPPER: &str = "SELECT state, identity FROM shoppers WHERE shopper_key = $1";
 pub(crate) const SESSION: &str = "SELECT facts FROM cdp_sessions WHERE channel = $1 AND browser_id = $2";
-pub(crate) const SESSIONS_OF: &str =
-    "SELECT facts FROM cdp_sessions WHERE shopper_key = $1 AND last_event_at >= $2 ORDER BY last_event_at";
+pub(crate) const SESSIONS_OF: &str = "SELECT facts FROM cdp_sessions WHERE shopper_key = $1 AND last_event_at >= $2 \
+     ORDER BY last_event_at, channel, browser_id";
 pub(crate) const CART_LINES: &str = "SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines \
      WHERE order_id = $1 ORDER BY updated_at, line_id";
 pub(crate) const PENDING: &str =
@@ -118,8 +118,9 @@ impl CartLineRow {
 }
 
 /// [`super::Shoppers::delivery_reads`] in one statement (PostgreSQL's: the browser is read from the
-/// shopper's record on the server). `$1` shopper, `$2` order, `$3` channel; one row, the cart's
-/// lines as arrays in [`CART_LINES`]' order.
+/// shopper's record on the server). `$1` shopper, `$2` order, `$3` channel, `$4` open since (or
+/// NULL); one row, the cart's lines as arrays in [`CART_LINES`]' order, the open sessions in
+/// [`SESSIONS_OF`]'.
 pub(crate) const DELIVERY_READS: &str = "WITH cart AS (SELECT line_id, shopper_key, line, updated_at FROM cart_lines \
      WHERE order_id = $2) \
      SELECT s.state, s.identity, \
@@ -128,7 +129,9 @@ pub(crate) const DELIVERY_READS: &str = "WITH cart AS (SELECT line_id, shopper_k
        (SELECT array_agg(line_id ORDER BY updated_at, line_id) FROM cart) AS line_ids, \
        (SELECT array_agg(shopper_key ORDER BY updated_at, line_id) FROM cart) AS line_shoppers, \
        (SELECT array_agg(line ORDER BY updated_at, line_id) FROM cart) AS lines, \
-       (SELECT array_agg(updated_at ORDER BY updated_at, line_id) FROM cart) AS line_times \
+       (SELECT array_agg(updated_at ORDER BY updated_at, line_id) FROM cart) AS line_times, \
+       (SELECT array_agg(o.facts ORDER BY o.last_event_at, o.channel, o.browser_id) FROM cdp_sessions o \
+          WHERE $4::bigint IS NOT NULL AND o.shopper_key = $1 AND o.last_event_at >= $4::bigint) AS open_sessions \
      FROM (VALUES (1)) AS one (x) LEFT JOIN shoppers s ON s.shopper_key = $1";
 
 /// A row of [`DELIVERY_READS`].
@@ -141,6 +144,7 @@ pub(crate) struct DeliveryReadsRow {
     line_shoppers: Option<Vec<String>>,
     lines: Option<Vec<String>>,
     line_times: Option<Vec<i64>>,
+    open_sessions: Option<Vec<String>>,
 }
 
 impl DeliveryReadsRow {
@@ -173,7 +177,18 @@ impl DeliveryReadsRow {
             .decode()
         })
         .collect::<Result<_, _>>()?;
-        Ok(super::DeliveryReads { shopper, cart, session })
+        let open_sessions = self
+            .open_sessions
+            .unwrap_or_default()
+            .into_iter()
+            .map(|facts| FactsRow { facts }.decode())
+            .collect::<Result<_, _>>()?;
+        Ok(super::DeliveryReads {
+            shopper,
+            cart,
+            session,
+            open_sessions,
+        })
     }
 }
 

@@ -1606,7 +1606,8 @@ async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
 
 /// Delivery's first reads in one go (one round trip on PostgreSQL) answer what the shopper, cart
 /// and session reads answer apart: the session of the stored browser on the channel asked, none for
-/// a channel without a browser, the cart's lines oldest first; and a shopper's record damaged
+/// a channel without a browser, the cart's lines oldest first, a submit's open sessions of the
+/// shopper; and a shopper's record damaged
 /// outside the service fails them as the shopper read fails.
 async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     use ordercloud_cdp_forwarder::store::DeliveryReads;
@@ -1664,18 +1665,36 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
         .await
         .unwrap();
 
-    let read = store.delivery_reads("s1", "o1", "WEB").await.unwrap();
-    let apart = DeliveryReads::read_apart(&*store, "s1", "o1", "WEB").await.unwrap();
+    let read = store.delivery_reads("s1", "o1", "WEB", None).await.unwrap();
+    let apart = DeliveryReads::read_apart(&*store, "s1", "o1", "WEB", None)
+        .await
+        .unwrap();
     assert_eq!(read, apart);
     assert_eq!(read.shopper, Some(shopper));
     assert_eq!(read.session, Some(facts("b1", 1_000)), "the stored browser's session");
     assert_eq!(read.cart, vec![line("L1", 10), line("L2", 20)]);
+    assert_eq!(read.open_sessions, vec![], "not asked");
+    // A submit's: the shopper's sessions since a time, oldest first.
+    for (since, open) in [
+        (0, vec![facts("b1", 1_000), facts("b2", 2_000)]),
+        (1_500, vec![facts("b2", 2_000)]),
+    ] {
+        let read = store.delivery_reads("s1", "o1", "WEB", Some(since)).await.unwrap();
+        assert_eq!(read.open_sessions, open, "since {since}");
+        let apart = DeliveryReads::read_apart(&*store, "s1", "o1", "WEB", Some(since))
+            .await
+            .unwrap();
+        assert_eq!(read, apart);
+    }
     // A channel whose browser has no session yet, a channel without a browser, an unknown shopper.
-    let app = store.delivery_reads("s1", "o2", "APP").await.unwrap();
+    let app = store.delivery_reads("s1", "o2", "APP", None).await.unwrap();
     assert_eq!((app.session, app.cart.len()), (None, 1));
-    assert_eq!(store.delivery_reads("s1", "o9", "POS").await.unwrap().session, None);
     assert_eq!(
-        store.delivery_reads("nobody", "o9", "WEB").await.unwrap(),
+        store.delivery_reads("s1", "o9", "POS", None).await.unwrap().session,
+        None
+    );
+    assert_eq!(
+        store.delivery_reads("nobody", "o9", "WEB", Some(0)).await.unwrap(),
         DeliveryReads::default()
     );
     drop(store);
@@ -1685,7 +1704,7 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
         .await;
     let store = place.service().await;
     let read = store
-        .delivery_reads("s1", "o1", "WEB")
+        .delivery_reads("s1", "o1", "WEB", None)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string());
