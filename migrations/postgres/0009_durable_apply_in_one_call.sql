@@ -1,5 +1,5 @@
 -- The progress of a CONFIRM or a CHECKOUT (which must wait for the WAL's flush: sent twice, it
--- could make a second order) and an order's landing check, written in one call. Before, such an
+-- could make a second order) and an order's landing check, written in one call whose commit waits. Before, such an
 -- apply was a transaction of its own: BEGIN, forwarder_apply, SET LOCAL synchronous_commit = on,
 -- the landing check's upsert, COMMIT — five round trips where any other progress takes one.
 -- forwarder_apply (migration 0008) is called as it is; replicas of the version before keep calling
@@ -13,8 +13,6 @@ CREATE FUNCTION forwarder_apply_durable(
     p_session_channels TEXT[], p_session_browsers TEXT[], p_session_shoppers TEXT[],
     p_session_at BIGINT[], p_session_facts TEXT[],
     p_settle TEXT, p_settle_at BIGINT, p_settle_text TEXT,
-    -- Whether the commit waits for the WAL's flush.
-    p_durable BOOLEAN,
     -- Landing checks to write (one per submit), as the columns of order_checks.
     p_check_orders TEXT[], p_check_shoppers TEXT[], p_check_intents TEXT[], p_check_enrichments TEXT[],
     p_check_due BIGINT[]
@@ -30,9 +28,7 @@ BEGIN
         RETURN FALSE;
     END IF;
     -- After forwarder_apply turned it off for its transaction: the last setting holds at commit.
-    IF p_durable THEN
-        PERFORM set_config('synchronous_commit', 'on', true);
-    END IF;
+    PERFORM set_config('synchronous_commit', 'on', true);
     FOR i IN 1 .. COALESCE(array_length(p_check_orders, 1), 0) LOOP
         INSERT INTO order_checks (order_id, shopper_key, intent, enrichment, due_at, since)
         VALUES (p_check_orders[i], p_check_shoppers[i], p_check_intents[i], p_check_enrichments[i],

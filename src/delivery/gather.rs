@@ -98,6 +98,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         cart: recorded,
         session: stored_session,
         open_sessions,
+        session_unreadable,
     } = store.delivery_reads(key, &order_id, &channel, open_since).await?;
 
     // The shopper: identity, details, browser.
@@ -167,7 +168,8 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         pos: cdp.pos_for_channel(channel).to_string(),
     };
     if let Some(browser) = shopper.browsers.get(&channel) {
-        if browser_is_new {
+        // Read again when unreadable: it fails as it did.
+        if browser_is_new || session_unreadable {
             read_session(store, &mut sessions, session_on(&channel, browser)).await?;
         } else if let Some(facts) = stored_session {
             // The stored browser's session, read with the shopper.

@@ -202,7 +202,11 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .context("cannot connect to PostgreSQL (store.url)")?;
-        sqlx::migrate!("migrations/postgres")
+        // A replica of the release before restarting during a rolling upgrade finds this release's
+        // migrations applied: they are additive (docs/OPERATIONS.md, "Upgrading"), so it starts.
+        let mut migrator = sqlx::migrate!("migrations/postgres");
+        migrator.set_ignore_missing(true);
+        migrator
             .run(&pool)
             .await
             .context("cannot migrate the PostgreSQL store")?;
@@ -392,11 +396,11 @@ impl Outbox for PostgresStore {
         };
         // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in one call
         // too (migration 0009): the commit then waits for the WAL's flush.
+        let durable = args.waits_for_disk();
         let checks = std::mem::take(&mut args.checks);
-        let durable = args.durable || !checks.is_empty();
         let call = sqlx::query_scalar(if durable {
             "SELECT forwarder_apply_durable($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
         } else {
             "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
              $16, $17, $18, $19, $20, $21, $22, $23)"
@@ -425,8 +429,7 @@ impl Outbox for PostgresStore {
         .bind(settle_at)
         .bind(settle_text);
         let call = if durable {
-            call.bind(true)
-                .bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
+            call.bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
                 .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
                 .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
                 .bind(
@@ -782,6 +785,12 @@ struct ApplyArgs {
 }
 
 impl ApplyArgs {
+    /// Whether the commit waits for the WAL's flush: the progress of a CONFIRM or a CHECKOUT (sent
+    /// twice, it could be a second order), and a landing check (it comes with a CHECKOUT's).
+    fn waits_for_disk(&self) -> bool {
+        self.durable || !self.checks.is_empty()
+    }
+
     fn push(&mut self, write: Write) -> Result<(), StoreError> {
         match write {
             Write::Plan(plan) => {
@@ -845,6 +854,32 @@ impl ApplyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CONFIRM's or a CHECKOUT's progress, or a landing check, goes through the call whose commit
+    /// waits for the disk (`forwarder_apply_durable`); other progress does not wait.
+    #[test]
+    fn a_confirms_or_checkouts_progress_and_a_landing_check_wait_for_the_disk() {
+        let args = |writes: Vec<Write>| {
+            let mut args = ApplyArgs::default();
+            for write in writes {
+                args.push(write).unwrap();
+            }
+            args.waits_for_disk()
+        };
+        assert!(!args(vec![Write::Sent(1)]));
+        assert!(args(vec![Write::Sent(2), Write::Durable]));
+        let check = OrderCheck {
+            order_id: "o1".into(),
+            shopper_key: "s1".into(),
+            intent: serde_json::json!({}),
+            enrichment: None,
+            due_at_ms: 0,
+            since_ms: 0,
+            repairs: 0,
+            attempts: 0,
+        };
+        assert!(args(vec![Write::Sent(3), Write::CheckOrder(check)]));
+    }
 
     /// Claims made before a gap in the heartbeats longer than the takeover are lost even once the
     /// heartbeats reach the database again: another replica may hold them by then.

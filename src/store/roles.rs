@@ -112,6 +112,9 @@ pub struct DeliveryReads {
     pub session: Option<SessionFacts>,
     /// The shopper's sessions since `open_since` (as [`Shoppers::sessions_of`]); none when not asked.
     pub open_sessions: Vec<SessionFacts>,
+    /// The stored browser's session could not be read back (`session` is then `None`): an intent
+    /// that brings another browser does not need it; one that uses it reads it again, and fails.
+    pub session_unreadable: bool,
 }
 
 impl DeliveryReads {
@@ -125,9 +128,13 @@ impl DeliveryReads {
     ) -> Result<DeliveryReads, StoreError> {
         let shopper = store.shopper(shopper_key).await?;
         let cart = store.cart_lines(order_id).await?;
-        let session = match shopper.as_ref().and_then(|s| s.browsers.get(channel)) {
-            Some(browser) => store.session(channel, browser).await?,
-            None => None,
+        let (session, session_unreadable) = match shopper.as_ref().and_then(|s| s.browsers.get(channel)) {
+            Some(browser) => match store.session(channel, browser).await {
+                Ok(session) => (session, false),
+                Err(StoreError::Json(_) | StoreError::Corrupt(_)) => (None, true),
+                Err(e) => return Err(e),
+            },
+            None => (None, false),
         };
         let open_sessions = match open_since {
             Some(since) => store.sessions_of(shopper_key, since).await?,
@@ -138,6 +145,7 @@ impl DeliveryReads {
             cart,
             session,
             open_sessions,
+            session_unreadable,
         })
     }
 }

@@ -159,7 +159,11 @@ impl DeliveryReadsRow {
                 .decode()
             })
             .transpose()?;
-        let session = self.facts.map(|facts| FactsRow { facts }.decode()).transpose()?;
+        let (session, session_unreadable) = match self.facts.map(|facts| FactsRow { facts }.decode()).transpose() {
+            Ok(session) => (session, false),
+            // As the reads apart answer it (`DeliveryReads::read_apart`).
+            Err(_) => (None, true),
+        };
         let cart = zip4(
             self.line_ids.unwrap_or_default(),
             self.line_shoppers.unwrap_or_default(),
@@ -188,6 +192,7 @@ impl DeliveryReadsRow {
             cart,
             session,
             open_sessions,
+            session_unreadable,
         })
     }
 }

@@ -1607,7 +1607,7 @@ async fn writes_made_together_land_or_fail_each_alone(backend: Backend) {
 /// Delivery's first reads in one go (one round trip on PostgreSQL) answer what the shopper, cart
 /// and session reads answer apart: the session of the stored browser on the channel asked, none for
 /// a channel without a browser, the cart's lines oldest first, a submit's open sessions of the
-/// shopper; and a shopper's record damaged
+/// shopper; a damaged session of the stored browser is said, and a shopper's record damaged
 /// outside the service fails them as the shopper read fails.
 async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     use ordercloud_cdp_forwarder::store::DeliveryReads;
@@ -1649,15 +1649,19 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
                     key: "s1".into(),
                     state: shopper.clone(),
                 },
-                // The stored browser's session, and another browser's on the same channel.
-                Write::Session(facts("b1", 1_000)),
+                // The stored browser's session, and other browsers' on the same channel (two with
+                // one time, written in the other order than their IDs').
+                Write::Session(facts("b3", 2_000)),
                 Write::Session(facts("b2", 2_000)),
-                // Written newest first: read back oldest first.
-                Write::CartLine(line("L2", 20)),
-                Write::CartLine(line("L1", 10)),
+                Write::Session(facts("b1", 1_000)),
+                // Written newest first, their IDs in the other order than their times': read back
+                // oldest first, then by ID.
+                Write::CartLine(line("L1", 20)),
+                Write::CartLine(line("L3", 10)),
+                Write::CartLine(line("L2", 10)),
                 Write::CartLine(CartLine {
                     order_id: "o2".into(),
-                    ..line("L3", 5)
+                    ..line("L9", 5)
                 }),
             ],
             None,
@@ -1672,13 +1676,11 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     assert_eq!(read, apart);
     assert_eq!(read.shopper, Some(shopper));
     assert_eq!(read.session, Some(facts("b1", 1_000)), "the stored browser's session");
-    assert_eq!(read.cart, vec![line("L1", 10), line("L2", 20)]);
+    assert_eq!(read.cart, vec![line("L2", 10), line("L3", 10), line("L1", 20)]);
     assert_eq!(read.open_sessions, vec![], "not asked");
-    // A submit's: the shopper's sessions since a time, oldest first.
-    for (since, open) in [
-        (0, vec![facts("b1", 1_000), facts("b2", 2_000)]),
-        (1_500, vec![facts("b2", 2_000)]),
-    ] {
+    // A submit's: the shopper's sessions since a time, oldest first, then by browser.
+    let (b1, b2, b3) = (facts("b1", 1_000), facts("b2", 2_000), facts("b3", 2_000));
+    for (since, open) in [(0, vec![b1, b2.clone(), b3.clone()]), (1_500, vec![b2, b3])] {
         let read = store.delivery_reads("s1", "o1", "WEB", Some(since)).await.unwrap();
         assert_eq!(read.open_sessions, open, "since {since}");
         let apart = DeliveryReads::read_apart(&*store, "s1", "o1", "WEB", Some(since))
@@ -1696,6 +1698,22 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     assert_eq!(
         store.delivery_reads("nobody", "o9", "WEB", Some(0)).await.unwrap(),
         DeliveryReads::default()
+    );
+    drop(store);
+
+    // The stored browser's session damaged behind the store's back: said, not failed (an intent
+    // bringing another browser does not need it).
+    place
+        .execute("UPDATE cdp_sessions SET facts = 'not json' WHERE browser_id = 'b1'")
+        .await;
+    let store = place.service().await;
+    let read = store.delivery_reads("s1", "o1", "WEB", None).await.unwrap();
+    assert_eq!((read.session.clone(), read.session_unreadable), (None, true));
+    assert_eq!(
+        read,
+        DeliveryReads::read_apart(&*store, "s1", "o1", "WEB", None)
+            .await
+            .unwrap()
     );
     drop(store);
 
