@@ -694,6 +694,11 @@ impl Settings {
             if r.interval_secs == 0 {
                 errors.push("reconcile.interval_secs must be above 0, e.g. 300".into());
             }
+            // OrderCloud's order lists lag (a search cache): without a lag, a pass would move its
+            // watermark past orders the lists do not show yet, and never look at them again.
+            if r.lag_secs == 0 {
+                errors.push("reconcile.lag_secs must be above 0, e.g. 300".into());
+            }
             for (key, value) in [
                 ("reconcile.interval_secs", r.interval_secs),
                 ("reconcile.lag_secs", r.lag_secs),
@@ -889,6 +894,14 @@ impl Settings {
         }
         if d.max_age_secs == 0 {
             errors.push("delivery.max_age_secs must be above 0, e.g. 86400".into());
+        }
+        // How often an idle replica asks the store for work: below, an idle service is a loop of
+        // claims against the store.
+        if d.poll_interval_ms < 10 {
+            errors.push(format!(
+                "delivery.poll_interval_ms ({}) must be at least 10, e.g. 200",
+                d.poll_interval_ms
+            ));
         }
         if !(4..=3600).contains(&d.takeover_secs) {
             errors.push(format!(

@@ -347,3 +347,36 @@ fn unknown_keys_bad_ordercloud_hosts_and_untrimmed_secrets_are_caught() {
     local.push(("FORWARDER__ORDERCLOUD__API_URLS", "http://127.0.0.1:8081"));
     Settings::load_with_env(&sources, Some(env(&local))).expect("plain http to this machine");
 }
+
+/// An idle replica asks the store for work every `delivery.poll_interval_ms`: 0 (or a few
+/// milliseconds) made the dispatcher a loop hammering the store. And a reconciliation without lag
+/// would move its watermark past orders OrderCloud's lists have not yet caught up with. Both are
+/// refused at start, named.
+#[test]
+fn a_poll_interval_that_would_spin_and_a_reconciliation_without_lag_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ConfigSources {
+        file: None,
+        base_dir: Some(dir.path().to_path_buf()),
+    };
+    let load = |extra: &[(&str, &str)]| {
+        let mut pairs = vec![
+            ("FORWARDER__ORDERCLOUD__HASH_KEYS", "a-long-enough-hash-key-0123456789"),
+            ("FORWARDER__CDP__CLIENT_KEY", "ck"),
+            ("FORWARDER__CDP__POS", "pos"),
+            ("FORWARDER__ORDERCLOUD__CLIENT_ID", "ledger"),
+            ("FORWARDER__ORDERCLOUD__CLIENT_SECRET", "ledger-secret-123"),
+            ("FORWARDER__RECONCILE__API_URL", "https://api.ordercloud.io"),
+        ];
+        pairs.extend_from_slice(extra);
+        Settings::load_with_env(&sources, Some(env(&pairs))).map_err(|e| e.to_string())
+    };
+    load(&[]).expect("the defaults start");
+    for poll in ["0", "9"] {
+        let err = load(&[("FORWARDER__DELIVERY__POLL_INTERVAL_MS", poll)]).unwrap_err();
+        assert!(err.contains("delivery.poll_interval_ms"), "{err}");
+    }
+    load(&[("FORWARDER__DELIVERY__POLL_INTERVAL_MS", "10")]).expect("10 ms is allowed");
+    let err = load(&[("FORWARDER__RECONCILE__LAG_SECS", "0")]).unwrap_err();
+    assert!(err.contains("reconcile.lag_secs"), "{err}");
+}
