@@ -156,6 +156,9 @@ impl Application {
             info!(addr = ?addr, "operations listener: /metrics, /admin, /health/ready with reasons");
             tokio::spawn(async move { http::serve::serve(listener, router, &settings.server, refusals, stop).await })
         });
+        if settings.cdp.dry_run {
+            tracing::warn!("cdp.dry_run is on: events are logged and counted as delivered, never sent to CDP");
+        }
         let router = http::router(state.clone());
         let (server_settings, refusals, stop) = (settings.clone(), state.refusals.clone(), stop_tx.subscribe());
         let mut server = tokio::spawn(async move {

@@ -473,3 +473,29 @@ async fn an_erased_token_leaves_no_trace_in_the_sqlite_file() {
         }
     }
 }
+
+/// A dry run (`cdp.dry_run`: events logged and counted as delivered, never sent) says so at start,
+/// where an operator who left it on in production looks; a service that sends to CDP does not.
+#[tokio::test]
+async fn a_dry_run_says_so_at_start() {
+    // The log once it says the service serves (the warning comes before).
+    async fn log_once_serving(dir: &std::path::Path) -> String {
+        eventually("the service to log that it serves", Duration::from_secs(10), || async {
+            let log = std::fs::read_to_string(dir.join("forwarder.log")).unwrap_or_default();
+            log.contains("\"serving\"").then_some(log)
+        })
+        .await
+    }
+    let warned = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("\"WARN\"") && l.contains("cdp.dry_run is on"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let service = binary(dir.path(), &[("FORWARDER__CDP__DRY_RUN", "true")]).await;
+    assert!(warned(&log_once_serving(dir.path()).await));
+    drop(service);
+    let dir = tempfile::tempdir().unwrap();
+    let service = binary(dir.path(), &[("FORWARDER__CDP__DRY_RUN", "false")]).await;
+    assert!(!warned(&log_once_serving(dir.path()).await));
+    drop(service);
+}
