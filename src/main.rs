@@ -151,17 +151,24 @@ fn dead_letter_command(sources: &ConfigSources, command: DeadLetterCommand) -> E
         let outcome = match command {
             DeadLetterCommand::List { json, since, limit } => {
                 let since = since.as_deref().map(parse).transpose()?;
-                let list = dead_letters::list(&*store, since, limit).await?;
+                // One more than shown: whether the list was cut at --limit.
+                let mut list = dead_letters::list(&*store, since, limit.saturating_add(1)).await?;
+                let more = list.len() > limit;
+                list.truncate(limit);
                 if json {
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({"dead_letters": list}))?
+                        serde_json::to_string_pretty(&serde_json::json!({"dead_letters": list, "more": more}))?
                     );
                 } else {
                     for d in &list {
                         println!("{}", dead_letters::format_line(d));
                     }
-                    eprintln!("{} dead letter(s)", list.len());
+                    if more {
+                        eprintln!("{} dead letter(s) shown; more exist (raise --limit)", list.len());
+                    } else {
+                        eprintln!("{} dead letter(s)", list.len());
+                    }
                 }
                 Ok(())
             }

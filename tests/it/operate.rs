@@ -79,10 +79,28 @@ async fn dead_letters_through_the_command_line() {
         .unwrap()
         .contains("400"));
     assert!(cli(&["list"]).contains("anon-CLI-DEAD"));
+    // A list cut at --limit says that more exist.
+    dead_letter_once(&world, "CLI-DEAD-1").await;
+    let second = eventually("a second dead letter", Duration::from_secs(10), || async {
+        let dead = world.app.store.dead_letters(None, 10).await.unwrap();
+        (dead.len() == 2).then(|| dead.iter().map(|d| d.id).find(|d| *d != id).unwrap())
+    })
+    .await;
+    let listed = |limit: &str| -> Value { serde_json::from_str(&cli(&["list", "--json", "--limit", limit])).unwrap() };
+    let cut = listed("1");
+    assert_eq!(
+        (cut["dead_letters"].as_array().unwrap().len(), &cut["more"]),
+        (1, &json!(true))
+    );
+    let whole = listed("2");
+    assert_eq!(
+        (whole["dead_letters"].as_array().unwrap().len(), &whole["more"]),
+        (2, &json!(false))
+    );
 
     assert_eq!(
-        cli(&["replay", "--id", &id.to_string()]).trim(),
-        "replayed 1 dead letter(s)"
+        cli(&["replay", "--id", &id.to_string(), "--id", &second.to_string()]).trim(),
+        "replayed 2 dead letter(s)"
     );
     world.drained().await;
     assert!(world.app.store.dead_letters(None, 10).await.unwrap().is_empty());
@@ -92,7 +110,7 @@ async fn dead_letters_through_the_command_line() {
         .iter()
         .filter(|r| r.event_type == "ADD" && r.answered == 201)
         .count();
-    assert_eq!(adds, 1, "the replayed intent was delivered");
+    assert_eq!(adds, 2, "the replayed intents were delivered");
 
     dead_letter_once(&world, "CLI-DEAD-2").await;
     // Says what would go; takes the last hour's only with --force, and only with --yes.
