@@ -1314,6 +1314,40 @@ async fn a_second_service_on_one_sqlite_file_is_refused_and_the_dead_letter_comm
     place.service().await.close().await;
 }
 
+/// A dead-letter command of a later version does not migrate a SQLite file an earlier version's
+/// service is serving (a migration could change the tables under it: 0007 dropped one): it says
+/// which version to run instead, and leaves the file as it was.
+#[tokio::test]
+async fn a_command_of_a_later_version_does_not_migrate_a_file_an_earlier_service_serves() {
+    let place = Backend::Sqlite.place("later_command").unwrap();
+    let service = place.service().await;
+    // The service as an earlier version: its file lacks the latest migration.
+    let path = place.settings.url.trim_start_matches("sqlite://").to_string();
+    let latest: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT MAX(version) FROM _sqlx_migrations", [], |r| r.get(0))
+        .unwrap();
+    place
+        .execute(&format!("DELETE FROM _sqlx_migrations WHERE version = {latest}"))
+        .await;
+    let refused = store::open(&place.settings, Role::Tool)
+        .await
+        .err()
+        .expect("the command is refused")
+        .to_string();
+    assert!(refused.contains("earlier version"), "{refused}");
+    let applied: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM _sqlx_migrations WHERE version = ?1",
+            [latest],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(applied, 0, "not migrated");
+    service.close().await;
+}
+
 /// SQLite keys GUID LogIDs by their 16 bytes (migration 0004 converts those stored before as text):
 /// a redelivery is recognised whichever way its LogID was stored, and in either letter case.
 #[tokio::test]

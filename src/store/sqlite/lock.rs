@@ -63,6 +63,15 @@ impl FileLock {
         let _ = writeln!(file, "pid {}", std::process::id());
         Ok(FileLock { _file: file })
     }
+
+    /// Whether a service holds the lock of `database` now. Asked by operators' commands, which
+    /// create no lock file and hold nothing (a shared lock for the instant of the question).
+    pub fn held(database: &Path) -> bool {
+        let Ok(file) = File::open(lock_path(database)) else {
+            return false;
+        };
+        matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
+    }
 }
 
 #[cfg(test)]
@@ -73,7 +82,9 @@ mod tests {
     fn a_second_holder_is_refused_until_the_first_lets_go() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("f.db");
+        assert!(!FileLock::held(&db), "no lock file: nobody serves");
         let first = FileLock::acquire(&db).unwrap();
+        assert!(FileLock::held(&db));
         let refused = FileLock::acquire(&db).err().expect("refused while held").to_string();
         assert!(refused.contains("another forwarder serves"), "{refused}");
         assert!(refused.contains(&format!("pid {}", std::process::id())), "{refused}");
