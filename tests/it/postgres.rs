@@ -506,19 +506,11 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
 /// index (as the kept plans of sessions 10 and 13 did: a scan of `intents_queue` per call).
 #[tokio::test]
 async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
-    use sqlx::Connection as _;
     let Some(url) = postgres_url("plans_kept_on_an_empty_queue") else {
         return;
     };
-    let schema = migrated_schema(&url).await;
     // A connection set up as the service's are.
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "SET search_path TO \"{schema}\"; SET plan_cache_mode = force_custom_plan"
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    let (schema, mut conn) = migrated_connection(&url, "SET plan_cache_mode = force_custom_plan").await;
     let insert_as = |state: &str, first: i64, count: i64| {
         format!(
             "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
@@ -598,6 +590,18 @@ async fn index_reads(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
 }
 
 /// A fresh schema, migrated as an operator's command opens the store: nothing else is needed.
+/// A connection to a freshly migrated schema, its search path set, after running `sql` there.
+async fn migrated_connection(url: &str, sql: &str) -> (String, sqlx::PgConnection) {
+    use sqlx::Connection as _;
+    let schema = migrated_schema(url).await;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(&format!("SET search_path TO \"{schema}\"; {sql}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    (schema, conn)
+}
+
 async fn migrated_schema(url: &str) -> String {
     let schema = fresh_schema();
     let store_settings = ordercloud_cdp_forwarder::config::StoreSettings {
@@ -623,17 +627,13 @@ async fn a_confirms_or_checkouts_progress_and_landing_check_are_one_call_that_wa
     let Some(url) = postgres_url("durable_apply_in_one_call") else {
         return;
     };
-    let schema = migrated_schema(&url).await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "SET search_path TO \"{schema}\"; \
-         INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+    let (_, mut conn) = migrated_connection(
+        &url,
+        "INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
            created_at, updated_at, claim_id, lease_until) \
-         VALUES (1, 'k1', 's1', 'x', '{{}}', true, 'pending', 0, 0, 0, 'c1', forwarder_now_ms() + 60000)"
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+         VALUES (1, 'k1', 's1', 'x', '{}', true, 'pending', 0, 0, 0, 'c1', forwarder_now_ms() + 60000)",
+    )
+    .await;
     let nulls = "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL";
     let durable = |claim: &str| {
         format!(

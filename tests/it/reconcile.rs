@@ -17,12 +17,17 @@ const WEB_CLIENT: &str = "web-client";
 
 /// A world whose service reconciles every second, counting an order lost after a second.
 async fn reconciling_world(secret: &str) -> World {
+    reconciling_world_lagging(secret, 1).await
+}
+
+/// A world whose service reconciles every second, counting an order lost after `lag_secs`.
+async fn reconciling_world_lagging(secret: &str, lag_secs: u64) -> World {
     let secret = secret.to_string();
     let world = World::start_with(Duration::from_secs(1200), move |s| {
         s.ordercloud.client_id = Some(CLIENT.into());
         s.ordercloud.client_secret = Secret::new(secret);
         s.reconcile.interval_secs = 1;
-        s.reconcile.lag_secs = 1;
+        s.reconcile.lag_secs = lag_secs;
         s.reconcile.lookback_secs = 3600;
     })
     .await;
@@ -232,15 +237,7 @@ async fn orders_and_lines_are_read_across_pages() {
 #[tokio::test]
 async fn orders_submitted_before_the_ledger_began_are_not_sent_again() {
     let started = chrono::Utc::now();
-    let world = World::start_with(Duration::from_secs(1200), move |s| {
-        s.ordercloud.client_id = Some(CLIENT.into());
-        s.ordercloud.client_secret = Secret::new(SECRET);
-        s.reconcile.interval_secs = 1;
-        s.reconcile.lag_secs = 3;
-        s.reconcile.lookback_secs = 3600;
-    })
-    .await;
-    world.oc.add_api_client(CLIENT, SECRET, ANON_TEMPLATE_USERNAME);
+    let world = reconciling_world_lagging(SECRET, 3).await;
     // Taken (and sent to CDP) by the version before, two seconds before this store began.
     world.oc.put_submitted(
         lost_order("P-BEFORE"),

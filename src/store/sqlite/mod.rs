@@ -78,18 +78,6 @@ pub struct SqliteStore {
     lock: Mutex<Option<lock::FileLock>>,
 }
 
-/// The versions of the migrations the file at `path` has run.
-fn applied_migrations(path: &std::path::Path) -> anyhow::Result<Vec<i64>> {
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut stmt = match conn.prepare("SELECT version FROM _sqlx_migrations WHERE success") {
-        Ok(stmt) => stmt,
-        // A file no version has migrated yet.
-        Err(_) => return Ok(Vec::new()),
-    };
-    let versions = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    Ok(versions)
-}
-
 impl SqliteStore {
     pub async fn open(settings: &StoreSettings, role: Role) -> anyhow::Result<SqliteStore> {
         use anyhow::Context as _;
@@ -131,22 +119,6 @@ impl SqliteStore {
             Role::Service { .. } => Some(lock::FileLock::acquire(&path)?),
             Role::Tool => None,
         };
-        let migrations = sqlx::migrate!("migrations/sqlite");
-        // An operator's command of a later version would migrate the file under the earlier version's
-        // service serving it (a migration may change the tables that service uses).
-        if lock.is_none() && lock::FileLock::held(&path) {
-            let applied = applied_migrations(&path)?;
-            if let Some(pending) = migrations.iter().find(|m| !applied.contains(&m.version)) {
-                anyhow::bail!(
-                    "the SQLite store at {} is served by a forwarder of an earlier version (without migration \
-                     {}, {}): this command would migrate it under that service. Run the command of the \
-                     service's version, or upgrade the service first",
-                    path.display(),
-                    pending.version,
-                    pending.description
-                );
-            }
-        }
         {
             let migrator = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -154,6 +126,26 @@ impl SqliteStore {
                 .connect_with(options.clone())
                 .await
                 .with_context(|| format!("cannot open the SQLite store {:?}", redacted_url(&settings.url)))?;
+            let migrations = sqlx::migrate!("migrations/sqlite");
+            // An operator's command of a later version would migrate the file under the earlier
+            // version's service serving it (a migration may change the tables that service uses).
+            if lock.is_none() && lock::FileLock::held(&path) {
+                use sqlx::migrate::Migrate as _;
+                let applied = migrator.acquire().await?.list_applied_migrations().await?;
+                if let Some(pending) = migrations
+                    .iter()
+                    .find(|m| !applied.iter().any(|a| a.version == m.version))
+                {
+                    anyhow::bail!(
+                        "the SQLite store at {} is served by a forwarder of an earlier version (without \
+                         migration {}, {}): this command would migrate it under that service. Run the \
+                         command of the service's version, or upgrade the service first",
+                        path.display(),
+                        pending.version,
+                        pending.description
+                    );
+                }
+            }
             migrations
                 .run(&migrator)
                 .await
