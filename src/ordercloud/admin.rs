@@ -65,15 +65,19 @@ impl AdminClient {
         &self.base
     }
 
-    /// `GET v1/orders/Incoming?DateSubmitted=>{from}&sortBy=DateSubmitted&pageSize=100&page={page}`:
-    /// one list page of the orders submitted after `from` (ISO 8601), oldest first.
+    /// `GET v1/orders/Incoming?DateSubmitted=>={from}&sortBy=DateSubmitted,ID&pageSize=100&page={page}`:
+    /// one list page of the orders submitted at or after `from` (ISO 8601), oldest first. Orders
+    /// submitted at one instant are ordered by ID: a search index returns ties on its sort field in
+    /// no fixed order, so pages of one listing could otherwise show some twice and others never.
+    /// From `from` inclusive: a listing that goes on from the time of the last order read must read
+    /// the others submitted at that time (the store's dedupe passes over those already read).
     pub async fn submitted_orders(&self, from: &str, page: u32) -> Result<Value, AdminError> {
-        let (page, size, from) = (page.to_string(), PAGE_SIZE.to_string(), format!(">{from}"));
+        let (page, size, from) = (page.to_string(), PAGE_SIZE.to_string(), format!(">={from}"));
         self.get(
             "v1/orders/Incoming",
             &[
                 ("DateSubmitted", from.as_str()),
-                ("sortBy", "DateSubmitted"),
+                ("sortBy", "DateSubmitted,ID"),
                 ("pageSize", &size),
                 ("page", &page),
             ],

@@ -65,8 +65,9 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     }
     let anonymous = r.anonymous_usernames().await?;
     let api = r.ordercloud.base().to_string();
-    // Listed a hundred pages at a time; a window that holds more goes on from the last order read
-    // (the same query from a later time), so a pass always finishes its window.
+    // Listed a hundred pages at a time; a window that holds more goes on from the time of the last
+    // order read (the same query from a later time, that time included: orders submitted at the
+    // same instant may not all have been read), so a pass always finishes its window.
     let mut window_from = from;
     'windows: for _ in 0..MAX_WINDOWS {
         let from_text = iso(window_from);
@@ -104,7 +105,8 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
         }
         match last_read {
             // A hundred pages all submitted at one instant (or a server ignoring the filter): the
-            // next window would be this one again.
+            // next window would be this one again. (Ten thousand orders in one millisecond: the
+            // rest of that instant is not read.)
             Some(last) if last > window_from => window_from = last,
             _ => break,
         }

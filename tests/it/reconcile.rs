@@ -230,6 +230,59 @@ async fn orders_and_lines_are_read_across_pages() {
     assert!(!pages.is_empty(), "the second page of orders was read");
 }
 
+/// Orders submitted at one instant, across a page boundary: a search index returns orders tied on
+/// its sort field in no fixed order, so two pages of one listing can show some of them twice and
+/// others never. Sorted by ID after the time, every order is on exactly one page, and each lands once.
+#[tokio::test]
+async fn orders_submitted_at_one_instant_across_pages_each_land_once() {
+    let world = reconciling_world(SECRET).await;
+    let submitted = chrono::Utc::now();
+    let ids: Vec<String> = (0..150).map(|n| format!("TIE-{n:03}")).collect();
+    for id in &ids {
+        world.oc.put_submitted(lost_order(id), vec![lost_line()], submitted);
+    }
+    eventually("150 orders in CDP", Duration::from_secs(60), || async {
+        (world.cdp.orders().len() >= ids.len()).then_some(())
+    })
+    .await;
+    world.drained().await;
+    for id in &ids {
+        assert_eq!(orders_of(&world, id), 1, "order {id} once");
+    }
+    assert_eq!(world.cdp.orders().len(), ids.len());
+}
+
+/// A window holding more orders than a pass reads with one query goes on from the time of the last
+/// order read: the orders submitted at that same instant that the query did not reach are read by
+/// the next one (from that time, inclusive), not passed over for good.
+#[tokio::test]
+async fn orders_tied_with_the_last_one_a_query_read_are_read_by_the_next() {
+    let world = reconciling_world(SECRET).await;
+    // One query reads 100 pages: with two orders a page, 200 orders.
+    world.oc.cap_order_pages(2);
+    // A hundred orders at one instant, then 102 at the next millisecond: one query reads the first
+    // 200, ending inside the second instant. (Two instants, so that no pass's window can begin
+    // between the orders and read past the cut by chance; whole milliseconds, as the service
+    // reads and writes them.)
+    let submitted = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()).unwrap();
+    let mut ids = Vec::new();
+    for n in 0..202 {
+        let id = format!("W-{n:03}");
+        let time = submitted + chrono::Duration::milliseconds(i64::from(n >= 100));
+        world.oc.put_submitted(lost_order(&id), vec![lost_line()], time);
+        ids.push(id);
+    }
+    eventually("202 orders in CDP", Duration::from_secs(90), || async {
+        (world.cdp.orders().len() >= ids.len()).then_some(())
+    })
+    .await;
+    world.drained().await;
+    for id in &ids {
+        assert_eq!(orders_of(&world, id), 1, "order {id} once");
+    }
+    assert_eq!(world.cdp.orders().len(), ids.len());
+}
+
 /// Orders submitted before the store's migration to the order ledger were taken by a version that
 /// keyed submits by LogID, not by order: the first passes never look before that migration — not
 /// even over the lag they look back — so none is sent a second time. An order submitted after it

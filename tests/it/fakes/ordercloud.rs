@@ -5,7 +5,7 @@
 //! - `GET /v1/orders/{direction}/{orderID}/lineitems`: submit returns only the Order (§5);
 //! - for the forwarder's own API client (§15 of the reference, reconciliation): `POST /oauth/token`
 //!   (client credentials; a wrong id or secret is 400 `invalid_client`), `GET /v1/orders/Incoming`
-//!   (submitted orders, `DateSubmitted=>…` filter, `sortBy=DateSubmitted`, list pages, served from a
+//!   (submitted orders, `DateSubmitted=>…` filter, `sortBy=DateSubmitted,ID`, list pages, served from a
 //!   search cache that lags behind submits: [`OrderCloudFake::set_search_lag`]), the lines of any
 //!   incoming order, and `GET /v1/apiclients` (each client's `DefaultContextUserName`).
 //!
@@ -90,6 +90,11 @@ struct OcState {
     token_delays: HashMap<String, Duration>,
     /// Orders whose lines answer 503 (OrderCloud failing on one order, for now).
     lines_failing: HashSet<String>,
+    /// Order lists hold at most this many orders a page, whatever `pageSize` asks.
+    orders_page_cap: Option<usize>,
+    /// Order lists answered so far: orders tied on every sort field come back in an order that
+    /// changes from one list to the next (a search index has no tie-break of its own).
+    order_lists: u64,
 }
 
 impl OcState {
@@ -272,6 +277,12 @@ impl OrderCloudFake {
     /// The order's lines answer 404 from now on (it was deleted after being listed).
     pub fn lose_lines(&self, order_id: &str) {
         self.lock().lines_gone.insert(order_id.to_string());
+    }
+
+    /// Pages of `GET /v1/orders/Incoming` hold at most `cap` orders (`Meta.PageSize` says so):
+    /// lets a test reach more pages than a pass reads with one query without ten thousand orders.
+    pub fn cap_order_pages(&self, cap: usize) {
+        self.lock().orders_page_cap = Some(cap);
     }
 
     /// Orders submitted less than `lag` ago are left out of `GET /v1/orders/Incoming`.
@@ -532,8 +543,9 @@ async fn oauth_token(State(state): State<Shared>, uri: Uri, body: String) -> Res
 }
 
 /// `GET /v1/orders/Incoming` (API clients only): submitted orders, filtered by `DateSubmitted`
-/// (`>x`, `>=x`, `<x`, `<=x`), sorted by `sortBy=DateSubmitted`, in list pages; orders submitted
-/// within the search lag are not there yet.
+/// (`>x`, `>=x`, `<x`, `<=x`), sorted by `sortBy` (`DateSubmitted`, `ID`, a comma-delimited list
+/// of them; ties in no fixed order), in list pages; orders submitted within the search lag are not
+/// there yet.
 async fn orders_list(
     State(state): State<Shared>,
     Path(direction): Path<String>,
@@ -552,7 +564,7 @@ async fn orders_list(
     let query: Vec<(String, String)> = url::form_urlencoded::parse(raw.clone().unwrap_or_default().as_bytes())
         .into_owned()
         .collect();
-    let st = lock(&state);
+    let mut st = lock(&state);
     let visible_until = chrono::Utc::now() - chrono::Duration::from_std(st.search_lag).unwrap();
     let submitted_at = |o: &Value| {
         o["DateSubmitted"]
@@ -590,16 +602,52 @@ async fn orders_list(
             }
         });
     }
+    // `sortBy` is a comma-delimited list of fields, each `!` for descending (js-sdk
+    // `Sortable<'Orders.List'>`); orders tied on every field listed come back in no fixed order:
+    // here ascending by ID on one list and descending on the next.
     let sort = query
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("sortBy"))
-        .map(|(_, v)| v.as_str());
-    match sort {
-        Some("DateSubmitted") => orders.sort_by_key(|o| submitted_at(o)),
-        Some("!DateSubmitted") => orders.sort_by_key(|o| std::cmp::Reverse(submitted_at(o))),
-        _ => orders.sort_by(|a, b| a["ID"].as_str().cmp(&b["ID"].as_str())),
+        .map_or("ID", |(_, v)| v.as_str());
+    let mut fields = Vec::new();
+    for field in sort.split(',') {
+        let (descending, name) = field.strip_prefix('!').map_or((false, field), |f| (true, f));
+        if !["DateSubmitted", "ID"].contains(&name) {
+            let message = format!("sortBy: {name:?} is not a field this fake sorts by");
+            return oc_error(StatusCode::BAD_REQUEST, "InvalidRequest", &message);
+        }
+        fields.push((name, descending));
     }
+    st.order_lists += 1;
+    let ties_descending = st.order_lists % 2 == 0;
+    orders.sort_by(|a, b| {
+        let by_field = fields.iter().fold(std::cmp::Ordering::Equal, |so_far, (name, descending)| {
+            let this = if *name == "ID" {
+                a["ID"].as_str().cmp(&b["ID"].as_str())
+            } else {
+                submitted_at(a).cmp(&submitted_at(b))
+            };
+            so_far.then(if *descending { this.reverse() } else { this })
+        });
+        let tie = a["ID"].as_str().cmp(&b["ID"].as_str());
+        by_field.then(if ties_descending { tie.reverse() } else { tie })
+    });
+    let raw = match st.orders_page_cap {
+        Some(cap) => Some(capped_page_size(raw, cap)),
+        None => raw,
+    };
+    drop(st);
     list_page(&orders, raw)
+}
+
+/// The query with `pageSize` lowered to `cap` (added when it was not given).
+fn capped_page_size(raw: Option<String>, cap: usize) -> String {
+    let mut pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("pageSize"))
+        .collect();
+    pairs.push(("pageSize".into(), cap.to_string()));
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 /// `GET /v1/apiclients` (API clients only) → list page of `{ID, DefaultContextUserName}`.
