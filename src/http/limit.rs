@@ -64,6 +64,9 @@ impl Limits {
             .map_err(|_| NotRead::Busy)?;
         let mut first: Option<Bytes> = None;
         let mut rest: Vec<u8> = Vec::new();
+        // The budget holds what this body holds: a part as it came, or the buffer the parts are
+        // gathered in, with its spare room (it grows by doubling, never past `max`).
+        let mut charged = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| match e.downcast_ref::<LengthLimitError>() {
                 Some(_) => NotRead::TooLarge,
@@ -72,21 +75,25 @@ impl Limits {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let len = u32::try_from(data.len()).map_err(|_| NotRead::TooLarge)?;
-            bytes.merge(
-                self.bytes
-                    .clone()
-                    .try_acquire_many_owned(len)
-                    .map_err(|_| NotRead::Busy)?,
-            );
             // A body that comes in one part (most do) is kept as it came, not copied.
             match first.take() {
                 None if rest.is_empty() => first = Some(data),
                 Some(earlier) => {
-                    rest.extend_from_slice(&earlier);
-                    rest.extend_from_slice(&data);
+                    append(&mut rest, &earlier, max);
+                    append(&mut rest, &data, max);
                 }
-                None => rest.extend_from_slice(&data),
+                None => append(&mut rest, &data, max),
+            }
+            let holding = first.as_ref().map_or(0, Bytes::len) + rest.capacity();
+            if holding > charged {
+                let more = u32::try_from(holding - charged).map_err(|_| NotRead::TooLarge)?;
+                bytes.merge(
+                    self.bytes
+                        .clone()
+                        .try_acquire_many_owned(more)
+                        .map_err(|_| NotRead::Busy)?,
+                );
+                charged = holding;
             }
         }
         let slot = self.slots.clone().try_acquire_owned().map_err(|_| NotRead::Busy)?;
@@ -99,6 +106,17 @@ impl Limits {
             },
         ))
     }
+}
+
+/// Appends a part to the buffer, which grows by doubling but never past the body's limit (a body
+/// of `max` bytes in parts holds at most `max`; the parts' lengths are bounded by `max` already).
+fn append(rest: &mut Vec<u8>, data: &[u8], max: usize) {
+    let need = rest.len() + data.len();
+    if need > rest.capacity() {
+        let target = (rest.capacity() * 2).min(max).max(need);
+        rest.reserve_exact(target - rest.len());
+    }
+    rest.extend_from_slice(data);
 }
 
 /// The answer past the limits: 503 at once, with `Retry-After: 1`; counted, logged sparingly.
@@ -115,4 +133,56 @@ pub fn busy(app: &AppState) -> Response {
         .headers_mut()
         .insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_inflight: usize, max_body_bytes: usize) -> Limits {
+        let mut server = crate::config::Settings::default().server;
+        server.max_inflight = max_inflight;
+        server.max_body_bytes = max_body_bytes;
+        Limits::new(&server)
+    }
+
+    /// A body sent in several parts, as a chunked upload comes.
+    fn in_parts(parts: usize, size: usize) -> Body {
+        let frames = (0..parts).map(move |_| Ok::<_, std::convert::Infallible>(Bytes::from(vec![b'x'; size])));
+        Body::from_stream(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_part_holds_its_bytes_of_the_budget() {
+        let limits = limits(4, 10_000);
+        let (body, held) = limits.read(Body::from(vec![b'x'; 3_000]), 10_000).await.ok().unwrap();
+        assert_eq!(body.len(), 3_000);
+        assert_eq!(limits.bytes.available_permits(), 40_000 - 3_000);
+        drop(held);
+        assert_eq!(limits.bytes.available_permits(), 40_000);
+    }
+
+    /// The parts are gathered in a buffer that grows by doubling: the budget counts the buffer, not
+    /// only the bytes in it (it counted the bytes, half of what a body could hold).
+    #[tokio::test]
+    async fn a_body_in_parts_holds_the_buffer_it_is_gathered_in() {
+        let limits = limits(4, 10_000);
+        let (body, held) = limits.read(in_parts(3, 1_000), 10_000).await.ok().unwrap();
+        assert_eq!(body.len(), 3_000);
+        let taken = 40_000 - limits.bytes.available_permits();
+        assert!(taken > 3_000, "the buffer's spare room is counted: {taken}");
+        assert!(taken <= 6_000, "at most twice the bytes: {taken}");
+        drop(held);
+        assert_eq!(limits.bytes.available_permits(), 40_000);
+    }
+
+    /// The buffer never grows past the body's limit: with room for one body in the budget
+    /// (`max_inflight` 1), a body of the limit's size in parts is read, not refused as busy.
+    #[tokio::test]
+    async fn a_body_of_the_limits_size_in_parts_fits_a_budget_of_one_body() {
+        let limits = limits(1, 3_000);
+        let (body, _held) = limits.read(in_parts(3, 1_000), 3_000).await.ok().unwrap();
+        assert_eq!(body.len(), 3_000);
+        assert_eq!(limits.bytes.available_permits(), 0);
+    }
 }
