@@ -621,14 +621,16 @@ async fn orders_list(
     st.order_lists += 1;
     let ties_descending = st.order_lists % 2 == 0;
     orders.sort_by(|a, b| {
-        let by_field = fields.iter().fold(std::cmp::Ordering::Equal, |so_far, (name, descending)| {
-            let this = if *name == "ID" {
-                a["ID"].as_str().cmp(&b["ID"].as_str())
-            } else {
-                submitted_at(a).cmp(&submitted_at(b))
-            };
-            so_far.then(if *descending { this.reverse() } else { this })
-        });
+        let by_field = fields
+            .iter()
+            .fold(std::cmp::Ordering::Equal, |so_far, (name, descending)| {
+                let this = if *name == "ID" {
+                    a["ID"].as_str().cmp(&b["ID"].as_str())
+                } else {
+                    submitted_at(a).cmp(&submitted_at(b))
+                };
+                so_far.then(if *descending { this.reverse() } else { this })
+            });
         let tie = a["ID"].as_str().cmp(&b["ID"].as_str());
         by_field.then(if ties_descending { tie.reverse() } else { tie })
     });
@@ -647,7 +649,9 @@ fn capped_page_size(raw: Option<String>, cap: usize) -> String {
         .filter(|(k, _)| !k.eq_ignore_ascii_case("pageSize"))
         .collect();
     pairs.push(("pageSize".into(), cap.to_string()));
-    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 /// `GET /v1/apiclients` (API clients only) → list page of `{ID, DefaultContextUserName}`.
