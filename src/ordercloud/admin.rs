@@ -65,14 +65,15 @@ impl AdminClient {
         &self.base
     }
 
-    /// `GET v1/orders/Incoming?DateSubmitted=>={from}&sortBy=DateSubmitted,ID&pageSize=100&page={page}`:
-    /// one list page of the orders submitted at or after `from` (ISO 8601), oldest first. Orders
-    /// submitted at one instant are ordered by ID: a search index returns ties on its sort field in
-    /// no fixed order, so pages of one listing could otherwise show some twice and others never.
-    /// From `from` inclusive: a listing that goes on from the time of the last order read must read
-    /// the others submitted at that time (the store's dedupe passes over those already read).
-    pub async fn submitted_orders(&self, from: &str, page: u32) -> Result<Value, AdminError> {
-        let (page, size, from) = (page.to_string(), PAGE_SIZE.to_string(), format!(">={from}"));
+    /// `GET v1/orders/Incoming?DateSubmitted=>={from}&sortBy=DateSubmitted,ID&pageSize=100&page={page}`
+    /// (`>` when not `inclusive`): one list page of the orders submitted at or after `from` (ISO
+    /// 8601), oldest first. Orders submitted at one instant are ordered by ID: a search index
+    /// returns ties on its sort field in no fixed order, so pages of one listing could otherwise
+    /// show some twice and others never. From `from` inclusive: a listing that goes on from the
+    /// time of the last order read must read the others submitted at that time.
+    pub async fn submitted_orders(&self, from: &str, inclusive: bool, page: u32) -> Result<Value, AdminError> {
+        let op = if inclusive { ">=" } else { ">" };
+        let (page, size, from) = (page.to_string(), PAGE_SIZE.to_string(), format!("{op}{from}"));
         self.get(
             "v1/orders/Incoming",
             &[

@@ -3,6 +3,8 @@
 //! order that has none — read its lines first, so only lost orders cost more calls. Then move the
 //! watermark to the end of the window.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
@@ -67,13 +69,20 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     let api = r.ordercloud.base().to_string();
     // Listed a hundred pages at a time; a window that holds more goes on from the time of the last
     // order read (the same query from a later time, that time included: orders submitted at the
-    // same instant may not all have been read), so a pass always finishes its window.
+    // same instant may not all have been read; those that were are passed over), so a pass
+    // finishes its window.
     let mut window_from = from;
+    // Whether the next query takes in the orders submitted at `window_from` itself.
+    let mut inclusive = true;
+    // The orders the last query read at its last instant, where the next query begins.
+    let mut read_at_start: HashSet<String> = HashSet::new();
+    let mut finished = false;
     'windows: for _ in 0..MAX_WINDOWS {
         let from_text = iso(window_from);
         let mut last_read = None;
+        let mut read_at_last: HashSet<String> = HashSet::new();
         for page in 1..=MAX_PAGES {
-            let list = r.ordercloud.submitted_orders(&from_text, page).await?;
+            let list = r.ordercloud.submitted_orders(&from_text, inclusive, page).await?;
             let items = list.get("Items").and_then(Value::as_array).cloned().unwrap_or_default();
             let mut in_window = Vec::with_capacity(items.len());
             let mut past_window = false;
@@ -88,15 +97,21 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
                     past_window = true;
                     break;
                 }
+                if read_at_start.contains(&id) {
+                    continue;
+                }
+                if last_read != Some(submitted) {
+                    last_read = Some(submitted);
+                    read_at_last.clear();
+                }
+                read_at_last.insert(id.clone());
                 in_window.push((id, submitted, order));
             }
             report.listed += in_window.len() as u64;
-            if let Some((_, submitted, _)) = in_window.last() {
-                last_read = Some(*submitted);
-            }
             send_lost(r, &in_window, &api, &anonymous, &mut report).await?;
             let total_pages = list.pointer("/Meta/TotalPages").and_then(Value::as_u64).unwrap_or(1);
             if past_window || u64::from(page) >= total_pages {
+                finished = true;
                 break 'windows;
             }
             if r.store.lease_reconciler(&r.holder, r.lease()).await?.is_none() {
@@ -104,19 +119,36 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
             }
         }
         match last_read {
-            // A hundred pages all submitted at one instant (or a server ignoring the filter): the
-            // next window would be this one again. (Ten thousand orders in one millisecond: the
-            // rest of that instant is not read.)
-            Some(last) if last > window_from => window_from = last,
+            Some(last) if last > window_from => {
+                window_from = last;
+                inclusive = true;
+                read_at_start = read_at_last;
+            }
+            // A hundred pages all submitted at `window_from` (ten thousand orders in one
+            // millisecond): the rest of that instant cannot be reached by this listing; the pass
+            // goes on after it rather than end its window there.
+            _ if inclusive => {
+                tracing::warn!(
+                    at = %iso(window_from),
+                    "more than 10,000 orders listed as submitted at one instant: the rest of that instant is not reconciled"
+                );
+                inclusive = false;
+                read_at_start.clear();
+            }
+            // A server that ignores the filter: the same orders again.
             _ => break,
         }
     }
-    // An order whose lines could not be read is looked at again by the next pass: the window ends
-    // just before it.
-    let reached = match &report.unread {
-        Some((_, submitted, _)) => until.min(submitted - 1),
-        None => until,
-    };
+    // A window not finished (a listing that does not move on, or more than a million orders) is
+    // taken up by the next pass from where this one stopped; an order whose lines could not be
+    // read is looked at again by the next pass: the window ends just before it.
+    let mut reached = if finished { until } else { window_from.min(until) };
+    if !finished {
+        tracing::warn!(at = %iso(reached), "a reconciliation pass stopped before the end of its window: the next pass goes on from there");
+    }
+    if let Some((_, submitted, _)) = &report.unread {
+        reached = reached.min(submitted - 1);
+    }
     if !r.store.advance_reconciler(&r.holder, reached).await? {
         return Err(PassError::LeaseLost);
     }

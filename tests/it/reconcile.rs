@@ -283,6 +283,37 @@ async fn orders_tied_with_the_last_one_a_query_read_are_read_by_the_next() {
     assert_eq!(world.cdp.orders().len(), ids.len());
 }
 
+/// More orders at one instant than one query reads (ten thousand in a millisecond, here 201 with
+/// two a page): the listing goes on after that instant, so the orders after it are still read;
+/// only the rest of that instant is not (said in a warning).
+#[tokio::test]
+async fn a_listing_stuck_on_one_instant_goes_on_after_it() {
+    let world = reconciling_world(SECRET).await;
+    world.oc.cap_order_pages(2);
+    let at = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()).unwrap();
+    for n in 0..201 {
+        world
+            .oc
+            .put_submitted(lost_order(&format!("I-{n:03}")), vec![lost_line()], at);
+    }
+    world.oc.put_submitted(
+        lost_order("AFTER"),
+        vec![lost_line()],
+        at + chrono::Duration::milliseconds(1),
+    );
+    eventually(
+        "the order after the instant in CDP",
+        Duration::from_secs(60),
+        || async { (orders_of(&world, "AFTER") > 0).then_some(()) },
+    )
+    .await;
+    world.drained().await;
+    assert_eq!(orders_of(&world, "AFTER"), 1);
+    let at_the_instant: Vec<usize> = (0..201).map(|n| orders_of(&world, &format!("I-{n:03}"))).collect();
+    assert!(at_the_instant.iter().all(|&n| n <= 1), "none twice");
+    assert_eq!(at_the_instant.iter().sum::<usize>(), 200, "the first 200 by ID");
+}
+
 /// Orders submitted before the store's migration to the order ledger were taken by a version that
 /// keyed submits by LogID, not by order: the first passes never look before that migration — not
 /// even over the lag they look back — so none is sent a second time. An order submitted after it

@@ -619,7 +619,7 @@ async fn orders_list(
         fields.push((name, descending));
     }
     st.order_lists += 1;
-    let ties_descending = st.order_lists % 2 == 0;
+    let ties_descending = st.order_lists.is_multiple_of(2);
     orders.sort_by(|a, b| {
         let by_field = fields
             .iter()
