@@ -32,6 +32,14 @@ async fn reconciling_world_lagging(secret: &str, lag_secs: u64) -> World {
     })
     .await;
     world.oc.add_api_client(CLIENT, SECRET, ANON_TEMPLATE_USERNAME);
+    // The ledger begins at the end of the second its migration ran in (SQLite records it to the
+    // second): orders the tests submit from now on are in it.
+    let store = world.app.store.clone();
+    eventually("the ledger begun", Duration::from_secs(5), || async {
+        let since = store.ledger_since().await.unwrap().expect("the ledger's migration ran");
+        (chrono::Utc::now().timestamp_millis() > since).then_some(())
+    })
+    .await;
     world
 }
 

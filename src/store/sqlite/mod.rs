@@ -759,9 +759,12 @@ impl Ledger for SqliteStore {
     }
 
     async fn ledger_since(&self) -> Result<Option<i64>, StoreError> {
-        // Migration 0009 (the reconciler's table); sqlx records when it ran, to the second.
+        // Migration 0009 (the reconciler's table); sqlx records when it ran, to the second: the end
+        // of that second, so that no submit taken before the migration (keyed by its LogID) is
+        // counted in the ledger and sent again. A submit whose webhook was lost in the migration's
+        // own second is left out instead.
         Ok(sqlx::query_scalar(
-            "SELECT CAST((julianday(installed_on) - 2440587.5) * 86400000 AS INTEGER) \
+            "SELECT CAST((julianday(installed_on) - 2440587.5) * 86400000 AS INTEGER) + 999 \
              FROM _sqlx_migrations WHERE version = 9 AND success",
         )
         .fetch_optional(&self.pool)
