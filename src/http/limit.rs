@@ -81,10 +81,10 @@ impl Limits {
             };
             let alone = first.is_none() && rest.is_empty();
             let need = first.as_ref().map_or(0, Bytes::len) + rest.len() + data.len();
-            let holding = match alone {
-                true => data.len(),
-                false if need <= rest.capacity() => rest.capacity(),
-                false => buffer_for(need, rest.capacity(), declared, max),
+            let holding = if alone {
+                data.len()
+            } else {
+                buffer_for(need, rest.capacity(), declared, max)
             };
             if holding > charged {
                 let more = u32::try_from(holding - charged).map_err(|_| NotRead::TooLarge)?;
@@ -119,10 +119,13 @@ impl Limits {
     }
 }
 
-/// The size of the buffer that gathers a body's parts once it must hold `need` bytes: the declared
-/// length, else twice the buffer it had; never past the body's limit (`Limited` keeps `need`
-/// within it), never less than `need`.
+/// The size of the buffer that gathers a body's parts once it must hold `need` bytes: the one it
+/// has while `need` fits, else the declared length, else twice the buffer it had; never past the
+/// body's limit (`Limited` keeps `need` within it), never less than `need`.
 fn buffer_for(need: usize, capacity: usize, declared: Option<usize>, max: usize) -> usize {
+    if need <= capacity {
+        return capacity;
+    }
     declared.unwrap_or(capacity * 2).min(max).max(need)
 }
 

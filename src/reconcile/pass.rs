@@ -142,7 +142,7 @@ pub async fn run(r: &Reconciler) -> Result<Report, PassError> {
     // A window not finished (a listing that does not move on, or more than a million orders) is
     // taken up by the next pass from where this one stopped; an order whose lines could not be
     // read is looked at again by the next pass: the window ends just before it.
-    let mut reached = if finished { until } else { window_from.min(until) };
+    let mut reached = if finished { until } else { window_from };
     if !finished {
         tracing::warn!(at = %iso(reached), "a reconciliation pass stopped before the end of its window: the next pass goes on from there");
     }

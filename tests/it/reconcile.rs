@@ -238,6 +238,25 @@ async fn orders_and_lines_are_read_across_pages() {
     assert!(!pages.is_empty(), "the second page of orders was read");
 }
 
+/// Waits until CDP holds as many orders as `ids`, then checks each of them is there once and no
+/// other is.
+async fn each_lands_once(world: &World, ids: &[String], deadline: Duration) {
+    eventually("every order in CDP", deadline, || async {
+        (world.cdp.orders().len() >= ids.len()).then_some(())
+    })
+    .await;
+    world.drained().await;
+    for id in ids {
+        assert_eq!(orders_of(world, id), 1, "order {id} once");
+    }
+    assert_eq!(world.cdp.orders().len(), ids.len());
+}
+
+/// Now, in whole milliseconds: the times the service reads from OrderCloud and writes back to it.
+fn now_in_whole_ms() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()).unwrap()
+}
+
 /// Orders submitted at one instant, across a page boundary: a search index returns orders tied on
 /// its sort field in no fixed order, so two pages of one listing can show some of them twice and
 /// others never. Sorted by ID after the time, every order is on exactly one page, and each lands once.
@@ -249,15 +268,7 @@ async fn orders_submitted_at_one_instant_across_pages_each_land_once() {
     for id in &ids {
         world.oc.put_submitted(lost_order(id), vec![lost_line()], submitted);
     }
-    eventually("150 orders in CDP", Duration::from_secs(60), || async {
-        (world.cdp.orders().len() >= ids.len()).then_some(())
-    })
-    .await;
-    world.drained().await;
-    for id in &ids {
-        assert_eq!(orders_of(&world, id), 1, "order {id} once");
-    }
-    assert_eq!(world.cdp.orders().len(), ids.len());
+    each_lands_once(&world, &ids, Duration::from_secs(60)).await;
 }
 
 /// A window holding more orders than a pass reads with one query goes on from the time of the last
@@ -270,9 +281,8 @@ async fn orders_tied_with_the_last_one_a_query_read_are_read_by_the_next() {
     world.oc.cap_order_pages(2);
     // A hundred orders at one instant, then 102 at the next millisecond: one query reads the first
     // 200, ending inside the second instant. (Two instants, so that no pass's window can begin
-    // between the orders and read past the cut by chance; whole milliseconds, as the service
-    // reads and writes them.)
-    let submitted = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()).unwrap();
+    // between the orders and read past the cut by chance.)
+    let submitted = now_in_whole_ms();
     let mut ids = Vec::new();
     for n in 0..202 {
         let id = format!("W-{n:03}");
@@ -280,15 +290,7 @@ async fn orders_tied_with_the_last_one_a_query_read_are_read_by_the_next() {
         world.oc.put_submitted(lost_order(&id), vec![lost_line()], time);
         ids.push(id);
     }
-    eventually("202 orders in CDP", Duration::from_secs(90), || async {
-        (world.cdp.orders().len() >= ids.len()).then_some(())
-    })
-    .await;
-    world.drained().await;
-    for id in &ids {
-        assert_eq!(orders_of(&world, id), 1, "order {id} once");
-    }
-    assert_eq!(world.cdp.orders().len(), ids.len());
+    each_lands_once(&world, &ids, Duration::from_secs(90)).await;
 }
 
 /// More orders at one instant than one query reads (ten thousand in a millisecond, here 201 with
@@ -298,7 +300,7 @@ async fn orders_tied_with_the_last_one_a_query_read_are_read_by_the_next() {
 async fn a_listing_stuck_on_one_instant_goes_on_after_it() {
     let world = reconciling_world(SECRET).await;
     world.oc.cap_order_pages(2);
-    let at = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis()).unwrap();
+    let at = now_in_whole_ms();
     for n in 0..201 {
         world
             .oc

@@ -634,24 +634,9 @@ async fn orders_list(
         let tie = a["ID"].as_str().cmp(&b["ID"].as_str());
         by_field.then(if ties_descending { tie.reverse() } else { tie })
     });
-    let raw = match st.orders_page_cap {
-        Some(cap) => Some(capped_page_size(raw, cap)),
-        None => raw,
-    };
+    let cap = st.orders_page_cap;
     drop(st);
-    list_page(&orders, raw)
-}
-
-/// The query with `pageSize` lowered to `cap` (added when it was not given).
-fn capped_page_size(raw: Option<String>, cap: usize) -> String {
-    let mut pairs: Vec<(String, String)> = url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
-        .into_owned()
-        .filter(|(k, _)| !k.eq_ignore_ascii_case("pageSize"))
-        .collect();
-    pairs.push(("pageSize".into(), cap.to_string()));
-    url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
+    list_page_of_at_most(&orders, raw, cap)
 }
 
 /// `GET /v1/apiclients` (API clients only) → list page of `{ID, DefaultContextUserName}`.
@@ -692,6 +677,12 @@ async fn unknown_route(State(state): State<Shared>, method: Method, uri: Uri) ->
 /// §8 list page: `page` 1-based, `pageSize` default 20, max 100; query keys matched
 /// case-insensitively (ASP.NET binding).
 fn list_page(items: &[Value], raw_query: Option<String>) -> Response {
+    list_page_of_at_most(items, raw_query, None)
+}
+
+/// [`list_page`] whose pages hold at most `cap` items whatever `pageSize` asks (`Meta.PageSize`
+/// says so).
+fn list_page_of_at_most(items: &[Value], raw_query: Option<String>, cap: Option<usize>) -> Response {
     let mut page: u64 = 1;
     let mut page_size: u64 = 20;
     for (key, value) in url::form_urlencoded::parse(raw_query.unwrap_or_default().as_bytes()) {
@@ -714,6 +705,9 @@ fn list_page(items: &[Value], raw_query: Option<String>) -> Response {
             "InvalidRequest",
             "pageSize must be between 1 and 100.",
         );
+    }
+    if let Some(cap) = cap {
+        page_size = page_size.min(cap as u64);
     }
     let total = items.len() as u64;
     let total_pages = total.div_ceil(page_size);
