@@ -11,6 +11,7 @@ use crate::domain::intent::{Intent, IntentKind, RouteFamily};
 use crate::domain::now_ms;
 use crate::ordercloud::client::OrderCloudError;
 use crate::ordercloud::token;
+use crate::planner::lines::Line;
 use crate::planner::Profile;
 use crate::store::EnrichmentJob;
 
@@ -31,7 +32,8 @@ pub struct Enrichment {
     pub order_currency: Option<String>,
     #[serde(default)]
     pub order_total: Option<f64>,
-    /// OrderCloud's lines of the order when the shopper acted (line delete, submit, transfer).
+    /// OrderCloud's lines of the order when the shopper acted (line delete, submit, transfer), each
+    /// as [`Line::kept`] keeps it.
     #[serde(default)]
     pub lines: Option<Vec<Value>>,
     /// Why the lines could not be read; delivery then uses its own record of the cart.
@@ -253,7 +255,9 @@ pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, Enri
             }
         };
         match read {
-            Ok(lines) => out.lines = Some(lines),
+            // Kept as the record of a cart keeps a line: what planning reads of it, not the ~2 KB of
+            // each LineItem that would be stored, read back and decoded at every claim.
+            Ok(lines) => out.lines = Some(lines.iter().map(Line::kept).collect()),
             Err(reason) => out.lines_error = Some(reason),
         }
     }

@@ -100,7 +100,7 @@ impl OrderCloudClient {
         loop {
             let page_text = page.to_string();
             let size_text = PAGE_SIZE.to_string();
-            let list = self
+            let mut list = self
                 .get(
                     base,
                     &path,
@@ -109,10 +109,10 @@ impl OrderCloudClient {
                     "lineitems",
                 )
                 .await?;
-            if let Some(Value::Array(page_items)) = list.get("Items") {
-                items.extend(page_items.iter().cloned());
-            }
             let total_pages = list.pointer("/Meta/TotalPages").and_then(Value::as_u64).unwrap_or(1) as u32;
+            if let Some(Value::Array(page_items)) = list.get_mut("Items").map(Value::take) {
+                items.extend(page_items);
+            }
             if page >= total_pages || page >= MAX_PAGES {
                 return Ok(items);
             }

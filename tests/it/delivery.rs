@@ -544,6 +544,40 @@ async fn a_delete_after_the_token_expired_uses_the_forwarders_record() {
     assert_eq!(lines(&order), vec![("KEEP".into(), 1.0, 4.0)]);
 }
 
+/// A submit's enrichment stores of OrderCloud's lines what planning reads (IDs, quantity, totals,
+/// the product's ID, name and xp), not the whole LineItems: they are written with the intent, read
+/// back at every claim of it, and kept again with the order's landing check. The order lands as
+/// OrderCloud holds it.
+#[tokio::test]
+async fn a_submits_enrichment_keeps_of_each_line_what_planning_reads() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let mut shopper = world.registered("buyer1", "lean", WEB_CLIENT);
+    shopper.open_cart("O-LEAN");
+    shopper.add("L1", "HAT", 2, 10.0).await;
+    shopper.add("L2", "CAP", 1, 11.5).await;
+    let revenue = shopper.submit().await;
+    let order = world.order("O-LEAN").await;
+    assert_eq!(order.revenue, revenue);
+    assert_eq!(
+        lines(&order),
+        vec![("CAP".into(), 1.0, 11.5), ("HAT".into(), 2.0, 10.0)]
+    );
+    let saved = store.saved_enrichments();
+    let submit = saved
+        .iter()
+        .find(|e| e["lines"].is_array())
+        .unwrap_or_else(|| panic!("no enrichment with lines: {saved:?}"));
+    assert_eq!(
+        submit["lines"],
+        json!([
+            {"ID": "L1", "ProductID": "HAT", "Quantity": 2, "LineTotal": 20.0, "LineSubtotal": 20.0,
+             "UnitPrice": 10.0, "Product": {"ID": "HAT", "Name": "Product HAT", "xp": {}}, "Variant": null},
+            {"ID": "L2", "ProductID": "CAP", "Quantity": 1, "LineTotal": 11.5, "LineSubtotal": 11.5,
+             "UnitPrice": 11.5, "Product": {"ID": "CAP", "Name": "Product CAP", "xp": {}}, "Variant": null},
+        ])
+    );
+}
+
 /// Once enrichment has stored a registered shopper's identity, intake stores that shopper's later
 /// line changes on the order's route enriched already: they skip the enrichment round (a claim and
 /// a rewrite of the intent), and are delivered under the same identity. A line change through the

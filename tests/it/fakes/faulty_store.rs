@@ -54,7 +54,7 @@ pub struct FaultyStore {
     /// Calls of `stats` (the queue's counts).
     stats_calls: std::sync::atomic::AtomicUsize,
     /// Intents whose enrichment was saved (the enrichment round ran for them).
-    enrichments_saved: std::sync::atomic::AtomicUsize,
+    enrichments_saved: Mutex<Vec<Value>>,
     /// Writes failed by `progress_fails_once`.
     progress_faults: std::sync::atomic::AtomicUsize,
     /// Acks failed by `ack_fails_once`.
@@ -127,7 +127,12 @@ impl FaultyStore {
 
     /// How many enrichments were saved: intents that went through the enrichment round.
     pub fn enrichments_saved(&self) -> usize {
-        self.enrichments_saved.load(std::sync::atomic::Ordering::SeqCst)
+        self.enrichments_saved.lock().unwrap().len()
+    }
+
+    /// Every enrichment saved, as enrichment gave it to the store.
+    pub fn saved_enrichments(&self) -> Vec<Value> {
+        self.enrichments_saved.lock().unwrap().clone()
     }
 
     /// Faults for every shopper not named with [`FaultyStore::set`].
@@ -272,7 +277,7 @@ impl Outbox for FaultyStore {
     ) -> Result<(), StoreError> {
         let saved = self.inner.save_enrichment(claim, enrichment, identities).await;
         if saved.is_ok() {
-            self.enrichments_saved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.enrichments_saved.lock().unwrap().push(enrichment.clone());
         }
         saved
     }
