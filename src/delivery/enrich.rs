@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Deps;
-use crate::domain::intent::{Intent, IntentKind, RouteFamily};
+use crate::domain::intent::{Intent, IntentKind, RawIntent, RouteFamily};
 use crate::domain::now_ms;
 use crate::ordercloud::client::OrderCloudError;
 use crate::ordercloud::token;
@@ -100,11 +100,17 @@ fn identity_from_me(me: &Value) -> Option<String> {
     Some(format!("{}-{}", text(me, "/Buyer/ID")?, text(me, "/ID")?))
 }
 
-/// True when the response body is an Order (submit, fromuser).
-fn order_in_response(intent: &Intent) -> Option<&Value> {
-    matches!(intent.kind, IntentKind::OrderSubmitted | IntentKind::GuestDetails)
-        .then_some(&intent.response_body)
-        .filter(|b| b.get("ID").is_some())
+/// The response body when it is an Order (submit, fromuser), parsed.
+fn order_in_response(intent: &RawIntent) -> Result<Option<Value>, serde_json::Error> {
+    if !matches!(intent.kind, IntentKind::OrderSubmitted | IntentKind::GuestDetails) {
+        return Ok(None);
+    }
+    Ok(Some(intent.response()?).filter(|b| b.get("ID").is_some()))
+}
+
+/// A stored body that cannot be parsed (intake stores only bodies it could read back).
+fn unreadable(e: serde_json::Error) -> EnrichError {
+    EnrichError::Dead(format!("the stored intent cannot be read back: {e}"))
 }
 
 fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
@@ -118,14 +124,19 @@ fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
 /// What an intent needs no network for: an anonymous shopper's line change, cart deletion or guest
 /// details (the identity is the token's `orderid`). Intake stores it right away, sparing the
 /// enrichment round; `None` when OrderCloud must be read.
-pub fn without_network(intent: &Intent) -> Option<Enrichment> {
-    let orderid = intent.anon_order_id.as_deref().filter(|o| !o.is_empty())?;
-    answerable_without_network(intent).then(|| Enrichment {
+pub fn without_network(intent: &RawIntent) -> Result<Option<Enrichment>, serde_json::Error> {
+    let Some(orderid) = intent.anon_order_id.as_deref().filter(|o| !o.is_empty()) else {
+        return Ok(None);
+    };
+    if !answerable_without_network(intent) {
+        return Ok(None);
+    }
+    Ok(Some(Enrichment {
         identity: format!("anon-{orderid}"),
         order_id: intent.order_id.clone().or_else(|| Some(orderid.to_string())),
-        order_currency: order_in_response(intent).and_then(|o| text(o, "/Currency")),
+        order_currency: order_in_response(intent)?.and_then(|o| text(&o, "/Currency")),
         ..Enrichment::default()
-    })
+    }))
 }
 
 /// Whether [`without_network`] answers for this intent (read from its kind and token alone, so
@@ -169,7 +180,8 @@ pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, Enri
     let mut out = Enrichment::default();
 
     // Identity.
-    let order = order_in_response(intent);
+    let order = order_in_response(intent).map_err(unreadable)?;
+    let order = order.as_ref();
     if let Some(order) = order {
         out.order_id = text(order, "/ID");
         out.order_currency = text(order, "/Currency");
@@ -292,7 +304,7 @@ async fn link_registration(deps: &Deps, job: &EnrichmentJob, out: &Enrichment) -
         anon_order_id: intent.anon_order_id.clone(),
         registered_shopper_key,
         registered_identity,
-        registered_profile: profile_of(&intent.request_body)
+        registered_profile: profile_of(&intent.request().map_err(unreadable)?)
             .merged_with(&profile_of(&me))
             .merged_with(&out.profile),
     })

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use serde::Deserialize as _;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::enrich::{profile_of, without_network, Enrichment};
@@ -13,7 +14,7 @@ use super::settle::Failure;
 use super::Deps;
 use crate::cdp::{Event, SessionRef};
 use crate::config::CdpSettings;
-use crate::domain::intent::IntentKind;
+use crate::domain::intent::{may_resolve, IntentKind};
 use crate::domain::{now_ms, BrowserId, CartLine, SessionFacts, ShopperState};
 use crate::planner::{self, parse_lines, Context, Line, OrderFacts, OtherSession, Profile, SessionState, Situation};
 use crate::store::{ClaimedIntent, StoreError, Write};
@@ -75,7 +76,9 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
             Enrichment::deserialize(v).map_err(|e| Failure::Dead(format!("unreadable enrichment: {e}")))?
         }
         // Intake found nothing to read from OrderCloud for it.
-        None => without_network(intent).ok_or_else(|| Failure::Dead("the intent was never enriched".into()))?,
+        None => without_network(intent)
+            .map_err(unreadable)?
+            .ok_or_else(|| Failure::Dead("the intent was never enriched".into()))?,
     };
     let (channel, pos) = cdp.channel_for(intent.client_id.as_deref());
     let (channel, pos) = (channel.to_string(), pos.to_string());
@@ -106,7 +109,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     shopper.identity = Some(enrichment.identity.clone());
     let mut given = enrichment.profile.clone();
     if intent.kind == IntentKind::GuestDetails {
-        given = profile_of(&intent.request_body).merged_with(&given);
+        given = profile_of(&intent.request().map_err(unreadable)?).merged_with(&given);
     }
     let known = Profile {
         email: shopper.email.clone(),
@@ -124,7 +127,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         Some(anon) if anon != key => store.shopper(anon).await?,
         _ => None,
     };
-    let pointer_browser = browser_from_bodies(&cdp.browser_id_pointers, [&intent.request_body, &intent.response_body]);
+    let pointer_browser = browser_from_bodies(&cdp.browser_id_pointers, [&intent.request_body, &intent.response_body])?;
     if let Some(b) = pointer_browser {
         shopper.browsers.insert(channel.clone(), b);
     } else if intent.kind == IntentKind::AnonOrderTransferred && !shopper.browsers.contains_key(&channel) {
@@ -321,7 +324,7 @@ fn record_cart(
     let now = now_ms();
     let lines = match intent.kind {
         IntentKind::LinesUpserted => {
-            let bodies = touched_lines(claimed, &recorded);
+            let bodies = touched_lines(claimed, &recorded)?;
             let mut record = recorded;
             for line in bodies {
                 if let Some(id) = line.get("ID").and_then(Value::as_str) {
@@ -628,18 +631,34 @@ fn pick_currency(candidates: &[Option<&str>], fallback: &str) -> String {
         .unwrap_or_else(|| fallback.to_string())
 }
 
+/// A stored body that cannot be parsed (intake stores only bodies it could read back, so another
+/// version's or a damaged row): the intent is dead-lettered with the reason.
+fn unreadable(e: serde_json::Error) -> Failure {
+    Failure::Dead(format!("the stored intent cannot be read back: {e}"))
+}
+
 /// A storefront-provided browser id in the request or response body, if it is one CDP could have
-/// minted ([`BrowserId`]); anything else is ignored (and said so).
-fn browser_from_bodies(pointers: &[String], bodies: [&Value; 2]) -> Option<String> {
-    let given = bodies.iter().find_map(|body| {
-        pointers.iter().find_map(|p| {
-            body.pointer(p)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-        })
-    })?;
-    match BrowserId::parse(given) {
+/// minted ([`BrowserId`]); anything else is ignored (and said so). A body is parsed only when its
+/// text could hold one of the pointers.
+fn browser_from_bodies(pointers: &[String], bodies: [&RawValue; 2]) -> Result<Option<String>, Failure> {
+    let mut given = None;
+    'bodies: for body in bodies {
+        let mut parsed = None;
+        for pointer in pointers.iter().filter(|p| may_resolve(body.get(), p)) {
+            if parsed.is_none() {
+                parsed = Some(serde_json::from_str::<Value>(body.get()).map_err(unreadable)?);
+            }
+            let found = parsed.as_ref().and_then(|b| b.pointer(pointer)).and_then(Value::as_str);
+            if let Some(found) = found.map(str::trim).filter(|s| !s.is_empty()) {
+                given = Some(found.to_string());
+                break 'bodies;
+            }
+        }
+    }
+    let Some(given) = given else {
+        return Ok(None);
+    };
+    Ok(match BrowserId::parse(&given) {
         Some(browser) => Some(browser.into_string()),
         None => {
             tracing::warn!(
@@ -648,25 +667,25 @@ fn browser_from_bodies(pointers: &[String], bodies: [&Value; 2]) -> Option<Strin
             );
             None
         }
-    }
+    })
 }
 
 /// The line items a create/update/bundle webhook carries, merged over the recorded version
-/// (a PATCH request body is partial).
-fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Vec<Value> {
+/// (a PATCH request body is partial). The bodies are parsed here, the one reading that needs them
+/// whole.
+fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Result<Vec<Value>, Failure> {
     let intent = &claimed.intent;
-    let response = &intent.response_body;
-    let mut bodies: Vec<Value> = match response {
-        Value::Array(items) => items.clone(),
-        Value::Object(map) if map.contains_key("ID") => vec![response.clone()],
-        Value::Object(map) if map.get("LineItems").is_some_and(Value::is_array) => {
-            map["LineItems"].as_array().cloned().unwrap_or_default()
-        }
-        _ => match &intent.request_body {
-            Value::Object(map) if map.get("LineItems").is_some_and(Value::is_array) => {
-                map["LineItems"].as_array().cloned().unwrap_or_default()
-            }
-            Value::Object(_) => vec![intent.request_body.clone()],
+    let line_items = |map: &mut serde_json::Map<String, Value>| match map.remove("LineItems") {
+        Some(Value::Array(items)) => items,
+        _ => Vec::new(),
+    };
+    let mut bodies: Vec<Value> = match intent.response().map_err(unreadable)? {
+        Value::Array(items) => items,
+        response @ Value::Object(_) if response.get("ID").is_some() => vec![response],
+        Value::Object(mut map) if map.get("LineItems").is_some_and(Value::is_array) => line_items(&mut map),
+        _ => match intent.request().map_err(unreadable)? {
+            Value::Object(mut map) if map.get("LineItems").is_some_and(Value::is_array) => line_items(&mut map),
+            request @ Value::Object(_) => vec![request],
             _ => Vec::new(),
         },
     };
@@ -687,7 +706,7 @@ fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Vec<Value> {
             *body = merged;
         }
     }
-    bodies
+    Ok(bodies)
 }
 
 #[cfg(test)]
@@ -697,13 +716,12 @@ mod tests {
     #[test]
     fn a_storefront_browser_id_is_used_only_when_it_is_one_cdp_could_mint() {
         let pointers = vec!["/xp/cdpBrowserId".to_string()];
-        let body = |id: &str| serde_json::json!({"xp": {"cdpBrowserId": id}});
-        let null = Value::Null;
-        assert_eq!(
-            browser_from_bodies(&pointers, [&body(" 0b7f8c3e-5d2a "), &null]).as_deref(),
-            Some("0b7f8c3e-5d2a")
-        );
-        assert_eq!(browser_from_bodies(&pointers, [&body("a\u{0}b"), &null]), None);
-        assert_eq!(browser_from_bodies(&pointers, [&body(&"x".repeat(500)), &null]), None);
+        let body =
+            |id: &str| serde_json::value::to_raw_value(&serde_json::json!({"xp": {"cdpBrowserId": id}})).unwrap();
+        let null = serde_json::value::to_raw_value(&Value::Null).unwrap();
+        let found = |body: Box<RawValue>| browser_from_bodies(&pointers, [&body, &null]).ok().flatten();
+        assert_eq!(found(body(" 0b7f8c3e-5d2a ")).as_deref(), Some("0b7f8c3e-5d2a"));
+        assert_eq!(found(body("a\u{0}b")), None);
+        assert_eq!(found(body(&"x".repeat(500))), None);
     }
 }

@@ -85,8 +85,34 @@ pub struct Intent<B = Value> {
     pub token_expires_at: Option<i64>,
 }
 
-/// An intent as intake builds it: the bodies are slices of the webhook's JSON, stored as they came.
+/// An intent with its bodies as the webhook's own JSON text: what intake builds and stores, and what
+/// a claim reads back. Most intents are delivered without a tree of their bodies ever being built
+/// (a line item's ~2 KB, a submitted order's more): the few readings that need one parse them then.
 pub type RawIntent = Intent<Box<RawValue>>;
+
+impl RawIntent {
+    /// The request body as a tree.
+    pub fn request(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.request_body.get())
+    }
+
+    /// The response body as a tree.
+    pub fn response(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.response_body.get())
+    }
+}
+
+/// Whether the JSON pointer `pointer` could resolve in the JSON text `body`, told without parsing
+/// it: each of its segments that is not an array index is an object key, which the text must then
+/// hold as written — unless the text has escapes, which could spell a key otherwise.
+pub fn may_resolve(body: &str, pointer: &str) -> bool {
+    body.contains('\\')
+        || pointer
+            .split('/')
+            .skip(1)
+            .filter(|segment| segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()))
+            .all(|segment| body.contains(&*segment.replace("~1", "/").replace("~0", "~")))
+}
 
 /// Live credentials an intent needs for its OrderCloud reads; stored apart and erased once the
 /// intent has been enriched or has left the queue.
@@ -107,5 +133,26 @@ impl std::fmt::Debug for IntentSecrets {
             .field("anon_user_token", &self.anon_user_token.as_ref().map(|_| "********"))
             .field("registered_token", &self.registered_token.as_ref().map(|_| "********"))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pointer_may_resolve_only_where_the_text_holds_its_keys() {
+        let body = r#"{"xp":{"cdpBrowserId":"b-1"},"Items":[{"a/b":1,"t~":2}]}"#;
+        for pointer in ["/xp/cdpBrowserId", "/Items/0/a~1b", "/Items/0/t~0", "/Items/17"] {
+            assert!(may_resolve(body, pointer), "{pointer}");
+        }
+        for pointer in ["/xp/cdpbrowserid", "/Order/xp/cdpBrowserId", "/Items/0/a~0b"] {
+            assert!(!may_resolve(body, pointer), "{pointer}");
+        }
+        // Wherever the text escapes, a key could be spelt otherwise: it is read.
+        let escaped = r#"{"xp":{"cdpBrowser\u0049d":"b-1"}}"#;
+        assert!(may_resolve(escaped, "/xp/cdpBrowserId"));
+        let parsed: Value = serde_json::from_str(escaped).unwrap();
+        assert_eq!(parsed.pointer("/xp/cdpBrowserId").and_then(Value::as_str), Some("b-1"));
     }
 }

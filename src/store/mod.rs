@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::StoreSettings;
-use crate::domain::intent::{Intent, IntentSecrets, RawIntent};
+use crate::domain::intent::{IntentSecrets, RawIntent};
 use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub mod group_commit;
@@ -171,7 +171,8 @@ pub struct Claim {
 pub struct ClaimedIntent {
     pub claim: Claim,
     pub shopper_key: String,
-    pub intent: Intent,
+    /// Its bodies as stored: parsed only by the readings that need them.
+    pub intent: RawIntent,
     /// What enrichment stored (its shape belongs to the delivery module).
     pub enrichment: Option<Value>,
     /// The planned events of this intent, when a plan was stored (shape owned by delivery)...
@@ -188,7 +189,7 @@ pub struct ClaimedIntent {
 pub struct EnrichmentJob {
     pub claim: Claim,
     pub shopper_key: String,
-    pub intent: Intent,
+    pub intent: RawIntent,
     pub secrets: IntentSecrets,
     /// This attempt included.
     pub attempts: i64,

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::{Claim, ClaimedIntent, EnrichmentJob, OrderCheck, Outbox, QueueStats, StoreError};
-use crate::domain::intent::Intent;
+use crate::domain::intent::RawIntent;
 use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub(crate) const SHOPPER: &str = "SELECT state, identity FROM shoppers WHERE shopper_key = $1";
@@ -408,9 +408,10 @@ pub(crate) struct ClaimedRow {
     pub created_at_ms: i64,
 }
 
-/// Decodes claimed rows, oldest first. A row that cannot be read back (corrupt, or nested deeper
-/// than any webhook intake accepts) comes back apart with the reason, to be dead-lettered on its
-/// own while the rest of the batch is delivered.
+/// Decodes claimed rows, oldest first. A row that cannot be read back (corrupt, not an intent)
+/// comes back apart with the reason, to be dead-lettered on its own while the rest of the batch is
+/// delivered. The intent's bodies are kept as text: the readings that parse them dead-letter an
+/// intent whose bodies no tree can hold (nested deeper than intake accepts, a number out of range).
 pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<ClaimedIntent>, Vec<(Claim, String)>) {
     let mut claimed = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
@@ -421,7 +422,7 @@ pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<Clai
         };
         let decoded = (|| -> Result<_, serde_json::Error> {
             Ok((
-                serde_json::from_slice::<Intent>(&row.intent)?,
+                serde_json::from_slice::<RawIntent>(&row.intent)?,
                 row.enrichment.as_deref().map(serde_json::from_slice).transpose()?,
                 row.plan.as_deref().map(serde_json::from_slice).transpose()?,
             ))
@@ -469,7 +470,7 @@ pub(crate) fn decode_enrichment_jobs(
         };
         let decoded = (|| -> Result<_, serde_json::Error> {
             Ok((
-                serde_json::from_slice::<Intent>(&row.intent)?,
+                serde_json::from_slice::<RawIntent>(&row.intent)?,
                 row.secrets.as_deref().map(serde_json::from_slice).transpose()?,
             ))
         })();

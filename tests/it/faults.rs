@@ -388,6 +388,44 @@ async fn an_ack_the_store_refuses_every_time_ages_out_without_resending_the_orde
     assert_eq!(world.cdp.orders().len(), 1);
 }
 
+/// A claimed intent's bodies are read as text and parsed only where a reading needs them (a line's
+/// fields, a storefront's browser id). Bodies that text holds but no tree can (stored by another
+/// writer; intake refuses them) make that intent a dead letter that says why, at once and alone:
+/// the shopper's next intent and other shoppers go on.
+#[tokio::test]
+async fn an_intent_whose_stored_bodies_cannot_be_parsed_is_a_dead_letter_alone() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |_| {}).await;
+    let mut shopper = world.anonymous("O-BODY", WEB_CLIENT);
+    shopper.add("L1", "SKU", 1, 5.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-BODY",
+        Faults {
+            bodies_unreadable: true,
+            ..Faults::default()
+        },
+    );
+    shopper.add("L2", "MUG", 2, 7.0).await;
+    let dead = eventually("the dead letter", Duration::from_secs(10), || async {
+        Some(world.dead_letters().await).filter(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1, "not retried: it cannot be read any better later");
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("the stored intent cannot be read back"), "{reason}");
+
+    store.set("anon-O-BODY", Faults::default());
+    let mut other = world.anonymous("O-FINE", WEB_CLIENT);
+    other.add("L1", "CUP", 1, 3.0).await;
+    other.submit().await;
+    shopper.submit().await;
+    world.order("O-FINE").await;
+    let order = world.order("O-BODY").await;
+    assert_eq!(lines(&order).len(), 2, "the submit carries OrderCloud's lines");
+    assert_eq!(world.dead_letters().await.len(), 1);
+}
+
 /// An order whose stored plan cannot be read back (a shape another version wrote, a damaged row)
 /// after CDP took its CHECKOUT (answered 504) is not planned again — in a new session, a second
 /// order — but becomes a dead letter that says why. One order.

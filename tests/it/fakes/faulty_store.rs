@@ -13,6 +13,7 @@ use ordercloud_cdp_forwarder::store::{
     Claim, ClaimedIntent, DeadLetter, DynStore, EnqueueOutcome, EnrichmentJob, Intake, Ledger, Liveness, NewIntent,
     Operations, Outbox, QueueStats, QueuedIntent, Settle, Shoppers, StoreError, Write,
 };
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Faults for one shopper's intents.
@@ -38,6 +39,9 @@ pub struct Faults {
     /// A claimed intent's stored plan comes back in a shape this version cannot read (as one an
     /// older or newer version wrote, or a damaged row).
     pub plan_unreadable: bool,
+    /// A claimed intent's stored bodies hold JSON text no tree can (a number beyond any float's
+    /// range), as a row another writer stored could: the claim reads them as text.
+    pub bodies_unreadable: bool,
 }
 
 pub struct FaultyStore {
@@ -205,6 +209,17 @@ impl Outbox for FaultyStore {
                 .is_some_and(|f| f.plan_unreadable);
             if unreadable && c.plan.is_some() {
                 c.plan = Some(serde_json::json!({"shape": "unknown"}));
+            }
+            let bodies_unreadable = self
+                .faults
+                .lock()
+                .unwrap()
+                .get(&c.shopper_key)
+                .is_some_and(|f| f.bodies_unreadable);
+            if bodies_unreadable {
+                let text = || RawValue::from_string(r#"{"ID": "L9", "Quantity": 1e400}"#.into()).unwrap();
+                c.intent.request_body = text();
+                c.intent.response_body = text();
             }
             self.shoppers
                 .lock()
