@@ -200,9 +200,11 @@ async fn dead_letters_through_the_admin_api() {
     // "before": "0s" is now, to the millisecond: once the clock has passed the dead letter's, it is
     // before now (in the same millisecond it is not).
     let dead_at = world.dead_letters().await[0].dead_at_ms.unwrap();
-    eventually("a millisecond after the dead letter", Duration::from_secs(1), || async {
-        (ordercloud_cdp_forwarder::domain::now_ms() > dead_at).then_some(())
-    })
+    eventually(
+        "a millisecond after the dead letter",
+        Duration::from_secs(1),
+        || async { (ordercloud_cdp_forwarder::domain::now_ms() > dead_at).then_some(()) },
+    )
     .await;
     // A purge says what it would take, and takes it only when confirmed; the last hour only when forced.
     let young = post("/admin/dead-letters/purge", json!({"before": "0s", "confirm": true}))
