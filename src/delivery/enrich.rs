@@ -291,6 +291,8 @@ async fn link_registration(deps: &Deps, job: &EnrichmentJob, out: &Enrichment) -
         .ordercloud
         .base_for(claims.aud.as_deref())
         .map_err(|e| EnrichError::Dead(e.to_string()))?;
+    // Read before the call: an unreadable body makes no request.
+    let given = profile_of(&intent.request().map_err(unreadable)?);
     metrics::counter!("forwarder_identity_lookups_total", "source" => "ordercloud").increment(1);
     let me = deps
         .ordercloud
@@ -304,9 +306,7 @@ async fn link_registration(deps: &Deps, job: &EnrichmentJob, out: &Enrichment) -
         anon_order_id: intent.anon_order_id.clone(),
         registered_shopper_key,
         registered_identity,
-        registered_profile: profile_of(&intent.request().map_err(unreadable)?)
-            .merged_with(&profile_of(&me))
-            .merged_with(&out.profile),
+        registered_profile: given.merged_with(&profile_of(&me)).merged_with(&out.profile),
     })
 }
 

@@ -63,6 +63,10 @@ pub struct Gathered {
     pub writes: Vec<Write>,
     /// The recorded lines a submit was planned from, when OrderCloud's could not be read.
     pub planned_from_record: Option<Vec<Value>>,
+    /// A submit's intent as its order's landing check keeps it (when orders are verified), parsed
+    /// here, before any event is sent: bodies no tree can hold make a dead letter, not an order sent
+    /// without its check.
+    pub checked_intent: Option<Value>,
 }
 
 pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Failure> {
@@ -70,6 +74,10 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     let store: &dyn crate::store::Shoppers = &*deps.store;
     let intent = &claimed.intent;
     let key = claimed.shopper_key.as_str();
+    let checked_intent = (intent.kind == IntentKind::OrderSubmitted && deps.settings.verifies_orders())
+        .then(|| serde_json::to_value(intent))
+        .transpose()
+        .map_err(unreadable)?;
     let enrichment: Enrichment = match &claimed.enrichment {
         Some(v) => {
             // Read in place: a submit's enrichment holds the order's lines, not cloned to be read.
@@ -271,6 +279,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
         anon_links,
         writes: cart.writes,
         planned_from_record,
+        checked_intent,
     })
 }
 
@@ -712,6 +721,71 @@ fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Result<Vec<V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Claim;
+    use serde_json::json;
+
+    fn line_change(request: Value, response: Value, line_item_id: Option<&str>) -> ClaimedIntent {
+        let text = format!(
+            r#"{{"kind":"lines_upserted","family":"orders","verb":"PATCH","route":"r","direction":null,
+                "order_id":"O1","line_item_id":{},"occurred_at_ms":0,"request_body":{request},
+                "response_body":{response},"query_params":{{}},"client_id":null,"api_url":null,
+                "anonymous":true,"anon_order_id":"O1","token_expires_at":null}}"#,
+            json!(line_item_id)
+        );
+        ClaimedIntent {
+            claim: Claim {
+                intent_id: 1,
+                claim_id: "c".into(),
+            },
+            shopper_key: "anon-O1".into(),
+            intent: serde_json::from_str(&text).unwrap(),
+            enrichment: None,
+            plan: None,
+            sent: 0,
+            attempts: 1,
+            created_at_ms: 0,
+        }
+    }
+
+    /// Every shape a line webhook's bodies come in, read from the bodies' text.
+    #[test]
+    fn the_lines_a_change_touches_are_read_from_each_shape_of_its_bodies() {
+        let recorded = [CartLine {
+            order_id: "O1".into(),
+            line_id: "L1".into(),
+            shopper_key: "anon-O1".into(),
+            line: json!({"ID": "L1", "ProductID": "P", "Quantity": 1}),
+            updated_at_ms: 0,
+        }];
+        let touched = |request: Value, response: Value, id: Option<&str>| {
+            touched_lines(&line_change(request, response, id), &recorded).expect("the bodies parse")
+        };
+        // Several lines answered (bundles).
+        assert_eq!(
+            touched(Value::Null, json!([{"ID": "A"}, {"ID": "B"}]), None),
+            vec![json!({"ID": "A"}), json!({"ID": "B"})]
+        );
+        // One LineItem answered, merged over the recorded line.
+        assert_eq!(
+            touched(json!({"Quantity": 9}), json!({"ID": "L1", "Quantity": 2}), Some("L1")),
+            vec![json!({"ID": "L1", "ProductID": "P", "Quantity": 2})]
+        );
+        // A response holding LineItems; else a request holding them.
+        assert_eq!(
+            touched(Value::Null, json!({"LineItems": [{"ID": "C"}]}), None),
+            vec![json!({"ID": "C"})]
+        );
+        assert_eq!(
+            touched(json!({"LineItems": [{"ID": "D"}]}), json!({}), None),
+            vec![json!({"ID": "D"})]
+        );
+        // A partial PATCH body: the route's line ID, merged over the recorded line.
+        assert_eq!(
+            touched(json!({"Quantity": 3}), Value::Null, Some("L1")),
+            vec![json!({"ID": "L1", "ProductID": "P", "Quantity": 3})]
+        );
+        assert!(touched(json!("text"), Value::Null, Some("L1")).is_empty());
+    }
 
     #[test]
     fn a_storefront_browser_id_is_used_only_when_it_is_one_cdp_could_mint() {
@@ -719,7 +793,7 @@ mod tests {
         let body =
             |id: &str| serde_json::value::to_raw_value(&serde_json::json!({"xp": {"cdpBrowserId": id}})).unwrap();
         let null = serde_json::value::to_raw_value(&Value::Null).unwrap();
-        let found = |body: Box<RawValue>| browser_from_bodies(&pointers, [&body, &null]).ok().flatten();
+        let found = |body: Box<RawValue>| browser_from_bodies(&pointers, [&body, &null]).expect("the bodies parse");
         assert_eq!(found(body(" 0b7f8c3e-5d2a ")).as_deref(), Some("0b7f8c3e-5d2a"));
         assert_eq!(found(body("a\u{0}b")), None);
         assert_eq!(found(body(&"x".repeat(500))), None);

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use crate::delivery::enrich::{profile_of, Enrichment};
 use crate::domain::credentials;
 use crate::domain::intent::{submit_dedupe_key, IntentKind, IntentSecrets, RawIntent, RouteFamily};
+use crate::planner::lines::Line;
 use crate::store::NewIntent;
 
 /// Who placed an order: its CDP identity and the queue of the shopper's intents.
@@ -51,10 +52,14 @@ pub fn submit_of(order: &Value, lines: Vec<Value>, shopper: Shopper, api_url: &s
     let mut order = order.clone();
     credentials::strip(&mut order);
     let order = &order;
-    let mut lines = lines;
-    lines.iter_mut().for_each(|line| {
-        credentials::strip(line);
-    });
+    // Of each line, what planning reads, as enrichment keeps it (`Line::kept`).
+    let lines: Vec<Value> = lines
+        .into_iter()
+        .map(|mut line| {
+            credentials::strip(&mut line);
+            Line::kept(&line)
+        })
+        .collect();
     let order_id = order.get("ID").and_then(Value::as_str).unwrap_or_default().to_string();
     let enrichment = Enrichment {
         identity: shopper.identity.clone(),

@@ -513,6 +513,37 @@ async fn an_order_cdp_acknowledged_but_never_built_is_repaired_once() {
     );
 }
 
+/// A submit whose stored bodies no tree can hold (another writer's row; intake refuses them) would
+/// have its order sent without the landing check that keeps its intent. With orders verified, it is
+/// a dead letter that says why before any of its events is sent; the shopper's next order lands.
+#[tokio::test]
+async fn a_submit_whose_bodies_cannot_be_parsed_sends_no_unchecked_order() {
+    let (world, store) = World::start_faulty(Duration::from_secs(2), |s| {
+        s.cdp.api_token = Some(Secret::new(CDP_API_TOKEN));
+        s.reconcile.verify_after_secs = Some(3);
+    })
+    .await;
+    world.cdp.set_api_token(CDP_API_TOKEN);
+    let mut shopper = world.anonymous("O-BODYSUB", WEB_CLIENT);
+    shopper.add("L1", "SKU-1", 2, 4.0).await;
+    world.drained().await;
+    store.set(
+        "anon-O-BODYSUB",
+        Faults {
+            bodies_unreadable: true,
+            ..Faults::default()
+        },
+    );
+    shopper.submit().await;
+    let dead = world.dead_letters().await;
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("the stored intent cannot be read back"), "{reason}");
+    world.drained().await;
+    assert_eq!(world.cdp.sent("CONFIRM"), 0, "nothing of the order was sent");
+    assert_eq!(world.cdp.sent("CHECKOUT"), 0);
+    assert_eq!(orders_of(&world, "O-BODYSUB"), 0);
+}
+
 /// The ack of a CHECKOUT CDP acknowledged but never built fails once (the connection dropped as
 /// it was written): the retry that records the progress keeps the order's landing check too, so
 /// the missing order is still found and repaired, once. Without it the order never reached CDP.
