@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Deps;
-use crate::domain::intent::{Intent, IntentKind, RawIntent, RouteFamily};
+use crate::domain::intent::{Intent, IntentKind, RawIntent, RouteFamily, UnreadableIntent};
 use crate::domain::now_ms;
 use crate::ordercloud::client::OrderCloudError;
 use crate::ordercloud::token;
@@ -64,6 +64,12 @@ pub enum EnrichError {
     Dead(String),
 }
 
+impl From<UnreadableIntent> for EnrichError {
+    fn from(e: UnreadableIntent) -> Self {
+        EnrichError::Dead(e.to_string())
+    }
+}
+
 impl From<crate::store::StoreError> for EnrichError {
     fn from(e: crate::store::StoreError) -> Self {
         EnrichError::Retry(e.to_string())
@@ -101,16 +107,11 @@ fn identity_from_me(me: &Value) -> Option<String> {
 }
 
 /// The response body when it is an Order (submit, fromuser), parsed.
-fn order_in_response(intent: &RawIntent) -> Result<Option<Value>, serde_json::Error> {
+fn order_in_response(intent: &RawIntent) -> Result<Option<Value>, UnreadableIntent> {
     if !matches!(intent.kind, IntentKind::OrderSubmitted | IntentKind::GuestDetails) {
         return Ok(None);
     }
     Ok(Some(intent.response()?).filter(|b| b.get("ID").is_some()))
-}
-
-/// A stored body that cannot be parsed (intake stores only bodies it could read back).
-fn unreadable(e: serde_json::Error) -> EnrichError {
-    EnrichError::Dead(format!("the stored intent cannot be read back: {e}"))
 }
 
 fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
@@ -124,7 +125,7 @@ fn transient_or_dead(e: OrderCloudError, what: &str) -> EnrichError {
 /// What an intent needs no network for: an anonymous shopper's line change, cart deletion or guest
 /// details (the identity is the token's `orderid`). Intake stores it right away, sparing the
 /// enrichment round; `None` when OrderCloud must be read.
-pub fn without_network(intent: &RawIntent) -> Result<Option<Enrichment>, serde_json::Error> {
+pub fn without_network(intent: &RawIntent) -> Result<Option<Enrichment>, UnreadableIntent> {
     let Some(orderid) = intent.anon_order_id.as_deref().filter(|o| !o.is_empty()) else {
         return Ok(None);
     };
@@ -180,7 +181,7 @@ pub async fn enrich(deps: &Deps, job: &EnrichmentJob) -> Result<Enrichment, Enri
     let mut out = Enrichment::default();
 
     // Identity.
-    let order = order_in_response(intent).map_err(unreadable)?;
+    let order = order_in_response(intent)?;
     let order = order.as_ref();
     if let Some(order) = order {
         out.order_id = text(order, "/ID");
@@ -292,7 +293,7 @@ async fn link_registration(deps: &Deps, job: &EnrichmentJob, out: &Enrichment) -
         .base_for(claims.aud.as_deref())
         .map_err(|e| EnrichError::Dead(e.to_string()))?;
     // Read before the call: an unreadable body makes no request.
-    let given = profile_of(&intent.request().map_err(unreadable)?);
+    let given = profile_of(&intent.request()?);
     metrics::counter!("forwarder_identity_lookups_total", "source" => "ordercloud").increment(1);
     let me = deps
         .ordercloud

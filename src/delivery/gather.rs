@@ -14,7 +14,7 @@ use super::settle::Failure;
 use super::Deps;
 use crate::cdp::{Event, SessionRef};
 use crate::config::CdpSettings;
-use crate::domain::intent::{may_resolve, IntentKind};
+use crate::domain::intent::{may_resolve, IntentKind, UnreadableIntent};
 use crate::domain::{now_ms, BrowserId, CartLine, SessionFacts, ShopperState};
 use crate::planner::{self, parse_lines, Context, Line, OrderFacts, OtherSession, Profile, SessionState, Situation};
 use crate::store::{ClaimedIntent, StoreError, Write};
@@ -63,9 +63,9 @@ pub struct Gathered {
     pub writes: Vec<Write>,
     /// The recorded lines a submit was planned from, when OrderCloud's could not be read.
     pub planned_from_record: Option<Vec<Value>>,
-    /// A submit's intent as its order's landing check keeps it (when orders are verified), parsed
-    /// here, before any event is sent: bodies no tree can hold make a dead letter, not an order sent
-    /// without its check.
+    /// A submit's intent as its order's landing check keeps it (when orders are verified; submits
+    /// are the only intents whose events build orders), parsed here, before any event is sent:
+    /// bodies no tree can hold make a dead letter, not an order sent without its check.
     pub checked_intent: Option<Value>,
 }
 
@@ -75,18 +75,15 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     let intent = &claimed.intent;
     let key = claimed.shopper_key.as_str();
     let checked_intent = (intent.kind == IntentKind::OrderSubmitted && deps.settings.verifies_orders())
-        .then(|| serde_json::to_value(intent))
-        .transpose()
-        .map_err(unreadable)?;
+        .then(|| intent.parsed())
+        .transpose()?;
     let enrichment: Enrichment = match &claimed.enrichment {
         Some(v) => {
             // Read in place: a submit's enrichment holds the order's lines, not cloned to be read.
             Enrichment::deserialize(v).map_err(|e| Failure::Dead(format!("unreadable enrichment: {e}")))?
         }
         // Intake found nothing to read from OrderCloud for it.
-        None => without_network(intent)
-            .map_err(unreadable)?
-            .ok_or_else(|| Failure::Dead("the intent was never enriched".into()))?,
+        None => without_network(intent)?.ok_or_else(|| Failure::Dead("the intent was never enriched".into()))?,
     };
     let (channel, pos) = cdp.channel_for(intent.client_id.as_deref());
     let (channel, pos) = (channel.to_string(), pos.to_string());
@@ -117,7 +114,7 @@ pub async fn gather(deps: &Deps, claimed: &ClaimedIntent) -> Result<Gathered, Fa
     shopper.identity = Some(enrichment.identity.clone());
     let mut given = enrichment.profile.clone();
     if intent.kind == IntentKind::GuestDetails {
-        given = profile_of(&intent.request().map_err(unreadable)?).merged_with(&given);
+        given = profile_of(&intent.request()?).merged_with(&given);
     }
     let known = Profile {
         email: shopper.email.clone(),
@@ -640,28 +637,15 @@ fn pick_currency(candidates: &[Option<&str>], fallback: &str) -> String {
         .unwrap_or_else(|| fallback.to_string())
 }
 
-/// A stored body that cannot be parsed (intake stores only bodies it could read back, so another
-/// version's or a damaged row): the intent is dead-lettered with the reason.
-fn unreadable(e: serde_json::Error) -> Failure {
-    Failure::Dead(format!("the stored intent cannot be read back: {e}"))
-}
-
 /// A storefront-provided browser id in the request or response body, if it is one CDP could have
 /// minted ([`BrowserId`]); anything else is ignored (and said so). A body is parsed only when its
 /// text could hold one of the pointers.
-fn browser_from_bodies(pointers: &[String], bodies: [&RawValue; 2]) -> Result<Option<String>, Failure> {
+fn browser_from_bodies(pointers: &[String], bodies: [&RawValue; 2]) -> Result<Option<String>, UnreadableIntent> {
     let mut given = None;
-    'bodies: for body in bodies {
-        let mut parsed = None;
-        for pointer in pointers.iter().filter(|p| may_resolve(body.get(), p)) {
-            if parsed.is_none() {
-                parsed = Some(serde_json::from_str::<Value>(body.get()).map_err(unreadable)?);
-            }
-            let found = parsed.as_ref().and_then(|b| b.pointer(pointer)).and_then(Value::as_str);
-            if let Some(found) = found.map(str::trim).filter(|s| !s.is_empty()) {
-                given = Some(found.to_string());
-                break 'bodies;
-            }
+    for body in bodies {
+        given = pointed_text(body, pointers)?;
+        if given.is_some() {
+            break;
         }
     }
     let Some(given) = given else {
@@ -679,20 +663,34 @@ fn browser_from_bodies(pointers: &[String], bodies: [&RawValue; 2]) -> Result<Op
     })
 }
 
+/// The first non-empty text one of `pointers` finds in `body`, which is parsed only when its text
+/// could hold one of them ([`may_resolve`]).
+fn pointed_text(body: &RawValue, pointers: &[String]) -> Result<Option<String>, UnreadableIntent> {
+    let mut candidates = pointers.iter().filter(|p| may_resolve(body.get(), p)).peekable();
+    if candidates.peek().is_none() {
+        return Ok(None);
+    }
+    let parsed: Value = serde_json::from_str(body.get())?;
+    Ok(candidates.find_map(|p| {
+        let text = parsed.pointer(p).and_then(Value::as_str).map(str::trim);
+        text.filter(|s| !s.is_empty()).map(str::to_string)
+    }))
+}
+
 /// The line items a create/update/bundle webhook carries, merged over the recorded version
 /// (a PATCH request body is partial). The bodies are parsed here, the one reading that needs them
 /// whole.
-fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Result<Vec<Value>, Failure> {
+fn touched_lines(claimed: &ClaimedIntent, recorded: &[CartLine]) -> Result<Vec<Value>, UnreadableIntent> {
     let intent = &claimed.intent;
     let line_items = |map: &mut serde_json::Map<String, Value>| match map.remove("LineItems") {
         Some(Value::Array(items)) => items,
         _ => Vec::new(),
     };
-    let mut bodies: Vec<Value> = match intent.response().map_err(unreadable)? {
+    let mut bodies: Vec<Value> = match intent.response()? {
         Value::Array(items) => items,
         response @ Value::Object(_) if response.get("ID").is_some() => vec![response],
         Value::Object(mut map) if map.get("LineItems").is_some_and(Value::is_array) => line_items(&mut map),
-        _ => match intent.request().map_err(unreadable)? {
+        _ => match intent.request()? {
             Value::Object(mut map) if map.get("LineItems").is_some_and(Value::is_array) => line_items(&mut map),
             request @ Value::Object(_) => vec![request],
             _ => Vec::new(),

@@ -269,21 +269,11 @@ fn landing_check(deps: &Deps, claimed: &ClaimedIntent, gathered: &Gathered, even
         EventKind::OrderCheckout { order } => order.reference_id.clone(),
         _ => return None,
     };
-    // A submit's, parsed when gathered (an unreadable one went no further); any other intent's here.
-    let intent = match &gathered.checked_intent {
-        Some(intent) => intent.clone(),
-        None => match serde_json::to_value(&claimed.intent) {
-            Ok(intent) => intent,
-            Err(e) => {
-                warn!(error = %e, order_id, "the stored intent cannot be read back: the order gets no landing check");
-                return None;
-            }
-        },
-    };
     Some(OrderCheck {
         order_id,
         shopper_key: claimed.shopper_key.clone(),
-        intent,
+        // Parsed when gathered: only a submit's events build an order.
+        intent: gathered.checked_intent.clone()?,
         // A repair reads OrderCloud's lines from here: those of the cart's record the order was
         // planned from, when OrderCloud's could not be read (the record leaves with the ack).
         enrichment: match (&gathered.planned_from_record, &claimed.enrichment) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{backoff, Deps};
+use crate::domain::intent::UnreadableIntent;
 use crate::domain::now_ms;
 use crate::store::{Claim, ClaimedIntent, Settle, StoreError, Write};
 
@@ -36,6 +37,12 @@ pub enum Failure {
     },
     /// The delivery task panicked.
     Panicked(String),
+}
+
+impl From<UnreadableIntent> for Failure {
+    fn from(e: UnreadableIntent) -> Self {
+        Failure::Dead(e.to_string())
+    }
 }
 
 impl From<StoreError> for Failure {

@@ -92,15 +92,27 @@ pub type RawIntent = Intent<Box<RawValue>>;
 
 impl RawIntent {
     /// The request body as a tree.
-    pub fn request(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(self.request_body.get())
+    pub fn request(&self) -> Result<Value, UnreadableIntent> {
+        Ok(serde_json::from_str(self.request_body.get())?)
     }
 
     /// The response body as a tree.
-    pub fn response(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(self.response_body.get())
+    pub fn response(&self) -> Result<Value, UnreadableIntent> {
+        Ok(serde_json::from_str(self.response_body.get())?)
+    }
+
+    /// The whole intent as a tree (what an order's landing check keeps).
+    pub fn parsed(&self) -> Result<Value, UnreadableIntent> {
+        Ok(serde_json::to_value(self)?)
     }
 }
+
+/// A stored intent, or one of its bodies, that cannot be read back: a damaged row, or text no JSON
+/// tree can hold (a number out of range, nesting past 128), which intake refuses, so a row written
+/// by something else. The intent is dead-lettered alone with this reason.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored intent cannot be read back: {0}")]
+pub struct UnreadableIntent(#[from] serde_json::Error);
 
 /// Whether the JSON pointer `pointer` could resolve in the JSON text `body`, told without parsing
 /// it: each of its segments that is not an array index is an object key, which the text must then

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::{Claim, ClaimedIntent, EnrichmentJob, OrderCheck, Outbox, QueueStats, StoreError};
-use crate::domain::intent::RawIntent;
+use crate::domain::intent::{RawIntent, UnreadableIntent};
 use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
 pub(crate) const SHOPPER: &str = "SELECT state, identity FROM shoppers WHERE shopper_key = $1";
@@ -438,7 +438,7 @@ pub(crate) fn decode_claimed(rows: Vec<ClaimedRow>, claim_id: &str) -> (Vec<Clai
                 attempts: row.attempts,
                 created_at_ms: row.created_at_ms,
             }),
-            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+            Err(e) => unreadable.push((claim, UnreadableIntent::from(e).to_string())),
         }
     }
     claimed.sort_by_key(|c| c.claim.intent_id);
@@ -484,7 +484,7 @@ pub(crate) fn decode_enrichment_jobs(
                 attempts: row.enrich_attempts + 1,
                 created_at_ms: row.created_at_ms,
             }),
-            Err(e) => unreadable.push((claim, format!("the stored intent cannot be read back: {e}"))),
+            Err(e) => unreadable.push((claim, UnreadableIntent::from(e).to_string())),
         }
     }
     jobs.sort_by_key(|j| j.claim.intent_id);

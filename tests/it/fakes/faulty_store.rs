@@ -201,22 +201,17 @@ impl Outbox for FaultyStore {
         let mut claimed = self.inner.claim(limit, lease).await?;
         let now = Instant::now();
         for c in &mut claimed {
-            let unreadable = self
+            let faults = self
                 .faults
                 .lock()
                 .unwrap()
                 .get(&c.shopper_key)
-                .is_some_and(|f| f.plan_unreadable);
-            if unreadable && c.plan.is_some() {
+                .cloned()
+                .unwrap_or_default();
+            if faults.plan_unreadable && c.plan.is_some() {
                 c.plan = Some(serde_json::json!({"shape": "unknown"}));
             }
-            let bodies_unreadable = self
-                .faults
-                .lock()
-                .unwrap()
-                .get(&c.shopper_key)
-                .is_some_and(|f| f.bodies_unreadable);
-            if bodies_unreadable {
+            if faults.bodies_unreadable {
                 let text = || RawValue::from_string(r#"{"ID": "L9", "Quantity": 1e400}"#.into()).unwrap();
                 c.intent.request_body = text();
                 c.intent.response_body = text();
