@@ -495,31 +495,22 @@ impl Outbox for PostgresStore {
         enrichment: &Value,
         identities: &[(String, String)],
     ) -> Result<(), StoreError> {
-        // One statement, one round trip: the identities are recorded only if the claim still holds.
+        // One round trip: the identities are recorded only if the claim still holds.
         // Each shopper once (the last identity given wins), in key order like every other writer.
         let identities: std::collections::BTreeMap<&str, &str> =
             identities.iter().map(|(k, i)| (k.as_str(), i.as_str())).collect();
         let (keys, values): (Vec<&str>, Vec<&str>) = identities.into_iter().unzip();
-        let rows: i64 = sqlx::query_scalar(
-            "WITH saved AS ( \
-               UPDATE intents SET enrichment = $1, enriched = TRUE, secrets = NULL, enrich_claim = NULL, updated_at = $2 \
-               WHERE id = $3 AND enrich_claim = $4 AND NOT enriched AND state = 'pending' RETURNING id), \
-             identities AS ( \
-               INSERT INTO shoppers (shopper_key, state, identity, updated_at) \
-               SELECT k, '{}', i, $2 FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS t(k, i, n) \
-               WHERE EXISTS (SELECT 1 FROM saved) ORDER BY n \
-               ON CONFLICT (shopper_key) DO UPDATE SET identity = excluded.identity, updated_at = excluded.updated_at) \
-             SELECT COUNT(*) FROM saved",
-        )
-        .bind(enrichment.to_string())
-        .bind(now_ms())
-        .bind(claim.intent_id)
-        .bind(&claim.claim_id)
-        .bind(keys)
-        .bind(values)
-        .fetch_one(&self.pool)
-        .await?;
-        stale_unless_one(rows as u64, claim)
+        // One call, its plans kept (migration 0010).
+        let saved: bool = sqlx::query_scalar("SELECT forwarder_save_enrichment($1, $2, $3, $4, $5, $6)")
+            .bind(claim.intent_id)
+            .bind(&claim.claim_id)
+            .bind(enrichment.to_string())
+            .bind(now_ms())
+            .bind(keys)
+            .bind(values)
+            .fetch_one(&self.pool)
+            .await?;
+        stale_unless_one(u64::from(saved), claim)
     }
 
     async fn retry_enrichment(&self, claim: &Claim, at_ms: i64, error: &str) -> Result<(), StoreError> {
@@ -567,13 +558,16 @@ shared::shopper_reads!(PostgresStore, {
         channel: &str,
         open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
-        let row: Result<shared::DeliveryReadsRow, sqlx::Error> = sqlx::query_as(shared::DELIVERY_READS)
-            .bind(shopper_key)
-            .bind(order_id)
-            .bind(channel)
-            .bind(open_since)
-            .fetch_one(&self.pool)
-            .await;
+        let row: Result<shared::DeliveryReadsRow, sqlx::Error> = sqlx::query_as(
+            // Its plan kept (migration 0010): lookups by key.
+            "SELECT * FROM forwarder_delivery_reads($1, $2, $3, $4)",
+        )
+        .bind(shopper_key)
+        .bind(order_id)
+        .bind(channel)
+        .bind(open_since)
+        .fetch_one(&self.pool)
+        .await;
         match row {
             Ok(row) => row.decode(order_id),
             Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {

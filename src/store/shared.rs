@@ -117,24 +117,9 @@ impl CartLineRow {
     }
 }
 
-/// [`super::Shoppers::delivery_reads`] in one statement (PostgreSQL's: the browser is read from the
-/// shopper's record on the server). `$1` shopper, `$2` order, `$3` channel, `$4` open since (or
-/// NULL); one row, the cart's lines as arrays in [`CART_LINES`]' order, the open sessions in
-/// [`SESSIONS_OF`]'.
-pub(crate) const DELIVERY_READS: &str = "WITH cart AS (SELECT line_id, shopper_key, line, updated_at FROM cart_lines \
-     WHERE order_id = $2) \
-     SELECT s.state, s.identity, \
-       (SELECT f.facts FROM cdp_sessions f WHERE f.channel = $3::text \
-          AND f.browser_id = (s.state::jsonb -> 'browsers' ->> $3::text)) AS facts, \
-       (SELECT array_agg(line_id ORDER BY updated_at, line_id) FROM cart) AS line_ids, \
-       (SELECT array_agg(shopper_key ORDER BY updated_at, line_id) FROM cart) AS line_shoppers, \
-       (SELECT array_agg(line ORDER BY updated_at, line_id) FROM cart) AS lines, \
-       (SELECT array_agg(updated_at ORDER BY updated_at, line_id) FROM cart) AS line_times, \
-       (SELECT array_agg(o.facts ORDER BY o.last_event_at, o.channel, o.browser_id) FROM cdp_sessions o \
-          WHERE $4::bigint IS NOT NULL AND o.shopper_key = $1 AND o.last_event_at >= $4::bigint) AS open_sessions \
-     FROM (VALUES (1)) AS one (x) LEFT JOIN shoppers s ON s.shopper_key = $1";
-
-/// A row of [`DELIVERY_READS`].
+/// The row of PostgreSQL's `forwarder_delivery_reads` (migration 0010): [`super::Shoppers::delivery_reads`]
+/// in one call, the browser read from the shopper's record on the server; the cart's lines as arrays in
+/// [`CART_LINES`]' order, the open sessions in [`SESSIONS_OF`]'.
 #[derive(sqlx::FromRow)]
 pub(crate) struct DeliveryReadsRow {
     state: Option<String>,

@@ -447,12 +447,13 @@ async fn a_webhook_whose_ids_cannot_be_keys_is_refused_and_those_beside_it_are_t
     }
 }
 
-/// Plans are kept where a statement can only find its rows by key: intake's batch (migration 0007:
-/// its statements insert the rows they are given) and delivery's apply (migration 0008); the claim
-/// keeps those of its statements after its walk from inside, and its walk is planned at every call
-/// (a walk planned on an empty queue and kept scanned it once full: BENCHMARKS.md, sessions 10, 13
-/// and 14); so does the apply of a CONFIRM's or a CHECKOUT's progress with its landing check
-/// (migration 0009), which inserts the check it is given. And the intent's text is compressed with lz4 where the server has it.
+/// Plans are kept where a statement can only find its rows by key, or walk the queue by the one
+/// index that serves the walk: intake's batch (migration 0007: its statements insert the rows they
+/// are given), delivery's apply (migration 0008), the apply of a CONFIRM's or a CHECKOUT's progress
+/// with its landing check (migration 0009), and since migration 0010 the claim (its walk too),
+/// delivery's first reads and an enrichment's save (planned at every call, they spent as long
+/// planning as running: BENCHMARKS.md, session 19). Whether such plans hold on a deep queue is the
+/// next test's. And the intent's text is compressed with lz4 where the server has it.
 #[tokio::test]
 async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_with_lz4() {
     let Some(url) = postgres_url("plans_are_kept_where_they_find_rows_by_key") else {
@@ -474,10 +475,16 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
         .filter(|(_, config)| config.iter().any(|c| c == "plan_cache_mode=force_generic_plan"))
         .map(|(function, _)| function.as_str())
         .collect();
-    // The claim keeps the plans of its statements by key from inside (its walk is planned anew).
     assert_eq!(
         kept,
-        ["forwarder_apply", "forwarder_apply_durable", "forwarder_enqueue"],
+        [
+            "forwarder_apply",
+            "forwarder_apply_durable",
+            "forwarder_claim",
+            "forwarder_delivery_reads",
+            "forwarder_enqueue",
+            "forwarder_save_enrichment"
+        ],
         "{settings:?}"
     );
     let lz4: bool =
@@ -499,11 +506,12 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
     }
 }
 
-/// PostgreSQL: the plans delivery keeps are made on a connection's first call, when the queue may be
-/// empty, and stay lookups by key on a deep queue. A claim and an apply on a queue of 20,000 intents
-/// behind 20,000 dead letters,
-/// by a connection that planned both on a queue of one, read a few index pages, not the queue's
-/// index (as the kept plans of sessions 10 and 13 did: a scan of `intents_queue` per call).
+/// PostgreSQL: the plans delivery and enrichment keep are made on a connection's first call, when the
+/// queue may be empty, and stay lookups by key (or the walk of the one index that serves it) on a
+/// deep queue. A claim, an apply and an enrichment's save on a queue of 40,000 intents behind 20,000
+/// dead letters, and delivery's first reads among 20,000 shoppers, sessions and carts, by a
+/// connection that planned each on a queue of one and empty tables, read a few index pages, not an
+/// index whole (as the kept plans of sessions 10 and 13 did: a scan of `intents_queue` per call).
 #[tokio::test]
 async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     let Some(url) = postgres_url("plans_kept_on_an_empty_queue") else {
@@ -511,15 +519,31 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
     };
     // A connection set up as the service's are.
     let (schema, mut conn) = migrated_connection(&url, "SET plan_cache_mode = force_custom_plan").await;
-    let insert_as = |state: &str, first: i64, count: i64| {
+    let insert_as = |state: &str, enriched: bool, first: i64, count: i64| {
         format!(
-            "INSERT INTO intents (dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
-             created_at, updated_at, dead_at) SELECT 'k' || g, 's' || g, 'x', '{{}}', true, '{state}', 0, g, g, 0 \
-             FROM generate_series({first}, {}) g",
+            "INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+             created_at, updated_at, dead_at, enrich_claim) SELECT g, 'k' || g, 's' || g, 'x', '{{}}', {enriched}, \
+             '{state}', 0, g, g, 0, 'e' || g FROM generate_series({first}, {}) g",
             first + count - 1
         )
     };
-    let insert = |first: i64, count: i64| insert_as("pending", first, count);
+    let insert = |first: i64, count: i64| insert_as("pending", true, first, count);
+    // An enrichment's save of intent `id` (its claim is `e<id>`).
+    let save = |id: i64| format!("SELECT forwarder_save_enrichment({id}, 'e{id}', '{{}}', 0, '{{z{id}}}', '{{i}}')");
+    // Delivery's first reads of shopper, order and browser `n`, and their tables' rows for `n` in
+    // `first..first + count`.
+    let reads = |n: i64| format!("SELECT state FROM forwarder_delivery_reads('s{n}', 'o{n}', 'web', 0)");
+    let shoppers_sessions_carts = |first: i64, count: i64| {
+        let last = first + count - 1;
+        format!(
+            "INSERT INTO shoppers (shopper_key, state, updated_at) \
+               SELECT 's' || g, '{{\"browsers\": {{\"web\": \"b' || g || '\"}}}}', 0 FROM generate_series({first}, {last}) g; \
+             INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
+               SELECT 'web', 'b' || g, 's' || g, 1, '{{}}' FROM generate_series({first}, {last}) g; \
+             INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) \
+               SELECT 'o' || g, 'l' || g, 's' || g, '{{}}', 0 FROM generate_series({first}, {last}) g"
+        )
+    };
     let claim =
         |claim: &str| format!("SELECT id FROM forwarder_claim('{claim}', NULL, 600000, forwarder_now_ms(), 1, 10000)");
     let ack = |id: i64, claim: &str| {
@@ -538,10 +562,15 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
         return;
     }
     // No ANALYZE behind the test's back: it would have the plans made again.
-    sqlx::raw_sql("ALTER TABLE intents SET (autovacuum_enabled = off)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE intents SET (autovacuum_enabled = off); \
+         ALTER TABLE shoppers SET (autovacuum_enabled = off); \
+         ALTER TABLE cdp_sessions SET (autovacuum_enabled = off); \
+         ALTER TABLE cart_lines SET (autovacuum_enabled = off)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     // Planned on a queue of one intent.
     sqlx::raw_sql(&insert(1, 1)).execute(&mut conn).await.unwrap();
     let first: i64 = sqlx::query_scalar(&claim("c1")).fetch_one(&mut conn).await.unwrap();
@@ -550,40 +579,74 @@ async fn plans_kept_on_an_empty_queue_read_a_deep_queue_by_key() {
         .await
         .unwrap();
     assert!(acked);
+    sqlx::raw_sql(&format!(
+        "{}; {}",
+        insert_as("pending", false, 2, 1),
+        shoppers_sessions_carts(1, 1)
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let saved: bool = sqlx::query_scalar(&save(2)).fetch_one(&mut conn).await.unwrap();
+    assert!(saved);
+    let state: Option<String> = sqlx::query_scalar(&reads(1)).fetch_one(&mut conn).await.unwrap();
+    assert!(state.is_some());
+    sqlx::raw_sql("DELETE FROM intents").execute(&mut conn).await.unwrap();
     // Run on a queue of 20,000, before the statistics know it (an ANALYZE would have the plans made
     // again: autovacuum's come a minute apart at best, while a backlog fills in seconds).
     // 20,000 dead letters of other shoppers first: the claimed intent's probe for older intents of
     // its shopper is then a lookup in the shopper's queue, or a read of 20,000 older ids.
-    sqlx::raw_sql(&format!("{}; {}", insert_as("dead", 2, 20_000), insert(20_002, 20_000)))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let before = index_reads(&mut conn, &schema).await;
+    // And 20,000 intents to enrich after them, 20,000 shoppers, sessions and carts.
+    sqlx::raw_sql(&format!(
+        "{}; {}; {}; {}",
+        insert_as("dead", true, 2, 20_000),
+        insert(20_002, 20_000),
+        insert_as("pending", false, 40_002, 20_000),
+        shoppers_sessions_carts(2, 20_000)
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let before = pages_read(&mut conn, &schema, "intents").await;
     let id: i64 = sqlx::query_scalar(&claim("c2")).fetch_one(&mut conn).await.unwrap();
     let acked: bool = sqlx::query_scalar(&ack(id, "c2")).fetch_one(&mut conn).await.unwrap();
     assert!(acked);
-    let read = index_reads(&mut conn, &schema).await - before;
-    // By key: about 25 pages (the walk's few probes, the lookups); the plans sessions 10 and 13
+    let saved: bool = sqlx::query_scalar(&save(50_000)).fetch_one(&mut conn).await.unwrap();
+    assert!(saved);
+    let read = pages_read(&mut conn, &schema, "intents").await - before;
+    // By key: about 30 pages (the walk's few probes, the lookups); the plans sessions 10 and 13
     // kept read the queue's index, about 280.
     assert!(
         read < 100,
-        "a claim and an ack read {read} index pages of a 40,000-intent table"
+        "a claim, an ack and a save read {read} index pages of a 60,000-intent table"
     );
+    for table in ["shoppers", "cdp_sessions", "cart_lines"] {
+        let before = pages_read(&mut conn, &schema, table).await;
+        let state: Option<String> = sqlx::query_scalar(&reads(10_000)).fetch_one(&mut conn).await.unwrap();
+        assert!(state.is_some());
+        let read = pages_read(&mut conn, &schema, table).await - before;
+        // A lookup by key: two or three pages per index read.
+        assert!(
+            read < 10,
+            "delivery's reads read {read} index pages of {table} (20,000 rows)"
+        );
+    }
 }
 
-/// Index pages of `intents` read so far in `schema`, from the cache or the disk (this connection's
-/// counts flushed first). Pages, not entries: a scan that filters inside the index returns few
-/// entries however many it reads.
-async fn index_reads(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
+/// Pages of `table` and its indexes read so far in `schema`, from the cache or the disk (this
+/// connection's counts flushed first). Pages, not entries: a scan that filters inside the index
+/// returns few entries however many it reads.
+async fn pages_read(conn: &mut sqlx::PgConnection, schema: &str, table: &str) -> i64 {
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
         .await
         .unwrap();
     sqlx::query_scalar(
-        "SELECT COALESCE(SUM(idx_blks_read + idx_blks_hit), 0)::BIGINT FROM pg_statio_user_indexes \
-         WHERE schemaname = $1 AND relname = 'intents'",
+        "SELECT (heap_blks_read + heap_blks_hit + COALESCE(idx_blks_read + idx_blks_hit, 0))::BIGINT \
+         FROM pg_statio_user_tables WHERE schemaname = $1 AND relname = $2",
     )
     .bind(schema)
+    .bind(table)
     .fetch_one(&mut *conn)
     .await
     .unwrap()
