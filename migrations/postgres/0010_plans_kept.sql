@@ -57,3 +57,15 @@ BEGIN
     RETURN TRUE;
 END
 $$;
+
+-- The claim's walk reads the intents it may claim (pending and enriched) in id order from an index
+-- of those alone, which replaces `intents_pending_id` (migration 0002, every pending intent). Kept
+-- plans (the claim's UPDATE after its walk, migration 0008) were made on the first claims of a
+-- connection; where the statistics knew the queue empty (autovacuum analyzes a drained queue), the
+-- UPDATE's probes of a shopper's older and claimed intents read `intents_pending_id` whole, whose
+-- predicate their `state = 'pending'` matches, instead of `intents_queue` by the shopper: 2.8 ms per
+-- intent claimed on a queue of 20,000 until the next ANALYZE (`auto_explain`, BENCHMARKS.md session
+-- 19). The probes name no `enriched`, so no plan of theirs can use this index. The operators' list
+-- of the queue reads the primary key in id order instead.
+CREATE INDEX intents_ready_id ON intents (id) WHERE state = 'pending' AND enriched;
+DROP INDEX intents_pending_id;
