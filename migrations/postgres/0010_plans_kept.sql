@@ -6,10 +6,11 @@
 -- head): each lookup has one index that serves it, and with sequential and bitmap scans off, only
 -- that one.
 --
--- The claim's walk of the queue stays planned at every call. Kept, it was planned on the empty queue
--- a replica's first claims poll, and there its probes of each shopper's older and claimed intents
--- read `intents_pending_id` whole instead of `intents_queue` by the shopper: half a second a claim
--- on a queue of 77,000 intents (session 19; the test of kept plans now plans on an empty queue).
+-- The claim's walk of the queue keeps its plan too (at the end of this file), now that no index it
+-- could misuse is left. Kept while `intents_pending_id` existed, it was planned on the empty queue a
+-- replica's first claims poll, and there its probes of each shopper's older and claimed intents read
+-- `intents_pending_id` whole instead of `intents_queue` by the shopper: half a second a claim on a
+-- queue of 77,000 intents (session 19; the test of kept plans now plans on an empty queue).
 CREATE FUNCTION forwarder_delivery_reads(p_shopper TEXT, p_order TEXT, p_channel TEXT, p_open_since BIGINT)
 RETURNS TABLE (state TEXT, identity TEXT, facts TEXT, line_ids TEXT[], line_shoppers TEXT[], lines TEXT[],
                line_times BIGINT[], open_sessions TEXT[])
@@ -69,3 +70,87 @@ $$;
 -- of the queue reads the primary key in id order instead.
 CREATE INDEX intents_ready_id ON intents (id) WHERE state = 'pending' AND enriched;
 DROP INDEX intents_pending_id;
+
+-- The claim keeps the plan of its walk of the queue too, as it keeps its other statements' since
+-- migration 0008: planning the walk at every call took 0.28–0.32 ms of the server per claim, a third
+-- of its time (BENCHMARKS.md, session 19). Kept while `intents_pending_id` existed, the walk stalled a
+-- deep queue (see this file's head); with `intents_ready_id` (above) its plan is the same whatever
+-- the statistics: the intents it may claim read in id order from `intents_ready_id`, and each check
+-- of a shopper a probe of `intents_queue` by the shopper, the one index of pending intents left that
+-- the probes can use. A test plans it on an empty queue, with statistics of nothing and of an empty
+-- table, and runs it on 60,000 rows.
+CREATE OR REPLACE FUNCTION forwarder_claim(
+    p_claim TEXT, p_replica TEXT, p_lease BIGINT, p_now BIGINT, p_limit INTEGER, p_takeover BIGINT
+) RETURNS TABLE (id BIGINT, shopper_key TEXT, intent TEXT, enrichment TEXT, progress TEXT, sent BIGINT,
+                 attempts BIGINT, created_at BIGINT)
+LANGUAGE plpgsql
+-- The plan that fits a queue of any size: a walk of the pending intents in id order and index probes
+-- per shopper, stopped at the first 64 candidates. Left to itself, the planner trusts statistics
+-- that lag a fast-filling queue (a table it thinks nearly empty) and reads, filters and sorts the
+-- whole queue at every claim (measured: 40 ms a claim with 7,000 events queued); and the costs
+-- those settings add would have it compile the plan (JIT) at every call, which takes longer than
+-- running it. Both checks of a shopper are subqueries with a LIMIT, so that they stay probes of the
+-- shopper's few pending rows (the cheaper first: most rows the walk passes are behind an older
+-- intent of their shopper) instead of becoming a scan of every claimed row of the queue.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
+SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+-- Every plan kept, the walk's too (see the head of this file).
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    db_now BIGINT := forwarder_now_ms();
+    ids BIGINT[];
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT array_agg(c.id) INTO ids FROM (SELECT h.id FROM (
+        SELECT i.id, i.shopper_key FROM intents i
+        WHERE i.state = 'pending' AND i.enriched AND i.next_attempt_at <= p_now
+          AND NOT (i.claim_id IS NOT NULL AND i.lease_until >= db_now
+               AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
+                                                   AND r.heartbeat_at >= db_now - p_takeover)))
+          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
+          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+               AND o.state = 'pending' AND o.id <> i.id
+               AND o.claim_id IS NOT NULL AND o.lease_until >= db_now
+               AND (o.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = o.replica_id
+                                                   AND r.heartbeat_at >= db_now - p_takeover))
+               LIMIT 1) IS NULL
+        ORDER BY i.id LIMIT 64 OFFSET 0) h
+    -- Advisory locks are the database's, not the schema's: the schema is part of the key.
+    WHERE pg_try_advisory_xact_lock(hashtextextended(current_schema() || '/' || h.shopper_key, 7306))
+    LIMIT p_limit) c;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    WITH claimed AS (
+        UPDATE intents i SET claim_id = p_claim, replica_id = p_replica, lease_until = db_now + p_lease,
+            attempts = i.attempts + 1, updated_at = p_now
+        WHERE i.id = ANY(ids) AND i.state <> 'dead' AND i.next_attempt_at <= p_now
+          AND NOT (i.claim_id IS NOT NULL AND i.lease_until >= db_now
+                   AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
+                                                       AND r.heartbeat_at >= db_now - p_takeover)))
+          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
+          AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
+               AND o.state = 'pending' AND o.id <> i.id
+               AND o.claim_id IS NOT NULL AND o.lease_until >= db_now
+               AND (o.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = o.replica_id
+                                                   AND r.heartbeat_at >= db_now - p_takeover))
+               LIMIT 1) IS NULL
+        RETURNING i.id)
+    SELECT array_agg(c.id) INTO ids FROM claimed c;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    -- The progress is read by a statement of its own, whose snapshot is taken after the UPDATE: a
+    -- stale worker's last write (its progress, holding the intent's row until it commits) that the
+    -- UPDATE waited for is seen. Read in the UPDATE's statement, it was the progress from before.
+    RETURN QUERY
+    SELECT i.id, i.shopper_key, i.intent, i.enrichment, COALESCE(p.plan, i.progress), COALESCE(p.sent, 0),
+           i.attempts, i.created_at
+    FROM intents i LEFT JOIN intent_progress p ON p.intent_id = i.id
+    WHERE i.id = ANY(ids);
+END
+$$;
+
