@@ -67,18 +67,24 @@ $$;
 -- predicate their `state = 'pending'` matches, instead of `intents_queue` by the shopper: 2.8 ms per
 -- intent claimed on a queue of 20,000 until the next ANALYZE (`auto_explain`, BENCHMARKS.md session
 -- 19). The probes name no `enriched`, so no plan of theirs can use this index. The operators' list
--- of the queue reads the primary key in id order instead.
+-- of the queue reads it and `intents_unenriched`, each in id order.
+-- The table is locked first, for reading too: building the index under a SHARE lock and then
+-- dropping the old one (ACCESS EXCLUSIVE) would deadlock with the claims and applies of replicas
+-- still running, which wait for the build between a read and a write of `intents`.
+LOCK TABLE intents IN ACCESS EXCLUSIVE MODE;
 CREATE INDEX intents_ready_id ON intents (id) WHERE state = 'pending' AND enriched;
 DROP INDEX intents_pending_id;
 
 -- The claim keeps the plan of its walk of the queue too, as it keeps its other statements' since
 -- migration 0008: planning the walk at every call took 0.28–0.32 ms of the server per claim, a third
 -- of its time (BENCHMARKS.md, session 19). Kept while `intents_pending_id` existed, the walk stalled a
--- deep queue (see this file's head); with `intents_ready_id` (above) its plan is the same whatever
--- the statistics: the intents it may claim read in id order from `intents_ready_id`, and each check
--- of a shopper a probe of `intents_queue` by the shopper, the one index of pending intents left that
--- the probes can use. A test plans it on an empty queue, with statistics of nothing and of an empty
--- table, and runs it on 60,000 rows.
+-- deep queue (see this file's head). Now the intents it may claim are read in id order from
+-- `intents_ready_id`, and each check of a shopper probes `intents_queue` by the shopper: the check
+-- for an older intent compares `o.id + 0`, not `o.id`, so that the primary key cannot serve it as a
+-- range (statistics taken while the queue held one shopper's intents made that range look as
+-- selective as the shopper, for the walk planned at every call as for the UPDATE kept since 0008).
+-- A test plans the claim on an empty queue, with statistics of nothing, of empty tables and of one
+-- shopper's queue, and runs it on 60,000 rows.
 CREATE OR REPLACE FUNCTION forwarder_claim(
     p_claim TEXT, p_replica TEXT, p_lease BIGINT, p_now BIGINT, p_limit INTEGER, p_takeover BIGINT
 ) RETURNS TABLE (id BIGINT, shopper_key TEXT, intent TEXT, enrichment TEXT, progress TEXT, sent BIGINT,
@@ -109,7 +115,7 @@ BEGIN
                AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
                                                    AND r.heartbeat_at >= db_now - p_takeover)))
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
+               AND o.state = 'pending' AND o.id + 0 < i.id LIMIT 1) IS NULL
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
                AND o.state = 'pending' AND o.id <> i.id
                AND o.claim_id IS NOT NULL AND o.lease_until >= db_now
@@ -131,7 +137,7 @@ BEGIN
                    AND (i.replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = i.replica_id
                                                        AND r.heartbeat_at >= db_now - p_takeover)))
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
-               AND o.state = 'pending' AND o.id < i.id LIMIT 1) IS NULL
+               AND o.state = 'pending' AND o.id + 0 < i.id LIMIT 1) IS NULL
           AND (SELECT 1 FROM intents o WHERE o.shopper_key = i.shopper_key
                AND o.state = 'pending' AND o.id <> i.id
                AND o.claim_id IS NOT NULL AND o.lease_until >= db_now

@@ -337,7 +337,7 @@ impl Outbox for PostgresStore {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
         let takeover = self.takeover.as_millis() as i64;
-        // One call (`forwarder_claim`, migrations 0004 and 0008): candidates under per-shopper
+        // One call (`forwarder_claim`, migrations 0004, 0008 and 0010): candidates under per-shopper
         // advisory locks, then checked again by a statement that sees every claim committed before
         // the locks; the progress read after that, by a statement that sees what it waited for.
         let rows = sqlx::query("SELECT * FROM forwarder_claim($1, $2, $3, $4, $5, $6)")
