@@ -6,11 +6,8 @@
 -- head): each lookup has one index that serves it, and with sequential and bitmap scans off, only
 -- that one.
 --
--- The claim's walk of the queue keeps its plan too (at the end of this file), now that no index it
--- could misuse is left. Kept while `intents_pending_id` existed, it was planned on the empty queue a
--- replica's first claims poll, and there its probes of each shopper's older and claimed intents read
--- `intents_pending_id` whole instead of `intents_queue` by the shopper: half a second a claim on a
--- queue of 77,000 intents (session 19; the test of kept plans now plans on an empty queue).
+-- The claim's walk of the queue keeps its plan too, at the end of this file, once the index its probes
+-- misused is gone.
 CREATE FUNCTION forwarder_delivery_reads(p_shopper TEXT, p_order TEXT, p_channel TEXT, p_open_since BIGINT)
 RETURNS TABLE (state TEXT, identity TEXT, facts TEXT, line_ids TEXT[], line_shoppers TEXT[], lines TEXT[],
                line_times BIGINT[], open_sessions TEXT[])
@@ -77,8 +74,9 @@ DROP INDEX intents_pending_id;
 
 -- The claim keeps the plan of its walk of the queue too, as it keeps its other statements' since
 -- migration 0008: planning the walk at every call took 0.28–0.32 ms of the server per claim, a third
--- of its time (BENCHMARKS.md, session 19). Kept while `intents_pending_id` existed, the walk stalled a
--- deep queue (see this file's head). Now the intents it may claim are read in id order from
+-- of its time (BENCHMARKS.md, session 19). Kept while `intents_pending_id` existed, the walk was planned on
+-- the empty queue a replica's first claims poll, and its probes then read that index whole: half a
+-- second a claim on a queue of 77,000 intents. Now the intents it may claim are read in id order from
 -- `intents_ready_id`, and each check of a shopper probes `intents_queue` by the shopper: the check
 -- for an older intent compares `o.id + 0`, not `o.id`, so that the primary key cannot serve it as a
 -- range (statistics taken while the queue held one shopper's intents made that range look as
@@ -100,7 +98,7 @@ LANGUAGE plpgsql
 -- intent of their shopper) instead of becoming a scan of every claimed row of the queue.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
--- Every plan kept, the walk's too (see the head of this file).
+-- Every plan kept, the walk's too (see above).
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE

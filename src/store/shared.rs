@@ -15,17 +15,16 @@ pub(crate) const SESSIONS_OF: &str = "SELECT facts FROM cdp_sessions WHERE shopp
      ORDER BY last_event_at, channel, browser_id";
 pub(crate) const CART_LINES: &str = "SELECT order_id, line_id, shopper_key, line, updated_at FROM cart_lines \
      WHERE order_id = $1 ORDER BY updated_at, line_id";
-/// The oldest pending intents (`$1` of them), each branch read in id order from an index of its own
-/// (PostgreSQL's `intents_ready_id` and `intents_unenriched`, migration 0010): no index holds every
-/// pending intent in id order, and the primary key's would walk the dead letters too.
+/// The oldest pending intents (`$1` of them): the ids of each kind read in id order from an index of
+/// its own (PostgreSQL's `intents_ready_id` and `intents_unenriched`, migration 0010), since no index
+/// holds every pending intent in id order and the primary key's would walk the dead letters too.
 pub(crate) const PENDING: &str =
-    "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at FROM ( \
-       SELECT * FROM (SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, \
-         created_at FROM intents WHERE state = 'pending' AND enriched ORDER BY id LIMIT $1) AS ready \
+    "SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, created_at \
+     FROM intents WHERE id IN ( \
+       SELECT id FROM (SELECT id FROM intents WHERE state = 'pending' AND enriched ORDER BY id LIMIT $1) AS ready \
        UNION ALL \
-       SELECT * FROM (SELECT id, dedupe_key, shopper_key, kind, attempts, enriched, next_attempt_at, last_error, \
-         created_at FROM intents WHERE state = 'pending' AND NOT enriched ORDER BY id LIMIT $1) AS unenriched \
-     ) AS pending ORDER BY id LIMIT $1";
+       SELECT id FROM (SELECT id FROM intents WHERE state = 'pending' AND NOT enriched ORDER BY id LIMIT $1) AS unenriched) \
+     ORDER BY id LIMIT $1";
 /// What [`super::Operations::prune_shoppers`] deletes, one statement per table (`$1`: before), each
 /// at most [`PRUNE_BATCH`] records at a time (run again until fewer go): whole carts whose lines
 /// all are older, sessions, and shoppers without an intent queued.

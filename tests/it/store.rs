@@ -133,6 +133,7 @@ contract!(
     the_ledger_begins_with_the_stores_migration_to_it,
     what_shoppers_left_is_forgotten_past_its_retention_but_not_a_queued_shoppers_record,
     delivery_reads_answer_as_the_three_reads_apart,
+    the_queue_lists_its_oldest_pending_intents_in_order_enriched_or_not,
 );
 
 fn intent(shopper: &str, dedupe: &str) -> NewIntent {
@@ -1764,4 +1765,42 @@ async fn delivery_reads_answer_as_the_three_reads_apart(backend: Backend) {
     let apart = store.shopper("s1").await.map(|_| ()).map_err(|e| e.to_string());
     assert!(apart.is_err());
     assert_eq!(read, apart);
+}
+
+/// The operators' list of the queue: the oldest pending intents in id order, those still to be
+/// enriched among the others (PostgreSQL reads each kind from an index of its own), no dead letter,
+/// and no more than asked for.
+async fn the_queue_lists_its_oldest_pending_intents_in_order_enriched_or_not(backend: Backend) {
+    let Some(place) = backend.place("queue_list") else {
+        return;
+    };
+    let store = place.service().await;
+    let dead = NewIntent {
+        dead_reason: Some("refused".into()),
+        ..intent("s0", "w0")
+    };
+    store.enqueue(dead).await.unwrap();
+    for (n, needs_enrichment) in [(1, true), (2, false), (3, true), (4, false)] {
+        let item = NewIntent {
+            needs_enrichment,
+            ..intent(&format!("s{n}"), &format!("w{n}"))
+        };
+        assert!(matches!(store.enqueue(item).await.unwrap(), EnqueueOutcome::Queued(_)));
+    }
+    let listed: Vec<(String, bool)> = store
+        .pending(3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.dedupe_key, q.enriched))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("w1".to_string(), false),
+            ("w2".to_string(), true),
+            ("w3".to_string(), false)
+        ]
+    );
+    store.close().await;
 }
