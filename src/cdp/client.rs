@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tracing::info;
 
+use crate::cdp::Event;
 use crate::config::{CdpSettings, Secret, Transport};
 use crate::domain::BrowserId;
 
@@ -44,11 +45,10 @@ pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome
              set cdp.region or cdp.base_url to the host that serves the Stream API",
             headers.location.map(without_query).unwrap_or_else(|| "nowhere".into())
         )),
-        200..=299 => match serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| v.get("status").cloned())
-        {
-            Some(Value::String(s)) if !s.eq_ignore_ascii_case("OK") => {
+        // Only the status is read (a body that is not JSON, or a status that is not text, counts as
+        // accepted), without a tree of the rest.
+        200..=299 => match serde_json::from_slice::<Accepted>(body).ok().and_then(|a| a.status()) {
+            Some(s) if !s.eq_ignore_ascii_case("OK") => {
                 Outcome::Permanent(format!("CDP answered status {s:?}: {}", message()))
             }
             _ => Outcome::Done,
@@ -63,6 +63,21 @@ pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome
             reason: format!("CDP answered HTTP {status}: {}", message()),
         },
         _ => Outcome::Permanent(format!("CDP answered HTTP {status}: {}", message())),
+    }
+}
+
+/// What a 2xx answer's body says of the event: its status, left unparsed until read.
+#[derive(serde::Deserialize)]
+struct Accepted<'a> {
+    #[serde(borrow)]
+    status: Option<&'a serde_json::value::RawValue>,
+}
+
+impl Accepted<'_> {
+    /// The status when it is text.
+    fn status(&self) -> Option<String> {
+        self.status
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
     }
 }
 
@@ -160,28 +175,42 @@ impl CdpClient {
         }
     }
 
-    /// Sends one event (logs it instead in dry run); gives up after `timeout`.
-    pub async fn send(&self, event: Value, event_type: &'static str, timeout: Duration) -> Outcome {
+    /// Sends one event (logs it instead in dry run); gives up after `timeout`. The event's JSON is
+    /// written straight into the request's body.
+    pub async fn send(&self, event: &Event, timeout: Duration) -> Outcome {
+        let event_type = event.kind.name();
+        let unwritable = |e: serde_json::Error| Outcome::Permanent(format!("the event cannot be written as JSON: {e}"));
         if self.dry_run {
-            info!(event = %event, "dry run: CDP event not sent");
+            match event.wire_json(None) {
+                Ok(json) => info!(event = %String::from_utf8_lossy(&json), "dry run: CDP event not sent"),
+                Err(e) => return unwritable(e),
+            }
             return Outcome::Done;
         }
         let request = match self.transport {
             Transport::Post => {
-                let mut body = event;
-                if let Value::Object(map) = &mut body {
-                    map.insert("client_key".into(), Value::String(self.client_key.expose().to_string()));
-                }
+                let body = match event.wire_json(Some(self.client_key.expose())) {
+                    Ok(body) => body,
+                    Err(e) => return unwritable(e),
+                };
                 let request = match &self.events_url {
                     Some(url) => self.http.post(url.clone()),
                     None => self.http.post(format!("{}/v1.2/events", self.host)),
                 };
-                request.json(&body)
+                request
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body)
             }
-            Transport::Get => self.http.get(format!("{}/v1.2/event/create.json", self.host)).query(&[
-                ("client_key", self.client_key.expose()),
-                ("message", &event.to_string()),
-            ]),
+            Transport::Get => {
+                let message = match event.wire_json(None).map(String::from_utf8) {
+                    Ok(Ok(message)) => message,
+                    Ok(Err(e)) => return Outcome::Permanent(format!("the event's JSON is not UTF-8: {e}")),
+                    Err(e) => return unwritable(e),
+                };
+                self.http
+                    .get(format!("{}/v1.2/event/create.json", self.host))
+                    .query(&[("client_key", self.client_key.expose()), ("message", &message)])
+            }
         };
         let started = Instant::now();
         let result = request.timeout(timeout).send().await;
@@ -243,6 +272,15 @@ mod tests {
             Outcome::Done
         );
         assert_eq!(classify(200, NONE, b""), Outcome::Done);
+        // Only a status that is text, and not OK in any case, refuses the event.
+        assert_eq!(classify(201, NONE, br#"{"ref":"r","status":"ok"}"#), Outcome::Done);
+        assert_eq!(classify(201, NONE, br#"{"status":7}"#), Outcome::Done);
+        assert_eq!(classify(201, NONE, br#"{"status":null}"#), Outcome::Done);
+        assert_eq!(classify(201, NONE, b"not json"), Outcome::Done);
+        assert!(matches!(
+            classify(201, NONE, br#"{"status":"\u0045RROR","ref":{"nested":[1]}}"#),
+            Outcome::Permanent(m) if m.contains("ERROR")
+        ));
         assert!(matches!(
             classify(201, NONE, br#"{"status":"ERROR"}"#),
             Outcome::Permanent(_)

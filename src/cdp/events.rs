@@ -1,7 +1,7 @@
 //! CDP events (data model 2.1, direct-HTTP wire names; see reference/cdp.md §7).
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// The CDP session an event belongs to: channel + browser id (and the point of sale).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -136,30 +136,50 @@ pub struct Event {
 }
 
 impl Event {
-    /// The event as CDP expects it: base fields (§7.1) plus the event's own.
-    pub fn to_wire(&self) -> Value {
-        let mut body = match serde_json::to_value(&self.kind) {
-            Ok(Value::Object(map)) => map,
-            _ => Map::new(),
-        };
-        let base = json!({
-            "channel": self.session.channel,
-            "language": self.language,
-            "currency": self.currency,
-            "page": self.page,
-            "pos": self.session.pos,
-            "browser_id": self.session.browser_id,
-        });
-        if let Value::Object(base) = base {
-            body.extend(base);
-        }
-        Value::Object(body)
+    /// The event's JSON as CDP takes it: the base fields (§7.1), the event's own, and `client_key`
+    /// when given (the POST transport carries it in the body). Written in one pass, no tree between.
+    pub fn wire_json(&self, client_key: Option<&str>) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.wire(client_key))
     }
+
+    /// The event's JSON as a tree (what [`Event::wire_json`] writes, without the client key).
+    pub fn to_wire(&self) -> Value {
+        serde_json::to_value(self.wire(None)).unwrap_or(Value::Null)
+    }
+
+    fn wire<'a>(&'a self, client_key: Option<&'a str>) -> Wire<'a> {
+        Wire {
+            channel: &self.session.channel,
+            language: &self.language,
+            currency: &self.currency,
+            page: &self.page,
+            pos: &self.session.pos,
+            browser_id: &self.session.browser_id,
+            kind: &self.kind,
+            client_key,
+        }
+    }
+}
+
+/// An event as it goes on the wire. The event's own fields never share a name with these.
+#[derive(Serialize)]
+struct Wire<'a> {
+    channel: &'a str,
+    language: &'a str,
+    currency: &'a str,
+    page: &'a str,
+    pos: &'a str,
+    browser_id: &'a str,
+    #[serde(flatten)]
+    kind: &'a EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key: Option<&'a str>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn session() -> SessionRef {
         SessionRef {
@@ -212,5 +232,120 @@ mod tests {
             ..confirm
         };
         assert_eq!(clear.to_wire()["type"], json!("CLEAR_CART"));
+    }
+
+    /// Every kind, written straight to bytes: the base fields and the event's own, each key once
+    /// (a tree would hide a key written twice), and the client key only when given.
+    #[test]
+    fn the_wire_json_holds_each_field_once_and_the_client_key_only_when_given() {
+        let base = Event {
+            session: session(),
+            language: "EN".into(),
+            currency: "EUR".into(),
+            page: "checkout".into(),
+            kind: EventKind::ClearCart,
+        };
+        let kinds = [
+            EventKind::Identity {
+                identifiers: vec![Identifier {
+                    provider: "ordercloud".into(),
+                    id: "b-u".into(),
+                }],
+                email: Some("a@b.c".into()),
+                firstname: None,
+                lastname: Some("L".into()),
+                phone: None,
+            },
+            EventKind::Add {
+                product: Product {
+                    product_type: "PRODUCT".into(),
+                    item_id: "X".into(),
+                    name: "X".into(),
+                    ordered_at: "2026-01-01T00:00:00.000Z".into(),
+                    quantity: 2,
+                    price: 9.5,
+                    product_id: "X".into(),
+                    currency: "EUR".into(),
+                    reference_id: "L1".into(),
+                },
+            },
+            EventKind::ClearCart,
+            EventKind::Confirm {
+                product: vec![ItemRef { item_id: "X".into() }],
+            },
+            EventKind::Checkout {
+                reference_id: "O1".into(),
+                status: "PURCHASED".into(),
+            },
+            EventKind::OrderCheckout {
+                order: OrderPayload {
+                    reference_id: "O1".into(),
+                    ordered_at: "2026-01-01T00:00:00.000Z".into(),
+                    status: "PURCHASED".into(),
+                    currency_code: "EUR".into(),
+                    price: 19.0,
+                    payment_type: "Card".into(),
+                    card_type: None,
+                    order_items: vec![],
+                },
+            },
+        ];
+        for kind in kinds {
+            let event = Event { kind, ..base.clone() };
+            let mut expected = serde_json::to_value(&event.kind).unwrap();
+            for (key, value) in [
+                ("channel", "WEB"),
+                ("language", "EN"),
+                ("currency", "EUR"),
+                ("page", "checkout"),
+                ("pos", "shop"),
+                ("browser_id", "b1"),
+            ] {
+                expected[key] = json!(value);
+            }
+            let without = event.wire_json(None).unwrap();
+            assert_eq!(
+                serde_json::from_slice::<Value>(&without).unwrap(),
+                expected,
+                "{}",
+                event.kind.name()
+            );
+            assert_eq!(event.to_wire(), expected);
+            let text = String::from_utf8(event.wire_json(Some("the-key")).unwrap()).unwrap();
+            let mut keys = top_level_keys(&text);
+            let written = keys.len();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(keys.len(), written, "a key written twice: {text}");
+            assert!(keys.contains(&"client_key".to_string()));
+            assert!(!String::from_utf8(without).unwrap().contains("client_key"));
+            expected["client_key"] = json!("the-key");
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), expected);
+        }
+    }
+
+    /// The keys of a JSON object in the order written, duplicates kept.
+    fn top_level_keys(text: &str) -> Vec<String> {
+        struct Keys(Vec<String>);
+        impl<'de> Deserialize<'de> for Keys {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visitor;
+                impl<'de> serde::de::Visitor<'de> for Visitor {
+                    type Value = Keys;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                        let mut keys = Vec::new();
+                        while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                            keys.push(key);
+                        }
+                        Ok(Keys(keys))
+                    }
+                }
+                d.deserialize_map(Visitor)
+            }
+        }
+        serde_json::from_str::<Keys>(text).unwrap().0
     }
 }

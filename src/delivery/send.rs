@@ -105,7 +105,7 @@ pub async fn send(
         let event = &progress.events[progress.sent];
         let name = event.kind.name();
         let sent_at = std::time::Instant::now();
-        let outcome = deps.cdp.send(event.to_wire(), name, timeout).await;
+        let outcome = deps.cdp.send(event, timeout).await;
         metrics::counter!("forwarder_cdp_events_total", "event" => name, "outcome" => outcome_label(&outcome))
             .increment(1);
         match outcome {
@@ -115,7 +115,7 @@ pub async fn send(
                 progress.sent += 1;
                 if progress.unstored {
                     writes.push(Write::Plan(Some(
-                        serde_json::to_value(&progress.events).map_err(|e| Failure::Dead(e.to_string()))?,
+                        serde_json::to_string(&progress.events).map_err(|e| Failure::Dead(e.to_string()))?,
                     )));
                     progress.unstored = false;
                 }
@@ -243,7 +243,7 @@ fn unrecorded(
     if matches!(error, StoreError::StaleClaim(_)) {
         return error.into();
     }
-    let Ok(plan) = serde_json::to_value(&progress.events) else {
+    let Ok(plan) = serde_json::to_string(&progress.events) else {
         return error.into();
     };
     let mut writes = vec![Write::Plan(Some(plan))];

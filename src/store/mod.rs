@@ -200,8 +200,9 @@ pub struct EnrichmentJob {
 /// atomically, and only while the claim is held.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// The intent's planned events (JSON), or `None` to forget a plan that no longer holds.
-    Plan(Option<Value>),
+    /// The intent's planned events (a JSON array's text), or `None` to forget a plan that no longer
+    /// holds.
+    Plan(Option<String>),
     /// How many planned events CDP acknowledged.
     Sent(usize),
     /// What a CDP session holds now.

@@ -789,7 +789,7 @@ impl ApplyArgs {
         match write {
             Write::Plan(plan) => {
                 self.set_plan = true;
-                self.plan = plan.map(|p| p.to_string());
+                self.plan = plan;
                 self.sent = None;
             }
             Write::Sent(sent) => self.sent = Some(sent as i64),

@@ -300,7 +300,7 @@ async fn writes_under_a_claim_land_together_and_progress_comes_back_with_the_nex
         .apply(
             &first.claim,
             vec![
-                Write::Plan(Some(plan.clone())),
+                Write::Plan(Some(plan.to_string())),
                 Write::Sent(1),
                 Write::Session(facts.clone()),
                 Write::Shopper {

@@ -872,7 +872,7 @@ enum EncodedWrite {
 impl EncodedWrite {
     fn new(write: Write) -> Result<EncodedWrite, StoreError> {
         Ok(match write {
-            Write::Plan(plan) => EncodedWrite::Plan(plan.map(|p| p.to_string())),
+            Write::Plan(plan) => EncodedWrite::Plan(plan),
             Write::Sent(sent) => EncodedWrite::Sent(sent as i64),
             Write::Session(facts) => EncodedWrite::Session {
                 json: serde_json::to_string(&facts)?,
