@@ -45,9 +45,9 @@ pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome
              set cdp.region or cdp.base_url to the host that serves the Stream API",
             headers.location.map(without_query).unwrap_or_else(|| "nowhere".into())
         )),
-        // Only the status is read (a body that is not JSON, or a status that is not text, counts as
-        // accepted), without a tree of the rest.
-        200..=299 => match serde_json::from_slice::<Accepted>(body).ok().and_then(|a| a.status()) {
+        // Only the status is read: a body that is not a JSON object, or a status that is not text,
+        // counts as accepted.
+        200..=299 => match accepted_status(body) {
             Some(s) if !s.eq_ignore_ascii_case("OK") => {
                 Outcome::Permanent(format!("CDP answered status {s:?}: {}", message()))
             }
@@ -66,19 +66,36 @@ pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome
     }
 }
 
-/// What a 2xx answer's body says of the event: its status, left unparsed until read.
-#[derive(serde::Deserialize)]
-struct Accepted<'a> {
-    #[serde(borrow)]
-    status: Option<&'a serde_json::value::RawValue>,
-}
-
-impl Accepted<'_> {
-    /// The status when it is text.
-    fn status(&self) -> Option<String> {
-        self.status
-            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+/// The `status` a 2xx answer gives the event, when its body is a JSON object whose status is text
+/// (the last one, as a whole parse would keep it). Its other fields are skipped, not built into a
+/// tree.
+fn accepted_status(body: &[u8]) -> Option<String> {
+    struct Status(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Status {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Status, D::Error> {
+            d.deserialize_map(StatusVisitor)
+        }
     }
+    struct StatusVisitor;
+    impl<'de> serde::de::Visitor<'de> for StatusVisitor {
+        type Value = Status;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Status, A::Error> {
+            let mut status = None;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "status" {
+                    let raw: &serde_json::value::RawValue = map.next_value()?;
+                    status = serde_json::from_str::<String>(raw.get()).ok();
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Status(status))
+        }
+    }
+    serde_json::from_slice::<Status>(body).ok()?.0
 }
 
 /// A URL as it may be shown: scheme, host and path, no query (it could carry a key).
@@ -277,6 +294,15 @@ mod tests {
         assert_eq!(classify(201, NONE, br#"{"status":7}"#), Outcome::Done);
         assert_eq!(classify(201, NONE, br#"{"status":null}"#), Outcome::Done);
         assert_eq!(classify(201, NONE, b"not json"), Outcome::Done);
+        assert_eq!(classify(201, NONE, br#"["ERROR"]"#), Outcome::Done);
+        assert!(matches!(
+            classify(201, NONE, br#"{"status":"OK","status":"ERROR"}"#),
+            Outcome::Permanent(_)
+        ));
+        assert_eq!(
+            classify(201, NONE, br#"{"status":"ERROR","status":"OK"}"#),
+            Outcome::Done
+        );
         assert!(matches!(
             classify(201, NONE, br#"{"status":"\u0045RROR","ref":{"nested":[1]}}"#),
             Outcome::Permanent(m) if m.contains("ERROR")
