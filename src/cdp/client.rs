@@ -67,35 +67,37 @@ pub fn classify(status: u16, headers: AnswerHeaders<'_>, body: &[u8]) -> Outcome
 }
 
 /// The `status` a 2xx answer gives the event, when its body is a JSON object whose status is text
-/// (the last one, as a whole parse would keep it). Its other fields are skipped, not built into a
-/// tree.
+/// (the last one, as a whole parse would keep it).
 fn accepted_status(body: &[u8]) -> Option<String> {
-    struct Status(Option<String>);
-    impl<'de> serde::Deserialize<'de> for Status {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Status, D::Error> {
-            d.deserialize_map(StatusVisitor)
+    let entries = object_entries(body)?;
+    let (_, status) = entries.iter().rev().find(|(key, _)| key == "status")?;
+    serde_json::from_str::<String>(status.get()).ok()
+}
+
+/// A JSON object's top-level entries in the order written, repeated keys kept, their values left
+/// unparsed (skipped, not built into a tree); `None` when the body is not a JSON object.
+pub(crate) fn object_entries(body: &[u8]) -> Option<Vec<(String, &serde_json::value::RawValue)>> {
+    struct Entries<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+    impl<'de> serde::Deserialize<'de> for Entries<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Entries<'de>, D::Error> {
+            d.deserialize_map(EntriesVisitor)
         }
     }
-    struct StatusVisitor;
-    impl<'de> serde::de::Visitor<'de> for StatusVisitor {
-        type Value = Status;
+    struct EntriesVisitor;
+    impl<'de> serde::de::Visitor<'de> for EntriesVisitor {
+        type Value = Entries<'de>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("an object")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Status, A::Error> {
-            let mut status = None;
-            while let Some(key) = map.next_key::<String>()? {
-                if key == "status" {
-                    let raw: &serde_json::value::RawValue = map.next_value()?;
-                    status = serde_json::from_str::<String>(raw.get()).ok();
-                } else {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
             }
-            Ok(Status(status))
+            Ok(Entries(entries))
         }
     }
-    serde_json::from_slice::<Status>(body).ok()?.0
+    serde_json::from_slice::<Entries>(body).ok().map(|e| e.0)
 }
 
 /// A URL as it may be shown: scheme, host and path, no query (it could carry a key).
@@ -196,38 +198,31 @@ impl CdpClient {
     /// written straight into the request's body.
     pub async fn send(&self, event: &Event, timeout: Duration) -> Outcome {
         let event_type = event.kind.name();
-        let unwritable = |e: serde_json::Error| Outcome::Permanent(format!("the event cannot be written as JSON: {e}"));
+        // The POST transport carries the client key in the body; the GET one in its query, beside the
+        // event; a dry run's log never shows it.
+        let key_in_body = !self.dry_run && matches!(self.transport, Transport::Post);
+        let json = match event.wire_json(key_in_body.then(|| self.client_key.expose())) {
+            Ok(json) => json,
+            Err(e) => return Outcome::Permanent(format!("the event cannot be written as JSON: {e}")),
+        };
         if self.dry_run {
-            match event.wire_json(None) {
-                Ok(json) => info!(event = %String::from_utf8_lossy(&json), "dry run: CDP event not sent"),
-                Err(e) => return unwritable(e),
-            }
+            info!(event = %json, "dry run: CDP event not sent");
             return Outcome::Done;
         }
         let request = match self.transport {
             Transport::Post => {
-                let body = match event.wire_json(Some(self.client_key.expose())) {
-                    Ok(body) => body,
-                    Err(e) => return unwritable(e),
-                };
                 let request = match &self.events_url {
                     Some(url) => self.http.post(url.clone()),
                     None => self.http.post(format!("{}/v1.2/events", self.host)),
                 };
                 request
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body)
+                    .body(json)
             }
-            Transport::Get => {
-                let message = match event.wire_json(None).map(String::from_utf8) {
-                    Ok(Ok(message)) => message,
-                    Ok(Err(e)) => return Outcome::Permanent(format!("the event's JSON is not UTF-8: {e}")),
-                    Err(e) => return unwritable(e),
-                };
-                self.http
-                    .get(format!("{}/v1.2/event/create.json", self.host))
-                    .query(&[("client_key", self.client_key.expose()), ("message", &message)])
-            }
+            Transport::Get => self
+                .http
+                .get(format!("{}/v1.2/event/create.json", self.host))
+                .query(&[("client_key", self.client_key.expose()), ("message", &json)]),
         };
         let started = Instant::now();
         let result = request.timeout(timeout).send().await;

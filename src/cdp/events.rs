@@ -1,6 +1,7 @@
 //! CDP events (data model 2.1, direct-HTTP wire names; see reference/cdp.md §7).
 
 use serde::{Deserialize, Serialize};
+#[cfg(test)]
 use serde_json::Value;
 
 /// The CDP session an event belongs to: channel + browser id (and the point of sale).
@@ -138,11 +139,13 @@ pub struct Event {
 impl Event {
     /// The event's JSON as CDP takes it: the base fields (§7.1), the event's own, and `client_key`
     /// when given (the POST transport carries it in the body). Written in one pass, no tree between.
-    pub(crate) fn wire_json(&self, client_key: Option<&str>) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&self.wire(client_key))
+    pub(crate) fn wire_json(&self, client_key: Option<&str>) -> Result<String, serde_json::Error> {
+        serde_json::to_string(&self.wire(client_key))
     }
 
-    /// The event's JSON as a tree (what [`Event::wire_json`] writes, without the client key).
+    /// The event's JSON as a tree (what [`Event::wire_json`] writes, without the client key), for
+    /// tests to read.
+    #[cfg(test)]
     pub fn to_wire(&self) -> Value {
         serde_json::to_value(self.wire(None)).unwrap_or(Value::Null)
     }
@@ -181,6 +184,30 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn event(kind: EventKind) -> Event {
+        Event {
+            session: session(),
+            language: "EN".into(),
+            currency: "EUR".into(),
+            page: "checkout".into(),
+            kind,
+        }
+    }
+
+    fn product() -> Product {
+        Product {
+            product_type: "PRODUCT".into(),
+            item_id: "X".into(),
+            name: "X".into(),
+            ordered_at: "2026-01-01T00:00:00.000Z".into(),
+            quantity: 2,
+            price: 9.5,
+            product_id: "X".into(),
+            currency: "EUR".into(),
+            reference_id: "L1".into(),
+        }
+    }
+
     fn session() -> SessionRef {
         SessionRef {
             channel: "WEB".into(),
@@ -191,60 +218,28 @@ mod tests {
 
     #[test]
     fn wire_format_follows_the_reference() {
-        let confirm = Event {
-            session: session(),
-            language: "EN".into(),
-            currency: "EUR".into(),
-            page: "checkout".into(),
-            kind: EventKind::Confirm {
-                product: vec![ItemRef {
-                    item_id: "SHOES".into(),
-                }],
-            },
-        };
+        let confirm = event(EventKind::Confirm {
+            product: vec![ItemRef {
+                item_id: "SHOES".into(),
+            }],
+        });
         assert_eq!(
             confirm.to_wire(),
             json!({"channel":"WEB","type":"CONFIRM","language":"EN","currency":"EUR","page":"checkout",
                    "pos":"shop","browser_id":"b1","product":[{"item_id":"SHOES"}]})
         );
-        let add = Event {
-            kind: EventKind::Add {
-                product: Product {
-                    product_type: "PRODUCT".into(),
-                    item_id: "X".into(),
-                    name: "X".into(),
-                    ordered_at: "2026-01-01T00:00:00.000Z".into(),
-                    quantity: 2,
-                    price: 9.5,
-                    product_id: "X".into(),
-                    currency: "EUR".into(),
-                    reference_id: "L1".into(),
-                },
-            },
-            ..confirm.clone()
-        };
+        let add = event(EventKind::Add { product: product() });
         let wire = add.to_wire();
         assert_eq!(wire["product"]["quantity"], json!(2));
         assert_eq!(wire["product"]["price"], json!(9.5));
         assert_eq!(wire["product"]["orderedAt"], json!("2026-01-01T00:00:00.000Z"));
-        let clear = Event {
-            kind: EventKind::ClearCart,
-            ..confirm
-        };
-        assert_eq!(clear.to_wire()["type"], json!("CLEAR_CART"));
+        assert_eq!(event(EventKind::ClearCart).to_wire()["type"], json!("CLEAR_CART"));
     }
 
     /// Every kind, written straight to bytes: the base fields and the event's own, each key once
     /// (a tree would hide a key written twice), and the client key only when given.
     #[test]
     fn the_wire_json_holds_each_field_once_and_the_client_key_only_when_given() {
-        let base = Event {
-            session: session(),
-            language: "EN".into(),
-            currency: "EUR".into(),
-            page: "checkout".into(),
-            kind: EventKind::ClearCart,
-        };
         let kinds = [
             EventKind::Identity {
                 identifiers: vec![Identifier {
@@ -256,19 +251,7 @@ mod tests {
                 lastname: Some("L".into()),
                 phone: None,
             },
-            EventKind::Add {
-                product: Product {
-                    product_type: "PRODUCT".into(),
-                    item_id: "X".into(),
-                    name: "X".into(),
-                    ordered_at: "2026-01-01T00:00:00.000Z".into(),
-                    quantity: 2,
-                    price: 9.5,
-                    product_id: "X".into(),
-                    currency: "EUR".into(),
-                    reference_id: "L1".into(),
-                },
-            },
+            EventKind::Add { product: product() },
             EventKind::ClearCart,
             EventKind::Confirm {
                 product: vec![ItemRef { item_id: "X".into() }],
@@ -300,7 +283,7 @@ mod tests {
                 | EventKind::Checkout { .. }
                 | EventKind::OrderCheckout { .. } => {}
             }
-            let event = Event { kind, ..base.clone() };
+            let event = event(kind);
             let mut expected = serde_json::to_value(&event.kind).unwrap();
             for (key, value) in [
                 ("channel", "WEB"),
@@ -314,47 +297,26 @@ mod tests {
             }
             let without = event.wire_json(None).unwrap();
             assert_eq!(
-                serde_json::from_slice::<Value>(&without).unwrap(),
+                serde_json::from_str::<Value>(&without).unwrap(),
                 expected,
                 "{}",
                 event.kind.name()
             );
             assert_eq!(event.to_wire(), expected);
-            let text = String::from_utf8(event.wire_json(Some("the-key")).unwrap()).unwrap();
-            let mut keys = top_level_keys(&text);
+            let text = event.wire_json(Some("the-key")).unwrap();
+            let mut keys: Vec<String> = crate::cdp::client::object_entries(text.as_bytes())
+                .unwrap()
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
             let written = keys.len();
             keys.sort();
             keys.dedup();
             assert_eq!(keys.len(), written, "a key written twice: {text}");
             assert!(keys.contains(&"client_key".to_string()));
-            assert!(!String::from_utf8(without).unwrap().contains("client_key"));
+            assert!(!without.contains("client_key"));
             expected["client_key"] = json!("the-key");
             assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), expected);
         }
-    }
-
-    /// The keys of a JSON object in the order written, duplicates kept.
-    fn top_level_keys(text: &str) -> Vec<String> {
-        struct Keys(Vec<String>);
-        impl<'de> Deserialize<'de> for Keys {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct Visitor;
-                impl<'de> serde::de::Visitor<'de> for Visitor {
-                    type Value = Keys;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("an object")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
-                        let mut keys = Vec::new();
-                        while let Some((key, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
-                            keys.push(key);
-                        }
-                        Ok(Keys(keys))
-                    }
-                }
-                d.deserialize_map(Visitor)
-            }
-        }
-        serde_json::from_str::<Keys>(text).unwrap().0
     }
 }
