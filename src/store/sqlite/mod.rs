@@ -5,12 +5,15 @@
 //!   readers do not block the writer).
 //! - A webhook is answered only after the WAL holding its commit is fsynced: one fsync for all the
 //!   webhooks committed meanwhile, on a thread of its own while the writer goes on.
-//! - Delivery bookkeeping (claims, progress, session facts) is answered at commit (`synchronous =
+//! - Delivery bookkeeping (progress, session facts) is answered at commit (`synchronous =
 //!   NORMAL`): durable across a process crash, and made durable by the next webhook's fsync; at
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
-//! - One serving process per file ([`lock`]): so at start every claim left in the file belonged
-//!   to a process that is gone, and is released at once instead of waiting for its lease.
+//! - One serving process per file ([`lock`]): so delivery's and enrichment's claims are kept in
+//!   the process's memory ([`claims`]), not written into the file; a process that starts holds none.
+//!   (Earlier versions wrote delivery's claims into the intents' rows: a file they served is
+//!   released of them at start.)
 
+mod claims;
 mod filter;
 mod lock;
 mod queues;
@@ -21,7 +24,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,10 +36,11 @@ use sqlx::SqlitePool;
 use super::shared::{self, *};
 use super::*;
 use crate::config::redacted_url;
+use claims::Claims;
 use queues::Queues;
 use recent::{Recent, Touched};
 use seen::{SeenKey, SeenKeys};
-use writer::Writer;
+use writer::{BatchEnd, Writer};
 
 /// No connection maps the file: pages are read with pread(2) into SQLite's page cache. A map
 /// (16 MiB until issue 23) made every reader remap, an munmap and a TLB shootdown across the
@@ -70,6 +74,8 @@ pub struct SqliteStore {
     seen: Arc<SeenKeys>,
     /// Shoppers' queues and the next intent id (used on the writer thread).
     queues: Arc<Queues>,
+    /// Delivery's claims ([`claims`]): kept in memory, not in the intents' rows.
+    claims: Arc<Claims>,
     /// Intents whose enrichment is under way: their claim id and until when (epoch ms). One
     /// process serves the file, so a lease needs no row written: only the writer thread reads or
     /// changes this, in the same order as the rows it guards.
@@ -155,7 +161,12 @@ impl SqliteStore {
         // Only the process serving the file sees every write (through its writer).
         let recent = Arc::new(Recent::new(lock.is_some()));
         let publishing = recent.clone();
-        let after_batch = Box::new(move |c: &Connection, stale: bool| publishing.after_batch(c, stale));
+        let claims = Arc::new(Claims::default());
+        let holding = claims.clone();
+        let after_batch = Box::new(move |c: &Connection, end: BatchEnd| {
+            publishing.after_batch(c, end.stale);
+            holding.after_batch(end.committed);
+        });
         let writer = Writer::open(&path, busy_timeout, after_batch).with_context(|| {
             format!(
                 "cannot open the SQLite store {:?} for writing",
@@ -205,6 +216,7 @@ impl SqliteStore {
             writer,
             seen,
             queues,
+            claims,
             enrichment_leases: Arc::default(),
             lock: Mutex::new(lock),
         })
@@ -345,44 +357,58 @@ impl Outbox for SqliteStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         let now = now_ms();
         let claim_id = uuid::Uuid::new_v4().to_string();
-        let lease_until = now + lease.as_millis() as i64;
-        let id = claim_id.clone();
+        let until = now + lease.as_millis() as i64;
+        let (claims, id) = (self.claims.clone(), Arc::<str>::from(claim_id.as_str()));
         let rows: Vec<ClaimedRow> = self
             .writer
             .write(move |c| {
-                // Only the head of each shopper's queue is claimable, and only while no other intent
-                // of the queue is in flight (a replayed dead letter is older than the intent running),
-                // so a shopper's intents go one at a time. Walking the queue in id order and probing
-                // the queue stops after `limit` heads, however long the backlog.
-                let mut stmt = c.prepare_cached(
-                    "UPDATE intents SET claim_id = ?1, lease_until = ?2, attempts = attempts + 1, updated_at = ?3 \
-                     WHERE id IN ( \
-                       SELECT i.id FROM intents i \
-                       WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?3 \
-                         AND (i.lease_until IS NULL OR i.lease_until < ?3) \
-                         AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
-                                         AND o.state = 'pending' AND o.id < i.id) \
-                         AND NOT EXISTS (SELECT 1 FROM intents o INDEXED BY intents_claimed \
-                                         WHERE o.queue_id = i.queue_id AND o.claim_id IS NOT NULL \
-                                         AND o.id <> i.id AND o.state = 'pending' AND o.lease_until >= ?3) \
-                       ORDER BY i.id LIMIT ?4) \
-                     RETURNING id, shopper_key, intent, enrichment, progress, sent, attempts, created_at",
+                // Only the head of each shopper's queue is a candidate, and only while no other
+                // intent of its queue is held (a replayed dead letter is older than the intent
+                // running), so a shopper's intents go one at a time. The walk in id order reads past
+                // at most one head per held queue: it stops after `limit` taken.
+                let mut taking = claims.taking(now);
+                let mut walk = c.prepare_cached(
+                    "SELECT i.id, i.queue_id, i.attempts FROM intents i \
+                     WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?1 \
+                       AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
+                                       AND o.state = 'pending' AND o.id < i.id) \
+                     ORDER BY i.id LIMIT ?2",
                 )?;
-                // JSON columns as bytes: a row that is not UTF-8 is dead-lettered on its own when
-                // decoded, instead of failing the whole claim.
-                let rows = stmt.query_map(params![id, lease_until, now, limit as i64], |r| {
-                    Ok(ClaimedRow {
-                        id: r.get(0)?,
-                        shopper_key: r.get(1)?,
-                        intent: bytes(r.get_ref(2)?)?.unwrap_or_default(),
-                        enrichment: bytes(r.get_ref(3)?)?,
-                        plan: bytes(r.get_ref(4)?)?,
-                        sent: r.get(5)?,
-                        attempts: r.get(6)?,
-                        created_at_ms: r.get(7)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<ClaimedRow>, _>>()?)
+                let mut candidates = walk.query(params![now, (limit + taking.held()) as i64])?;
+                let mut read = c.prepare_cached(
+                    "SELECT shopper_key, intent, enrichment, progress, sent, created_at FROM intents WHERE id = ?1",
+                )?;
+                let mut rows = Vec::with_capacity(limit);
+                while rows.len() < limit {
+                    let Some(candidate) = candidates.next()? else { break };
+                    let candidate = claims::Candidate {
+                        id: candidate.get(0)?,
+                        queue_id: candidate.get(1)?,
+                        attempts: candidate.get(2)?,
+                    };
+                    if taking.busy(candidate.queue_id) {
+                        continue;
+                    }
+                    // JSON columns as bytes: a row that is not UTF-8 is dead-lettered on its own when
+                    // decoded, instead of failing the whole claim.
+                    let mut row = read.query_row(params![candidate.id], |r| {
+                        Ok(ClaimedRow {
+                            id: candidate.id,
+                            shopper_key: r.get(0)?,
+                            intent: bytes(r.get_ref(1)?)?.unwrap_or_default(),
+                            enrichment: bytes(r.get_ref(2)?)?,
+                            plan: bytes(r.get_ref(3)?)?,
+                            sent: r.get(4)?,
+                            attempts: 0,
+                            created_at_ms: r.get(5)?,
+                        })
+                    })?;
+                    if let Some(attempt) = taking.take(&candidate, &row.shopper_key, &id, until) {
+                        row.attempts = attempt;
+                        rows.push(row);
+                    }
+                }
+                Ok(rows)
             })
             .await?;
         let (claimed, unreadable) = decode_claimed(rows, &claim_id);
@@ -391,23 +417,12 @@ impl Outbox for SqliteStore {
     }
 
     async fn extend(&self, claim: &Claim, lease: Duration) -> Result<(), StoreError> {
-        let claim = claim.clone();
-        let until = now_ms() + lease.as_millis() as i64;
-        self.writer
-            .write(move |c| {
-                let rows = run(
-                    c,
-                    "UPDATE intents SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'pending'",
-                    params![until, claim.intent_id, claim.claim_id],
-                )?;
-                stale_unless_one(rows, &claim)
-            })
-            .await
+        self.claims.extend(claim, now_ms() + lease.as_millis() as i64)
     }
 
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
         let claim = claim.clone();
-        let queues = self.queues.clone();
+        let (queues, claims) = (self.queues.clone(), self.claims.clone());
         let durable = writes.contains(&Write::Durable);
         // Encoded here, not on the one writer thread.
         let writes = writes
@@ -417,18 +432,13 @@ impl Outbox for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         let recent = self.recent.clone();
         let job = move |c: &Connection| {
+            let (shopper, attempt) = claims.holder(&claim)?;
             recent.stage(writes.iter().filter_map(EncodedWrite::touches));
-            let shopper = intent_shopper(
-                c,
-                "SELECT shopper_key FROM intents WHERE id = ?1 AND claim_id = ?2 AND state = 'pending'",
-                params![claim.intent_id, claim.claim_id],
-            )?
-            .ok_or(StoreError::StaleClaim(claim.intent_id))?;
             for write in &writes {
                 write.run(c, claim.intent_id)?;
             }
             match settle {
-                None => {}
+                None => return Ok(()),
                 Some(Settle::Ack) => {
                     run(c, "DELETE FROM intents WHERE id = ?1", params![claim.intent_id])?;
                     queues.left(&shopper);
@@ -436,21 +446,22 @@ impl Outbox for SqliteStore {
                 Some(Settle::Retry { at_ms, error }) => {
                     run(
                         c,
-                        "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, claim_id = NULL, \
-                             lease_until = NULL, updated_at = ?3 WHERE id = ?4",
-                        params![at_ms, error, now_ms(), claim.intent_id],
+                        "UPDATE intents SET next_attempt_at = ?1, last_error = ?2, attempts = ?3, updated_at = ?4 \
+                         WHERE id = ?5",
+                        params![at_ms, error, attempt, now_ms(), claim.intent_id],
                     )?;
                 }
                 Some(Settle::Dead { reason }) => {
                     run(
                         c,
                         "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, \
-                             secrets = NULL, claim_id = NULL, lease_until = NULL WHERE id = ?3",
-                        params![reason, now_ms(), claim.intent_id],
+                             secrets = NULL, attempts = ?3 WHERE id = ?4",
+                        params![reason, now_ms(), attempt, claim.intent_id],
                     )?;
                     queues.left(&shopper);
                 }
             }
+            claims.settled(&claim);
             Ok(())
         };
         if durable {

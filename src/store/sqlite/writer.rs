@@ -35,9 +35,19 @@ use crate::store::StoreError;
 const MAX_BATCH: usize = 256;
 
 /// Runs on the writer thread after each batch, outside any transaction and before any of the
-/// batch's callers is answered; told `true` when memory kept beside the database may be stale as a
-/// whole (the batch did not commit, or another connection committed since the last batch).
-pub type AfterBatch = Box<dyn Fn(&Connection, bool) + Send>;
+/// batch's callers is answered, told how it ended; and once before a batch runs when another
+/// connection has committed since the last one.
+pub type AfterBatch = Box<dyn Fn(&Connection, BatchEnd) + Send>;
+
+/// How a batch ended, as [`AfterBatch`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEnd {
+    /// Memory kept beside the database may be stale as a whole: the batch did not commit, or
+    /// another connection committed since the last batch.
+    pub stale: bool,
+    /// The batch's writes are committed (`false` when told before the batch ran).
+    pub committed: bool,
+}
 
 /// Answers the caller once the batch's commit outcome is known.
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -321,7 +331,13 @@ fn run(
             if data_version.replace(now).is_some_and(|before| before != now) {
                 invalidations.fetch_add(1, Ordering::Release);
                 // Told at once, not only after the batch: lookups meanwhile read the file.
-                after_batch(&conn, true);
+                after_batch(
+                    &conn,
+                    BatchEnd {
+                        stale: true,
+                        committed: false,
+                    },
+                );
                 foreign = true;
             }
             for work in batch.drain(..) {
@@ -338,7 +354,13 @@ fn run(
             invalidations.fetch_add(1, Ordering::Release);
             StoreError::from(e)
         });
-        after_batch(&conn, outcome.is_err() || foreign);
+        after_batch(
+            &conn,
+            BatchEnd {
+                stale: outcome.is_err() || foreign,
+                committed: outcome.is_ok(),
+            },
+        );
         // Jobs not run (the transaction did not start) are answered with the batch's error.
         replies.extend(batch.drain(..).map(|work| ((work.job)(None), false)));
         let mut after_sync = Vec::new();
@@ -520,6 +542,61 @@ mod tests {
             "counted before the next batch's writes run"
         );
         assert_eq!(seen_by_a_write(&writer, invalidations).await, 1);
+        writer.close().await;
+    }
+
+    /// Memory kept beside the file (the claims) keeps a batch's changes only if the hook says it
+    /// committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hook_after_each_batch_is_told_whether_it_committed() {
+        let (_dir, path) = database_file("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER)");
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let telling = told.clone();
+        let writer = Writer::open(
+            &path,
+            Duration::from_secs(1),
+            Box::new(move |_, end| telling.lock().unwrap().push(end)),
+        )
+        .unwrap();
+        let ends = || std::mem::take(&mut *told.lock().unwrap());
+        let committed = BatchEnd {
+            stale: false,
+            committed: true,
+        };
+        // Also what it is told before a batch, once another connection has committed.
+        let not_committed = BatchEnd {
+            stale: true,
+            committed: false,
+        };
+        writer
+            .write(|c| Ok(c.execute("INSERT INTO t (v) VALUES (1)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(ends(), [committed]);
+        // A job that ends the transaction itself: the batch's COMMIT then fails.
+        let failed = writer.write(|c| Ok(c.execute_batch("ROLLBACK")?)).await;
+        assert!(failed.is_err());
+        assert_eq!(ends(), [not_committed]);
+        Connection::open(&path)
+            .unwrap()
+            .execute("INSERT INTO t (v) VALUES (2)", [])
+            .unwrap();
+        writer
+            .write(|c| Ok(c.execute("INSERT INTO t (v) VALUES (3)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(
+            ends(),
+            [
+                not_committed,
+                BatchEnd {
+                    stale: true,
+                    committed: true
+                }
+            ],
+            "told before the batch that another connection committed, then that the batch committed"
+        );
+        assert_eq!(count(&path), 3);
         writer.close().await;
     }
 
