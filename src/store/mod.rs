@@ -329,7 +329,7 @@ pub struct QueueStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// The service: takes delivery claims. SQLite: holds the file's lock (one serving process per
-    /// file) and releases every claim left by a process that died. PostgreSQL: registers the
+    /// file) and keeps its claims in its memory (they die with the process). PostgreSQL: registers the
     /// replica and heartbeats, so its claims are taken over `takeover` after its heartbeats stop
     /// (`delivery.takeover_secs`), and it takes over those of replicas silent for as long.
     Service { takeover: Duration },

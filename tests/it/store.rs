@@ -233,6 +233,11 @@ async fn an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused
     .await;
     assert_eq!(fresh.claim.intent_id, stale.claim.intent_id);
     assert_ne!(fresh.claim.claim_id, stale.claim.claim_id);
+    assert_eq!(
+        (stale.attempts, fresh.attempts),
+        (1, 2),
+        "the attempt whose lease ran out counts"
+    );
     let stale_record = Write::Shopper {
         key: "stale-writer".into(),
         state: ShopperState::default(),

@@ -33,9 +33,16 @@ struct Memory {
     /// another claim takes its intent or its holder settles it.
     held: HashMap<i64, Held>,
     /// This batch's changes, undone if it does not commit: the claims made (with what they
-    /// replaced) and the claims settled (let go only once it commits).
+    /// replaced) and the claims settled (let go only once it commits; their intents are not
+    /// claimed again in the batch).
     made: Vec<(i64, Option<Held>)>,
-    settled: Vec<i64>,
+    settled: Vec<(i64, Arc<str>)>,
+}
+
+impl Memory {
+    fn settled_in_batch(&self, id: i64) -> bool {
+        self.settled.iter().any(|(settled, _)| *settled == id)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,12 +63,17 @@ pub(super) struct Candidate {
     pub attempts: i64,
 }
 
-/// Which of the walk's candidates a claim may take.
+/// Which of the walk's candidates a claim may take. Holds the claims' lock for the walk (only
+/// renewals wait on it meanwhile, once a third of a lease). Dropped before [`Taking::done`] (the
+/// claim's job failed: its savepoint rolls its reads back), it takes back the claims it made.
 pub(super) struct Taking<'a> {
     memory: std::sync::MutexGuard<'a, Memory>,
     now_ms: i64,
     /// Queues with an intent whose claim is in force.
     busy: HashMap<i64, ()>,
+    /// `memory.made` when the walk started.
+    made_before: usize,
+    done: bool,
 }
 
 impl Claims {
@@ -75,7 +87,14 @@ impl Claims {
             .filter(|h| h.until_ms >= now_ms)
             .map(|h| (h.queue_id, ()))
             .collect();
-        Taking { memory, now_ms, busy }
+        let made_before = memory.made.len();
+        Taking {
+            memory,
+            now_ms,
+            busy,
+            made_before,
+            done: false,
+        }
     }
 
     /// The shopper of the intent `claim` holds, and this attempt's number; `StaleClaim` unless
@@ -83,7 +102,7 @@ impl Claims {
     pub fn holder(&self, claim: &Claim) -> Result<(Arc<str>, i64), StoreError> {
         let memory = self.memory.lock().expect("claims lock");
         match memory.held.get(&claim.intent_id) {
-            Some(h) if !memory.settled.contains(&claim.intent_id) && *h.claim_id == *claim.claim_id => {
+            Some(h) if !memory.settled_in_batch(claim.intent_id) && *h.claim_id == *claim.claim_id => {
                 Ok((h.shopper_key.clone(), h.attempt))
             }
             _ => Err(StoreError::StaleClaim(claim.intent_id)),
@@ -93,7 +112,7 @@ impl Claims {
     /// Renews `claim`'s lease until `until_ms`.
     pub fn extend(&self, claim: &Claim, until_ms: i64) -> Result<(), StoreError> {
         let mut memory = self.memory.lock().expect("claims lock");
-        let settled = memory.settled.contains(&claim.intent_id);
+        let settled = memory.settled_in_batch(claim.intent_id);
         match memory.held.get_mut(&claim.intent_id) {
             Some(h) if !settled && *h.claim_id == *claim.claim_id => {
                 h.until_ms = h.until_ms.max(until_ms);
@@ -103,9 +122,12 @@ impl Claims {
         }
     }
 
-    /// `claim`'s intent is settled in this batch: let go once the batch commits.
+    /// `claim`'s intent is settled in this batch (checked by [`Claims::holder`] in the same job):
+    /// let go once the batch commits.
     pub fn settled(&self, claim: &Claim) {
-        self.memory.lock().expect("claims lock").settled.push(claim.intent_id);
+        let mut memory = self.memory.lock().expect("claims lock");
+        let claim_id = memory.held.get(&claim.intent_id).map(|h| h.claim_id.clone());
+        memory.settled.extend(claim_id.map(|id| (claim.intent_id, id)));
     }
 
     /// The writer's batch ended: keep its changes if it committed, else undo them.
@@ -113,16 +135,13 @@ impl Claims {
         let mut memory = self.memory.lock().expect("claims lock");
         let (made, settled) = (std::mem::take(&mut memory.made), std::mem::take(&mut memory.settled));
         if committed {
-            for id in settled {
-                memory.held.remove(&id);
+            for (id, claim_id) in settled {
+                if memory.held.get(&id).is_some_and(|h| h.claim_id == claim_id) {
+                    memory.held.remove(&id);
+                }
             }
         } else {
-            for (id, replaced) in made.into_iter().rev() {
-                match replaced {
-                    Some(h) => memory.held.insert(id, h),
-                    None => memory.held.remove(&id),
-                };
-            }
+            undo(&mut memory.held, made);
         }
     }
 
@@ -144,7 +163,7 @@ impl Taking<'_> {
         claim_id: &Arc<str>,
         until_ms: i64,
     ) -> Option<i64> {
-        if self.busy.contains_key(&candidate.queue_id) {
+        if self.busy.contains_key(&candidate.queue_id) || self.memory.settled_in_batch(candidate.id) {
             return None;
         }
         let replaced = self.memory.held.get(&candidate.id).cloned();
@@ -175,6 +194,30 @@ impl Taking<'_> {
     pub fn held(&self) -> usize {
         self.busy.len()
     }
+
+    /// The claim's job succeeded: keep its claims (until the batch's end says whether it committed).
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let made = self.memory.made.split_off(self.made_before);
+            undo(&mut self.memory.held, made);
+        }
+    }
+}
+
+/// Takes back the claims `made`, newest first, restoring those they replaced.
+fn undo(held: &mut HashMap<i64, Held>, made: Vec<(i64, Option<Held>)>) {
+    for (id, replaced) in made.into_iter().rev() {
+        match replaced {
+            Some(h) => held.insert(id, h),
+            None => held.remove(&id),
+        };
+    }
 }
 
 #[cfg(test)]
@@ -194,9 +237,10 @@ mod tests {
             queue_id: queue,
             attempts: 0,
         };
-        claims
-            .taking(now)
-            .take(&candidate, "s", &Arc::from(claim_id), now + 100)
+        let mut taking = claims.taking(now);
+        let attempt = taking.take(&candidate, "s", &Arc::from(claim_id), now + 100);
+        taking.done();
+        attempt
     }
 
     #[test]
@@ -241,5 +285,44 @@ mod tests {
         assert_eq!(claims.len(), 1);
         assert!(claims.holder(&claim(1, "a")).is_ok(), "the claim it replaced is back");
         assert!(claims.holder(&claim(2, "b")).is_err());
+    }
+
+    #[test]
+    fn an_intent_settled_in_a_batch_is_not_claimed_again_before_it_commits() {
+        let claims = Claims::default();
+        take(&claims, 0, 1, 1, "a");
+        claims.after_batch(true);
+        // Its lease ran out, and its holder releases it (due at once) in the batch a claim runs in.
+        claims.settled(&claim(1, "a"));
+        assert_eq!(take(&claims, 200, 1, 1, "b"), None, "settled in this batch");
+        claims.after_batch(true);
+        assert_eq!(claims.len(), 0);
+        assert_eq!(take(&claims, 200, 1, 1, "b"), Some(1), "claimed after the commit");
+        claims.after_batch(true);
+        assert!(claims.holder(&claim(1, "b")).is_ok());
+    }
+
+    #[test]
+    fn the_claims_of_a_walk_that_failed_are_taken_back_at_once() {
+        let claims = Claims::default();
+        take(&claims, 0, 1, 1, "a");
+        {
+            let mut taking = claims.taking(0);
+            let candidate = Candidate {
+                id: 2,
+                queue_id: 2,
+                attempts: 0,
+            };
+            assert_eq!(taking.take(&candidate, "s", &Arc::from("b"), 100), Some(1));
+            // The job fails here (a read of the walk): its savepoint rolls back, `done` is never called.
+        }
+        assert_eq!(
+            claims.len(),
+            1,
+            "the failed walk's claim is gone, the earlier job's kept"
+        );
+        claims.after_batch(true);
+        assert!(claims.holder(&claim(1, "a")).is_ok());
+        assert_eq!(take(&claims, 1, 2, 2, "c"), Some(1));
     }
 }

@@ -408,6 +408,7 @@ impl Outbox for SqliteStore {
                         rows.push(row);
                     }
                 }
+                taking.done();
                 Ok(rows)
             })
             .await?;
