@@ -7,7 +7,7 @@
 //! send time, so a slow server cannot hide its queueing).
 //!
 //! Usage: cargo bench --bench load -- [--store sqlite|postgres] [--quick] [--out DIR]
-//!        [--only ceiling,alone,intake,e2e,backlog,replicas] [--profile DIR]
+//!        [--only ceiling,alone,intake,e2e,backlog,replicas] [--profile DIR] [--count DIR]
 //! PostgreSQL comes from BENCH_DATABASE_URL or TEST_DATABASE_URL (a fresh schema per run).
 //! BENCH_SERVICE_BIN names another build of the service to run (A/B comparisons of a change).
 
@@ -630,6 +630,9 @@ struct Options {
     only: Option<Vec<String>>,
     /// `--profile DIR`: record a `perf` profile of the service during each measured phase.
     profile: Option<PathBuf>,
+    /// `--count DIR`: count the service's system calls and context switches during each measured
+    /// phase (`perf stat`, CSV): counts per event do not drift with the machine as times do.
+    count: Option<PathBuf>,
 }
 
 impl Options {
@@ -638,31 +641,56 @@ impl Options {
     }
 }
 
-/// `perf record` attached to a process while it lives (stopped with SIGINT, as perf expects).
-struct Profiler(Option<std::process::Child>);
+/// The system calls `--count` counts.
+const COUNTED: &str = "task-clock,context-switches,syscalls:sys_enter_pwrite64,syscalls:sys_enter_pread64,\
+syscalls:sys_enter_fdatasync,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sendto,\
+syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_read";
+
+/// `perf record` (`--profile`) or `perf stat` (`--count`) attached to a process while it lives
+/// (stopped with SIGINT, as perf expects).
+struct Profiler(Vec<std::process::Child>);
 
 impl Profiler {
     fn start(opts: &Options, proc_: &Proc, phase: &str) -> Profiler {
-        let Some(dir) = &opts.profile else {
-            return Profiler(None);
-        };
-        std::fs::create_dir_all(dir).unwrap();
-        let out = dir.join(format!("{}-{phase}.perf.data", opts.store));
-        let child = std::process::Command::new("perf")
-            .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
-            .arg(&out)
-            .args(["-p", &proc_.child.id().to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("--profile needs perf (Debian's linux-perf)");
-        // perf needs a moment to attach before the load starts.
-        std::thread::sleep(Duration::from_millis(500));
-        println!("profiling {phase} into {}", out.display());
-        Profiler(Some(child))
+        let pid = proc_.child.id().to_string();
+        let mut children = Vec::new();
+        if let Some(dir) = &opts.profile {
+            std::fs::create_dir_all(dir).unwrap();
+            let out = dir.join(format!("{}-{phase}.perf.data", opts.store));
+            children.push(
+                std::process::Command::new("perf")
+                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                    .arg(&out)
+                    .args(["-p", &pid])
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("--profile needs perf (Debian's linux-perf)"),
+            );
+            println!("profiling {phase} into {}", out.display());
+        }
+        if let Some(dir) = &opts.count {
+            std::fs::create_dir_all(dir).unwrap();
+            let out = dir.join(format!("{}-{phase}.stat.csv", opts.store));
+            children.push(
+                std::process::Command::new("perf")
+                    .args(["stat", "-x", ",", "-e", COUNTED, "-o"])
+                    .arg(&out)
+                    .args(["-p", &pid])
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("--count needs perf (Debian's linux-perf)"),
+            );
+            println!("counting {phase} into {}", out.display());
+        }
+        if !children.is_empty() {
+            // perf needs a moment to attach before the load starts.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Profiler(children)
     }
 
     fn stop(self) {
-        if let Some(mut child) = self.0 {
+        for mut child in self.0 {
             let _ = std::process::Command::new("kill")
                 .args(["-INT", &child.id().to_string()])
                 .status();
@@ -685,6 +713,7 @@ fn options() -> Options {
         out: PathBuf::from(value("--out").unwrap_or_else(|| "bench/results".into())),
         only: value("--only").map(|v| v.split(',').map(str::to_string).collect()),
         profile: value("--profile").map(PathBuf::from),
+        count: value("--count").map(PathBuf::from),
     }
 }
 
@@ -885,6 +914,7 @@ async fn bench(opts: Options) {
         let started = Instant::now();
         let service = start_service(&store, &cdp, &[]);
         let profiler = Profiler::start(&opts, &service, "backlog");
+        let counted_from = sink.events.load(Ordering::Relaxed);
         let drained = wait_for_events(
             &sink,
             before + backlog_shoppers * EVENTS_PER_SHOPPER,
@@ -894,6 +924,8 @@ async fn bench(opts: Options) {
         let drain = started.elapsed();
         let pg_cpu = pg_before.since();
         profiler.stop();
+        // The events delivered while `--count` counted (it attaches after the service started).
+        let counted_events = sink.events.load(Ordering::Relaxed) - counted_from;
         let rate = (sink.events.load(Ordering::Relaxed) - before) as f64 / drain.as_secs_f64();
         println!(
             "backlog        {} events in {:.1}s = {rate:.0} events/s{}",
@@ -911,6 +943,9 @@ async fn bench(opts: Options) {
             let pg = pg_cpu / events * 1000.0;
             println!("backlog        PostgreSQL server CPU {pg:.3}s/1000 events");
             report["backlog_delivery"]["postgres_cpu_seconds_per_1000_events"] = json!((pg * 1000.0).round() / 1000.0);
+        }
+        if opts.count.is_some() {
+            report["backlog_delivery"]["counted_events"] = json!(counted_events);
         }
         report["peak_rss_mib"]["backlog"] = json!(usage.hwm_kib / 1024);
         report["peak_anon_rss_mib"]["backlog"] = json!(usage.anon_hwm_kib / 1024);
