@@ -10,8 +10,7 @@
 //!   worst a power loss repeats a few CDP events (delivery is at least once).
 //! - One serving process per file ([`lock`]): so delivery's and enrichment's claims are kept in
 //!   the process's memory ([`claims`]), not written into the file; a process that starts holds none.
-//!   (Earlier versions wrote delivery's claims into the intents' rows: a file they served is
-//!   released of them at start.)
+//!   (Earlier versions wrote delivery's claims into the intents' rows: migration 0010 voids those.)
 
 mod claims;
 mod filter;
@@ -185,30 +184,13 @@ impl SqliteStore {
         let seen = Arc::new(SeenKeys::new(writer.invalidations()));
         let queues = Arc::new(Queues::new(writer.invalidations()));
         let (loading_seen, loading_queues) = (seen.clone(), queues.clone());
-        let serving = lock.is_some();
-        let released = writer
+        writer
             .write(move |c| {
                 loading_seen.load(c)?;
-                loading_queues.load(c)?;
-                // The lock is ours: whoever held these claims is gone.
-                if serving {
-                    run(
-                        c,
-                        "UPDATE intents SET claim_id = NULL, lease_until = NULL WHERE claim_id IS NOT NULL",
-                        [],
-                    )
-                } else {
-                    Ok(0)
-                }
+                loading_queues.load(c)
             })
             .await
             .context("cannot load the LogIDs seen and the shoppers' queues")?;
-        if released > 0 {
-            tracing::info!(
-                released,
-                "released the claims of a process that stopped without releasing them"
-            );
-        }
         Ok(SqliteStore {
             pool,
             readers: readers::Readers::new(&path, busy_timeout),
@@ -577,8 +559,8 @@ impl Outbox for SqliteStore {
                 enrichment_fence(c, &leases, &claim)?;
                 let shopper = intent_shopper(
                     c,
-                    "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL, \
-                     claim_id = NULL, lease_until = NULL WHERE id = ?3 RETURNING shopper_key",
+                    "UPDATE intents SET state = 'dead', last_error = ?1, dead_at = ?2, updated_at = ?2, secrets = NULL \
+                     WHERE id = ?3 RETURNING shopper_key",
                     params![reason, now_ms(), claim.intent_id],
                 )?;
                 if let Some(shopper) = shopper {
@@ -645,7 +627,7 @@ shared::operations!(SqliteStore, "CAST(intent AS BLOB)", {
                 // Replayed intents keep their id and join their shopper's current queue, so they
                 // rejoin it in their original place (ahead of anything newer).
                 let set = "UPDATE intents SET state = 'pending', attempts = 0, next_attempt_at = ?1, \
-                           claim_id = NULL, lease_until = NULL, dead_at = NULL, updated_at = ?1, \
+                           dead_at = NULL, updated_at = ?1, \
                            enrich_after = ?1, enrich_attempts = 0, created_at = ?1 \
                            WHERE state = 'dead' AND shopper_key <> ?2";
                 let returning = "RETURNING id, shopper_key";
@@ -1014,7 +996,7 @@ mod tests {
     use rusqlite::Connection;
 
     /// The SQLite migrations, in order.
-    const MIGRATIONS: [&str; 9] = [
+    const MIGRATIONS: [&str; 10] = [
         include_str!("../../../migrations/sqlite/0001_initial.sql"),
         include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
         include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
@@ -1024,6 +1006,7 @@ mod tests {
         include_str!("../../../migrations/sqlite/0007_queues_in_memory.sql"),
         include_str!("../../../migrations/sqlite/0008_progress_per_event.sql"),
         include_str!("../../../migrations/sqlite/0009_reconciler.sql"),
+        include_str!("../../../migrations/sqlite/0010_claims_in_memory.sql"),
     ];
 
     /// An in-memory database with the first `migrations` of the store's schema applied.
@@ -1046,6 +1029,29 @@ mod tests {
     }
 
     /// Migration 0006 puts each shopper's pending intents in one queue, numbered by the oldest.
+    #[test]
+    fn the_claims_an_earlier_version_wrote_into_the_file_are_voided_with_their_index() {
+        let conn = database(9);
+        conn.execute(
+            "INSERT INTO intents (id, queue_id, dedupe_key, shopper_key, kind, intent, state, next_attempt_at, \
+             claim_id, lease_until, created_at, updated_at) VALUES (1, 1, 'd', 's1', 'k', '{}', 'pending', 0, \
+             'held', 9999999999999, 0, 0)",
+            [],
+        )
+        .unwrap();
+        conn.execute_batch(MIGRATIONS[9]).unwrap();
+        let claims: Vec<(Option<String>, Option<i64>)> = pairs(&conn, "SELECT claim_id, lease_until FROM intents");
+        assert_eq!(claims, [(None, None)]);
+        let index: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'intents_claimed'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 0);
+    }
+
     #[test]
     fn the_queue_migration_numbers_each_shoppers_pending_intents_by_the_oldest() {
         let conn = database(5);
