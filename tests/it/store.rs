@@ -1256,8 +1256,8 @@ async fn an_unreadable_row_is_dead_lettered_alone_and_the_rest_of_the_batch_is_c
 }
 
 /// A service that dies holding claims (kill -9: no release, no goodbye) does not hold its
-/// shoppers for a whole lease. SQLite: the next process owns the file's lock, so it releases every
-/// claim at start. PostgreSQL: another replica takes them over once the dead one has missed its
+/// shoppers for a whole lease. SQLite: claims live in the serving process's memory and die with it
+/// (the next process owns the file's lock). PostgreSQL: another replica takes them over once the dead one has missed its
 /// heartbeats for `delivery.takeover_secs`.
 async fn the_claims_of_a_dead_service_are_taken_over_before_their_lease_ends(backend: Backend) {
     let Some(place) = backend.place("dead_service") else {

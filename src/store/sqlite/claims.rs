@@ -126,11 +126,21 @@ impl Claims {
     /// let go once the batch commits.
     pub fn settled(&self, claim: &Claim) {
         let mut memory = self.memory.lock().expect("claims lock");
-        let claim_id = memory.held.get(&claim.intent_id).map(|h| h.claim_id.clone());
-        memory.settled.extend(claim_id.map(|id| (claim.intent_id, id)));
+        debug_assert!(
+            memory
+                .held
+                .get(&claim.intent_id)
+                .is_some_and(|h| *h.claim_id == *claim.claim_id),
+            "settled without holding the claim"
+        );
+        memory
+            .settled
+            .push((claim.intent_id, Arc::from(claim.claim_id.as_str())));
     }
 
-    /// The writer's batch ended: keep its changes if it committed, else undo them.
+    /// The writer's batch ended: keep its changes if it committed, else undo them. (Also told,
+    /// not committed, before a batch when another connection committed: nothing is made or settled
+    /// then, as every batch's end empties both lists.)
     pub fn after_batch(&self, committed: bool) {
         let mut memory = self.memory.lock().expect("claims lock");
         let (made, settled) = (std::mem::take(&mut memory.made), std::mem::take(&mut memory.settled));

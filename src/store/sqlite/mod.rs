@@ -1028,7 +1028,7 @@ mod tests {
             .unwrap()
     }
 
-    /// Migration 0006 puts each shopper's pending intents in one queue, numbered by the oldest.
+    /// Migration 0010 voids the delivery claims earlier versions wrote into the intents' rows.
     #[test]
     fn the_claims_an_earlier_version_wrote_into_the_file_are_voided_with_their_index() {
         let conn = database(9);
@@ -1052,6 +1052,7 @@ mod tests {
         assert_eq!(index, 0);
     }
 
+    /// Migration 0006 puts each shopper's pending intents in one queue, numbered by the oldest.
     #[test]
     fn the_queue_migration_numbers_each_shoppers_pending_intents_by_the_oldest() {
         let conn = database(5);
