@@ -653,34 +653,32 @@ struct Profiler(Vec<std::process::Child>);
 impl Profiler {
     fn start(opts: &Options, proc_: &Proc, phase: &str) -> Profiler {
         let pid = proc_.child.id().to_string();
+        let perf = |dir: &std::path::Path, file: String, args: &[&str], flag: &str| {
+            std::fs::create_dir_all(dir).unwrap();
+            let out = dir.join(file);
+            println!("{flag}: {phase} into {}", out.display());
+            std::process::Command::new("perf")
+                .args(args)
+                .arg("-o")
+                .arg(&out)
+                .args(["-p", &pid])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{flag} needs perf (Debian's linux-perf): {e}"))
+        };
         let mut children = Vec::new();
         if let Some(dir) = &opts.profile {
-            std::fs::create_dir_all(dir).unwrap();
-            let out = dir.join(format!("{}-{phase}.perf.data", opts.store));
-            children.push(
-                std::process::Command::new("perf")
-                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
-                    .arg(&out)
-                    .args(["-p", &pid])
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("--profile needs perf (Debian's linux-perf)"),
-            );
-            println!("profiling {phase} into {}", out.display());
+            let args = ["record", "-F", "499", "--call-graph", "dwarf,16384"];
+            children.push(perf(
+                dir,
+                format!("{}-{phase}.perf.data", opts.store),
+                &args,
+                "--profile",
+            ));
         }
         if let Some(dir) = &opts.count {
-            std::fs::create_dir_all(dir).unwrap();
-            let out = dir.join(format!("{}-{phase}.stat.csv", opts.store));
-            children.push(
-                std::process::Command::new("perf")
-                    .args(["stat", "-x", ",", "-e", COUNTED, "-o"])
-                    .arg(&out)
-                    .args(["-p", &pid])
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("--count needs perf (Debian's linux-perf)"),
-            );
-            println!("counting {phase} into {}", out.display());
+            let args = ["stat", "-x", ",", "-e", COUNTED];
+            children.push(perf(dir, format!("{}-{phase}.stat.csv", opts.store), &args, "--count"));
         }
         if !children.is_empty() {
             // perf needs a moment to attach before the load starts.

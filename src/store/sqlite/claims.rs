@@ -17,7 +17,7 @@
 //! (rescheduled or dead-lettered: then it is written into the row). An attempt cut short by the
 //! process's end is not counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::store::{Claim, StoreError};
@@ -33,15 +33,20 @@ struct Memory {
     /// another claim takes its intent or its holder settles it.
     held: HashMap<i64, Held>,
     /// This batch's changes, undone if it does not commit: the claims made (with what they
-    /// replaced) and the claims settled (let go only once it commits; their intents are not
-    /// claimed again in the batch).
+    /// replaced) and the intents settled (let go only once it commits, and not claimed again in
+    /// the batch: the claim let go is the one settled).
     made: Vec<(i64, Option<Held>)>,
-    settled: Vec<(i64, Arc<str>)>,
+    settled: Vec<i64>,
 }
 
 impl Memory {
-    fn settled_in_batch(&self, id: i64) -> bool {
-        self.settled.iter().any(|(settled, _)| *settled == id)
+    /// `claim`'s entry while it still holds its intent (not taken over, not settled).
+    fn held_by(&mut self, claim: &Claim) -> Result<&mut Held, StoreError> {
+        let settled = self.settled.contains(&claim.intent_id);
+        match self.held.get_mut(&claim.intent_id) {
+            Some(h) if !settled && *h.claim_id == *claim.claim_id => Ok(h),
+            _ => Err(StoreError::StaleClaim(claim.intent_id)),
+        }
     }
 }
 
@@ -70,22 +75,22 @@ pub(super) struct Taking<'a> {
     memory: std::sync::MutexGuard<'a, Memory>,
     now_ms: i64,
     /// Queues with an intent whose claim is in force.
-    busy: HashMap<i64, ()>,
+    busy: HashSet<i64>,
     /// `memory.made` when the walk started.
     made_before: usize,
     done: bool,
 }
 
 impl Claims {
-    /// Starts a claim at `now_ms` (on the writer thread): ask [`Taking::take`] of each candidate
-    /// in the walk's order.
+    /// Starts a claim at `now_ms` (on the writer thread): ask [`Taking::free`] of each candidate
+    /// in the walk's order, and [`Taking::take`] those that are.
     pub fn taking(&self, now_ms: i64) -> Taking<'_> {
         let memory = self.memory.lock().expect("claims lock");
         let busy = memory
             .held
             .values()
             .filter(|h| h.until_ms >= now_ms)
-            .map(|h| (h.queue_id, ()))
+            .map(|h| h.queue_id)
             .collect();
         let made_before = memory.made.len();
         Taking {
@@ -100,26 +105,17 @@ impl Claims {
     /// The shopper of the intent `claim` holds, and this attempt's number; `StaleClaim` unless
     /// the claim still holds it (another claim took it over, or it was settled).
     pub fn holder(&self, claim: &Claim) -> Result<(Arc<str>, i64), StoreError> {
-        let memory = self.memory.lock().expect("claims lock");
-        match memory.held.get(&claim.intent_id) {
-            Some(h) if !memory.settled_in_batch(claim.intent_id) && *h.claim_id == *claim.claim_id => {
-                Ok((h.shopper_key.clone(), h.attempt))
-            }
-            _ => Err(StoreError::StaleClaim(claim.intent_id)),
-        }
+        let mut memory = self.memory.lock().expect("claims lock");
+        let h = memory.held_by(claim)?;
+        Ok((h.shopper_key.clone(), h.attempt))
     }
 
     /// Renews `claim`'s lease until `until_ms`.
     pub fn extend(&self, claim: &Claim, until_ms: i64) -> Result<(), StoreError> {
         let mut memory = self.memory.lock().expect("claims lock");
-        let settled = memory.settled_in_batch(claim.intent_id);
-        match memory.held.get_mut(&claim.intent_id) {
-            Some(h) if !settled && *h.claim_id == *claim.claim_id => {
-                h.until_ms = h.until_ms.max(until_ms);
-                Ok(())
-            }
-            _ => Err(StoreError::StaleClaim(claim.intent_id)),
-        }
+        let h = memory.held_by(claim)?;
+        h.until_ms = h.until_ms.max(until_ms);
+        Ok(())
     }
 
     /// `claim`'s intent is settled in this batch (checked by [`Claims::holder`] in the same job):
@@ -133,9 +129,7 @@ impl Claims {
                 .is_some_and(|h| *h.claim_id == *claim.claim_id),
             "settled without holding the claim"
         );
-        memory
-            .settled
-            .push((claim.intent_id, Arc::from(claim.claim_id.as_str())));
+        memory.settled.push(claim.intent_id);
     }
 
     /// The writer's batch ended: keep its changes if it committed, else undo them. (Also told,
@@ -145,10 +139,8 @@ impl Claims {
         let mut memory = self.memory.lock().expect("claims lock");
         let (made, settled) = (std::mem::take(&mut memory.made), std::mem::take(&mut memory.settled));
         if committed {
-            for (id, claim_id) in settled {
-                if memory.held.get(&id).is_some_and(|h| h.claim_id == claim_id) {
-                    memory.held.remove(&id);
-                }
+            for id in settled {
+                memory.held.remove(&id);
             }
         } else {
             undo(&mut memory.held, made);
@@ -163,19 +155,17 @@ impl Claims {
 }
 
 impl Taking<'_> {
-    /// Claims `candidate` for `claim_id` until `until_ms` and returns this attempt's number,
-    /// unless its own claim or one of its queue's is in force (a replayed dead letter is older
-    /// than the intent running, and waits for it).
-    pub fn take(
-        &mut self,
-        candidate: &Candidate,
-        shopper_key: &str,
-        claim_id: &Arc<str>,
-        until_ms: i64,
-    ) -> Option<i64> {
-        if self.busy.contains_key(&candidate.queue_id) || self.memory.settled_in_batch(candidate.id) {
-            return None;
-        }
+    /// Whether `candidate` may be claimed: not while its own claim or one of its queue's is in
+    /// force (a replayed dead letter is older than the intent running, and waits for it), nor once
+    /// settled in this batch. Asked before its row is read.
+    pub fn free(&self, candidate: &Candidate) -> bool {
+        !self.busy.contains(&candidate.queue_id) && !self.memory.settled.contains(&candidate.id)
+    }
+
+    /// Claims `candidate` (found [`Taking::free`]) for `claim_id` until `until_ms` and returns this
+    /// attempt's number.
+    pub fn take(&mut self, candidate: &Candidate, shopper_key: &str, claim_id: &Arc<str>, until_ms: i64) -> i64 {
+        debug_assert!(self.free(candidate));
         let replaced = self.memory.held.get(&candidate.id).cloned();
         // An attempt whose claim ran out without being settled counts too.
         let attempt = candidate.attempts.max(replaced.as_ref().map_or(0, |h| h.attempt)) + 1;
@@ -191,17 +181,12 @@ impl Taking<'_> {
             },
         );
         self.memory.made.push((candidate.id, replaced));
-        self.busy.insert(candidate.queue_id, ());
-        Some(attempt)
-    }
-
-    /// Whether a candidate of `queue_id` would be refused at once (read no more of its row).
-    pub fn busy(&self, queue_id: i64) -> bool {
-        self.busy.contains_key(&queue_id)
+        self.busy.insert(candidate.queue_id);
+        attempt
     }
 
     /// How many queues are held: the walk reads past at most one candidate of each.
-    pub fn held(&self) -> usize {
+    pub fn busy_queues(&self) -> usize {
         self.busy.len()
     }
 
@@ -241,14 +226,21 @@ mod tests {
         }
     }
 
-    fn take(claims: &Claims, now: i64, id: i64, queue: i64, claim_id: &str) -> Option<i64> {
-        let candidate = Candidate {
+    fn candidate(id: i64, queue: i64) -> Candidate {
+        Candidate {
             id,
             queue_id: queue,
             attempts: 0,
-        };
+        }
+    }
+
+    /// One walk of one candidate, as the store's claim makes it: taken if free.
+    fn take(claims: &Claims, now: i64, id: i64, queue: i64, claim_id: &str) -> Option<i64> {
+        let candidate = candidate(id, queue);
         let mut taking = claims.taking(now);
-        let attempt = taking.take(&candidate, "s", &Arc::from(claim_id), now + 100);
+        let attempt = taking
+            .free(&candidate)
+            .then(|| taking.take(&candidate, "s", &Arc::from(claim_id), now + 100));
         taking.done();
         attempt
     }
@@ -318,12 +310,9 @@ mod tests {
         take(&claims, 0, 1, 1, "a");
         {
             let mut taking = claims.taking(0);
-            let candidate = Candidate {
-                id: 2,
-                queue_id: 2,
-                attempts: 0,
-            };
-            assert_eq!(taking.take(&candidate, "s", &Arc::from("b"), 100), Some(1));
+            let candidate = candidate(2, 2);
+            assert!(taking.free(&candidate));
+            assert_eq!(taking.take(&candidate, "s", &Arc::from("b"), 100), 1);
             // The job fails here (a read of the walk): its savepoint rolls back, `done` is never called.
         }
         assert_eq!(

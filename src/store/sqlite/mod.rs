@@ -356,7 +356,7 @@ impl Outbox for SqliteStore {
                                        AND o.state = 'pending' AND o.id < i.id) \
                      ORDER BY i.id LIMIT ?2",
                 )?;
-                let mut candidates = walk.query(params![now, (limit + taking.held()) as i64])?;
+                let mut candidates = walk.query(params![now, (limit + taking.busy_queues()) as i64])?;
                 let mut read = c.prepare_cached(
                     "SELECT shopper_key, intent, enrichment, progress, sent, created_at FROM intents WHERE id = ?1",
                 )?;
@@ -368,12 +368,12 @@ impl Outbox for SqliteStore {
                         queue_id: candidate.get(1)?,
                         attempts: candidate.get(2)?,
                     };
-                    if taking.busy(candidate.queue_id) {
+                    if !taking.free(&candidate) {
                         continue;
                     }
                     // JSON columns as bytes: a row that is not UTF-8 is dead-lettered on its own when
                     // decoded, instead of failing the whole claim.
-                    let mut row = read.query_row(params![candidate.id], |r| {
+                    let row = read.query_row(params![candidate.id], |r| {
                         Ok(ClaimedRow {
                             id: candidate.id,
                             shopper_key: r.get(0)?,
@@ -385,10 +385,8 @@ impl Outbox for SqliteStore {
                             created_at_ms: r.get(5)?,
                         })
                     })?;
-                    if let Some(attempt) = taking.take(&candidate, &row.shopper_key, &id, until) {
-                        row.attempts = attempt;
-                        rows.push(row);
-                    }
+                    let attempts = taking.take(&candidate, &row.shopper_key, &id, until);
+                    rows.push(ClaimedRow { attempts, ..row });
                 }
                 taking.done();
                 Ok(rows)
