@@ -236,6 +236,16 @@ pub enum Write {
     CheckOrder(OrderCheck),
 }
 
+impl Write {
+    /// Whether this write still has something to record when the same [`Store::apply`] settles
+    /// the intent with `settle`. An ack deletes the intent, and its plan and count of acknowledged
+    /// events with it: written first, they would be written only to be deleted (on SQLite, the
+    /// intent's whole row, webhook and plan, rewritten for nothing). `Durable` is read apart.
+    pub fn outlives(&self, settle: Option<&Settle>) -> bool {
+        !(matches!(settle, Some(Settle::Ack)) && matches!(self, Write::Plan(_) | Write::Sent(_)))
+    }
+}
+
 /// An order the landing check will look up in CDP.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderCheck {

@@ -385,7 +385,7 @@ impl Outbox for PostgresStore {
         // One call, one round trip, whatever the writes: `forwarder_apply` (migration 0004) checks the
         // claim and locks its row first, then writes in order and settles.
         let mut args = ApplyArgs::default();
-        for write in writes {
+        for write in writes.into_iter().filter(|w| w.outlives(settle.as_ref())) {
             args.push(write)?;
         }
         let (settle, settle_at, settle_text) = match settle {

@@ -110,6 +110,7 @@ contract!(
     only_the_head_of_each_shoppers_queue_is_claimed,
     an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused,
     writes_under_a_claim_land_together_and_progress_comes_back_with_the_next_claim,
+    an_ack_does_not_write_the_progress_it_deletes_but_a_retry_does,
     a_replayed_dead_letter_waits_while_a_newer_intent_of_its_shopper_is_claimed,
     dead_letters_replay_in_their_shoppers_order_and_purge,
     a_dead_letter_replayed_after_its_shoppers_queue_emptied_goes_first,
@@ -271,6 +272,67 @@ async fn an_expired_lease_is_taken_over_and_the_stale_workers_writes_are_refused
     store.ack(&fresh.claim).await.unwrap();
     assert!(store.pending(10).await.unwrap().is_empty());
     store.close().await;
+}
+
+/// The plan and count an ack carries (its last event's progress) are deleted with the intent: they
+/// are not written first (on SQLite that rewrote the intent's whole row, webhook and plan). A retry
+/// carrying them (an ack that could not be recorded) writes them. Watched by a trigger that refuses
+/// any write of progress once the first is stored.
+async fn an_ack_does_not_write_the_progress_it_deletes_but_a_retry_does(backend: Backend) {
+    let Some(place) = backend.place("ack_progress") else {
+        return;
+    };
+    let store = place.service().await;
+    queued(&store, "s1", "a").await;
+    queued(&store, "s2", "b").await;
+    let claimed = store.claim(2, LONG).await.unwrap();
+    let plan = || Write::Plan(Some(json!([{"event": 1}, {"event": 2}]).to_string()));
+    for c in &claimed {
+        store.apply(&c.claim, vec![plan(), Write::Sent(1)], None).await.unwrap();
+    }
+    place
+        .execute(match backend {
+            Backend::Sqlite => {
+                "CREATE TRIGGER refuse BEFORE UPDATE OF progress, sent ON intents \
+                 BEGIN SELECT RAISE(ABORT, 'progress written'); END"
+            }
+            Backend::Postgres => {
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'progress written'; END $$; \
+                 CREATE TRIGGER refuse BEFORE UPDATE ON intent_progress FOR EACH ROW EXECUTE FUNCTION refuse()"
+            }
+        })
+        .await;
+
+    let retried = store
+        .apply(
+            &claimed[1].claim,
+            vec![Write::Sent(2)],
+            Some(Settle::Retry {
+                at_ms: 0,
+                error: "the ack was not recorded".into(),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert!(retried.to_string().contains("progress written"), "{retried}");
+
+    store
+        .apply(
+            &claimed[0].claim,
+            vec![plan(), Write::Sent(2), Write::Durable],
+            Some(Settle::Ack),
+        )
+        .await
+        .unwrap();
+    let left: Vec<String> = store
+        .pending(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| q.dedupe_key)
+        .collect();
+    assert_eq!(left, ["b"]);
 }
 
 async fn writes_under_a_claim_land_together_and_progress_comes_back_with_the_next_claim(backend: Backend) {

@@ -408,7 +408,7 @@ impl Outbox for SqliteStore {
         // Encoded here, not on the one writer thread.
         let writes = writes
             .into_iter()
-            .filter(|w| *w != Write::Durable)
+            .filter(|w| *w != Write::Durable && w.outlives(settle.as_ref()))
             .map(EncodedWrite::new)
             .collect::<Result<Vec<_>, _>>()?;
         let recent = self.recent.clone();
