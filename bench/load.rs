@@ -955,7 +955,10 @@ async fn bench(opts: Options) {
             ordercloud_reads.me.load(Ordering::Relaxed) - reads_before.0,
             ordercloud_reads.lines.load(Ordering::Relaxed) - reads_before.1,
         );
-        println!("backlog        OrderCloud reads left over from the fill: {} me, {} line items", reads.0, reads.1);
+        println!(
+            "backlog        OrderCloud reads left over from the fill: {} me, {} line items",
+            reads.0, reads.1
+        );
         let events = (backlog_shoppers * EVENTS_PER_SHOPPER) as f64;
         report["backlog_delivery"] = json!({"events": backlog_shoppers * EVENTS_PER_SHOPPER, "seconds": drain.as_secs_f64(),
             "events_per_s": rate.round(), "complete": drained,

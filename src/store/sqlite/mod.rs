@@ -1026,6 +1026,26 @@ mod tests {
             .unwrap()
     }
 
+    /// The bundled SQLite is compiled without `SQLITE_ENABLE_MEMORY_MANAGEMENT` (`.cargo/config.toml`):
+    /// with it, the page caches of every connection are one group behind one global mutex, and the
+    /// writer, the checkpointer and delivery's readers wait on each other for each page they touch
+    /// (a third more futex calls per delivered event, BENCHMARKS.md session 22).
+    #[test]
+    fn each_connection_keeps_its_own_page_cache() {
+        let conn = Connection::open_in_memory().unwrap();
+        let unified: bool = conn
+            .query_row(
+                "SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            !unified,
+            "SQLite was built with SQLITE_ENABLE_MEMORY_MANAGEMENT: is .cargo/config.toml used?"
+        );
+    }
+
     /// Migration 0010 voids the delivery claims earlier versions wrote into the intents' rows.
     #[test]
     fn the_claims_an_earlier_version_wrote_into_the_file_are_voided_with_their_index() {
