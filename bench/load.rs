@@ -597,9 +597,8 @@ async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration, pos
 }
 
 /// Queues `shoppers`' webhooks through a service while CDP answers 503, then stops it: the backlog a
-/// fresh process drains.
-/// Queues `shoppers`' webhooks while CDP fails, then waits (up to a minute) until the OrderCloud
-/// reads they need are made: a backlog is what an outage of CDP leaves, enriched meanwhile
+/// fresh process drains. It first waits (up to a minute, then says so) until the OrderCloud reads
+/// they need are made: a backlog is what an outage of CDP leaves, enriched meanwhile
 /// (OrderCloud is up), and the phase after it measures delivery, not the enrichment that intake
 /// outran (about four fifths of it before session 22; the phase reports what is left).
 async fn fill_backlog(store: &StoreChoice, sink: &Sink, cdp: &str, run: &str, shoppers: u64, reads: &OrderCloudReads) {
@@ -615,6 +614,9 @@ async fn fill_backlog(store: &StoreChoice, sink: &Sink, cdp: &str, run: &str, sh
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if Instant::now() >= deadline {
+        println!("{run:<14} the fill's OrderCloud reads were not all made within a minute");
     }
     service.terminate();
     sink.failing.store(false, Ordering::Relaxed);

@@ -299,7 +299,7 @@ async fn an_ack_does_not_write_the_progress_it_deletes_but_a_retry_does(backend:
             Backend::Postgres => {
                 "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
                  $$ BEGIN RAISE EXCEPTION 'progress written'; END $$; \
-                 CREATE TRIGGER refuse BEFORE UPDATE ON intent_progress FOR EACH ROW EXECUTE FUNCTION refuse()"
+                 CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON intent_progress FOR EACH ROW EXECUTE FUNCTION refuse()"
             }
         })
         .await;
@@ -333,6 +333,7 @@ async fn an_ack_does_not_write_the_progress_it_deletes_but_a_retry_does(backend:
         .map(|q| q.dedupe_key)
         .collect();
     assert_eq!(left, ["b"]);
+    store.close().await;
 }
 
 async fn writes_under_a_claim_land_together_and_progress_comes_back_with_the_next_claim(backend: Backend) {

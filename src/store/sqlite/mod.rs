@@ -124,6 +124,13 @@ impl SqliteStore {
             Role::Service { .. } => Some(lock::FileLock::acquire(&path)?),
             Role::Tool => None,
         };
+        if matches!(role, Role::Service { .. }) && page_caches_shared() {
+            tracing::warn!(
+                "SQLite was compiled with SQLITE_ENABLE_MEMORY_MANAGEMENT (a build that did not use the \
+                 repository's .cargo/config.toml): every connection's page cache waits on one mutex, and \
+                 delivery is slower; build from the repository's folder"
+            );
+        }
         {
             let migrator = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -989,6 +996,21 @@ fn enrichment_fence(
     }
 }
 
+/// Whether the SQLite linked in was compiled with `SQLITE_ENABLE_MEMORY_MANAGEMENT`, which puts the
+/// page caches of all connections behind one mutex. The repository's `.cargo/config.toml` compiles it
+/// without; a build made elsewhere (`cargo install`, another folder) may not, and the service says so.
+fn page_caches_shared() -> bool {
+    Connection::open_in_memory()
+        .and_then(|c| {
+            c.query_row(
+                "SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT')",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use rusqlite::Connection;
@@ -1028,20 +1050,12 @@ mod tests {
 
     /// The bundled SQLite is compiled without `SQLITE_ENABLE_MEMORY_MANAGEMENT` (`.cargo/config.toml`):
     /// with it, the page caches of every connection are one group behind one global mutex, and the
-    /// writer, the checkpointer and delivery's readers wait on each other for each page they touch
-    /// (a third more futex calls per delivered event, BENCHMARKS.md session 22).
+    /// writer and delivery's readers wait on each other for each page they touch (half as many futex
+    /// calls again per delivered event, BENCHMARKS.md session 22).
     #[test]
     fn each_connection_keeps_its_own_page_cache() {
-        let conn = Connection::open_in_memory().unwrap();
-        let unified: bool = conn
-            .query_row(
-                "SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
         assert!(
-            !unified,
+            !page_caches_shared(),
             "SQLite was built with SQLITE_ENABLE_MEMORY_MANAGEMENT: is .cargo/config.toml used?"
         );
     }
