@@ -1055,7 +1055,7 @@ mod tests {
     #[test]
     fn each_connection_keeps_its_own_page_cache() {
         assert!(
-            !page_caches_shared(),
+            !super::page_caches_shared(),
             "SQLite was built with SQLITE_ENABLE_MEMORY_MANAGEMENT: is .cargo/config.toml used?"
         );
     }
