@@ -49,12 +49,12 @@ impl Application {
     /// As [`Self::build`], on a store the caller opened as the service's (`store::Role::Service`):
     /// for embedding, and for tests that put faults between the service and its store.
     pub async fn build_with_store(settings: Settings, store: DynStore) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(&settings.server.listen)
+        let listener = listen(&settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;
         let admin_listener = match settings.server.admin_listen.as_deref().filter(|a| !a.is_empty()) {
             Some(admin) => Some(
-                TcpListener::bind(admin)
+                listen(admin)
                     .await
                     .with_context(|| format!("cannot listen on server.admin_listen = {admin}"))?,
             ),
@@ -266,4 +266,28 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
+}
+
+/// Connections the kernel completes and queues for the accept loop (capped by `net.core.somaxconn`).
+/// `TcpListener::bind` queues 128: a burst of more connection attempts than that (300 slow clients
+/// opening at once) overflowed it, and a client whose handshake was dropped waited for the kernel's
+/// one-second retransmission before its first webhook was even read.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Listens on `addr` (`host:port`, as `server.listen`) with [`LISTEN_BACKLOG`].
+pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")))
 }

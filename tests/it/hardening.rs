@@ -499,3 +499,30 @@ async fn a_dry_run_says_so_at_start() {
     assert!(!warned(&log_once_serving(dir.path()).await));
     drop(service);
 }
+
+/// The service's listeners queue a burst of connections far past the 128 `TcpListener::bind` gives:
+/// 400 clients connecting at once, none accepted yet, all complete their handshake at once. With 128,
+/// the kernel dropped the handshakes past the queue and those clients waited a second for their
+/// retransmission (`slow_clients_are_cut_off_and_signed_webhooks_still_flow` then saw a webhook take
+/// over a second, once in about ten runs on PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_queued_for_the_accept_loop_without_a_retransmission() {
+    let listener = ordercloud_cdp_forwarder::listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connects = (0..400).map(|_| {
+        tokio::spawn(async move {
+            // Well under the kernel's first retransmission of a dropped handshake (1 s).
+            tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await
+        })
+    });
+    let mut waited = 0;
+    let mut streams = Vec::new();
+    for connect in connects.collect::<Vec<_>>() {
+        match connect.await.unwrap() {
+            Ok(stream) => streams.push(stream.unwrap()),
+            Err(_) => waited += 1,
+        }
+    }
+    assert_eq!(waited, 0, "{waited} of 400 connections waited for a retransmission");
+    drop(listener);
+}
