@@ -230,6 +230,19 @@ struct OrderCloudReads {
     lines: AtomicU64,
 }
 
+impl OrderCloudReads {
+    /// (`me` reads, line-item reads) so far.
+    fn now(&self) -> (u64, u64) {
+        (self.me.load(Ordering::Relaxed), self.lines.load(Ordering::Relaxed))
+    }
+
+    /// (`me` reads, line-item reads) since `before` (an earlier [`Self::now`]).
+    fn since(&self, before: (u64, u64)) -> (u64, u64) {
+        let now = self.now();
+        (now.0 - before.0, now.1 - before.1)
+    }
+}
+
 /// OrderCloud as the service reads it, answering at once: `GET v1/me` for a registered shopper's
 /// token (`<BuyerID>-<UserID>` = `buyer-1-user<n>`), and an order's lines (the workload's, found from
 /// the order ID) at each submit.
@@ -602,17 +615,18 @@ async fn measured_round_on(servers: &[&Proc], run: &str, duration: Duration, pos
 /// (OrderCloud is up), and the phase after it measures delivery, not the enrichment that intake
 /// outran (about four fifths of it before session 22; the phase reports what is left).
 async fn fill_backlog(store: &StoreChoice, sink: &Sink, cdp: &str, run: &str, shoppers: u64, reads: &OrderCloudReads) {
-    let before = (reads.me.load(Ordering::Relaxed), reads.lines.load(Ordering::Relaxed));
+    let before = reads.now();
     let registered = (0..shoppers).filter(|s| is_registered(*s)).count();
     sink.failing.store(true, Ordering::Relaxed);
     let service = start_service(store, cdp, &[("FORWARDER__DELIVERY__MAX_BACKOFF_MS", "1000")]);
     service.wait_ready("/health/ready").await;
     closed_loop(&service.url(), run, 64, shoppers, Duration::from_secs(3600)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (reads.me.load(Ordering::Relaxed) - before.0 < registered as u64
-        || reads.lines.load(Ordering::Relaxed) - before.1 < shoppers)
-        && Instant::now() < deadline
-    {
+    let outstanding = || {
+        let (me, lines) = reads.since(before);
+        me < registered as u64 || lines < shoppers
+    };
+    while outstanding() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if Instant::now() >= deadline {
@@ -877,10 +891,7 @@ async fn bench(opts: Options) {
         let before = sink.events.load(Ordering::Relaxed);
         let cpu_before = service.usage().cpu_secs;
         let pg_before = procfs::PostgresCpu::now();
-        let reads_before = (
-            ordercloud_reads.me.load(Ordering::Relaxed),
-            ordercloud_reads.lines.load(Ordering::Relaxed),
-        );
+        let reads_before = ordercloud_reads.now();
         let profiler = Profiler::start(&opts, &service, "e2e");
         let started = Instant::now();
         let (e2e_intake, _) = closed_loop(&url, "e2e", 64, shoppers, Duration::from_secs(3600)).await;
@@ -903,12 +914,12 @@ async fn bench(opts: Options) {
         service.terminate();
         // Counted once the service has stopped: more than `events` would mean the run ended early.
         let received = sink.events.load(Ordering::Relaxed) - before;
+        let e2e_reads = ordercloud_reads.since(reads_before);
         report["end_to_end"] = json!({"webhooks": shoppers * STEPS as u64, "events": shoppers * EVENTS_PER_SHOPPER,
             "events_received": received,
             "intake_seconds": intake_done.as_secs_f64(), "last_event_seconds": e2e.as_secs_f64(), "complete": done,
             "intake": e2e_intake, "cpu_seconds_per_1000_webhooks": cpu_per_1000,
-            "ordercloud_reads": {"me": ordercloud_reads.me.load(Ordering::Relaxed) - reads_before.0,
-                "lineitems": ordercloud_reads.lines.load(Ordering::Relaxed) - reads_before.1}});
+            "ordercloud_reads": {"me": e2e_reads.0, "lineitems": e2e_reads.1}});
         if opts.store == "postgres" {
             println!("e2e            PostgreSQL server CPU {pg_per_1000:.3}s/1000 webhooks");
             report["end_to_end"]["postgres_cpu_seconds_per_1000_webhooks"] = json!(pg_per_1000);
@@ -924,10 +935,7 @@ async fn bench(opts: Options) {
         fill_backlog(&store, &sink, &cdp, "backlog", backlog_shoppers, &ordercloud_reads).await;
         let before = sink.events.load(Ordering::Relaxed);
         // The OrderCloud reads the fill left (see `fill_backlog`), made in this phase beside delivery.
-        let reads_before = (
-            ordercloud_reads.me.load(Ordering::Relaxed),
-            ordercloud_reads.lines.load(Ordering::Relaxed),
-        );
+        let reads_before = ordercloud_reads.now();
         let pg_before = procfs::PostgresCpu::now();
         let started = Instant::now();
         let service = start_service(&store, &cdp, &[]);
@@ -953,10 +961,7 @@ async fn bench(opts: Options) {
         );
         let usage = service.usage();
         service.terminate();
-        let reads = (
-            ordercloud_reads.me.load(Ordering::Relaxed) - reads_before.0,
-            ordercloud_reads.lines.load(Ordering::Relaxed) - reads_before.1,
-        );
+        let reads = ordercloud_reads.since(reads_before);
         println!(
             "backlog        OrderCloud reads left over from the fill: {} me, {} line items",
             reads.0, reads.1

@@ -50,14 +50,11 @@ impl Application {
     /// for embedding, and for tests that put faults between the service and its store.
     pub async fn build_with_store(settings: Settings, store: DynStore) -> anyhow::Result<Application> {
         let listener = listen(&settings.server.listen)
-            .await
             .with_context(|| format!("cannot listen on server.listen = {}", settings.server.listen))?;
         let admin_listener = match settings.server.admin_listen.as_deref().filter(|a| !a.is_empty()) {
-            Some(admin) => Some(
-                listen(admin)
-                    .await
-                    .with_context(|| format!("cannot listen on server.admin_listen = {admin}"))?,
-            ),
+            Some(admin) => {
+                Some(listen(admin).with_context(|| format!("cannot listen on server.admin_listen = {admin}"))?)
+            }
             None => None,
         };
         telemetry::metrics_handle();
@@ -274,20 +271,18 @@ pub async fn shutdown_signal() {
 /// one-second retransmission before its first webhook was even read.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
-/// Listens on `addr` (`host:port`, as `server.listen`) with [`LISTEN_BACKLOG`].
-pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host(addr).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")))
+/// Listens on `addr` (`host:port`, as `server.listen`, which configuration checks is an address)
+/// with [`LISTEN_BACKLOG`].
+pub fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -507,7 +507,7 @@ async fn a_dry_run_says_so_at_start() {
 /// over a second, once in about ten runs on PostgreSQL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_is_queued_for_the_accept_loop_without_a_retransmission() {
-    let listener = ordercloud_cdp_forwarder::listen("127.0.0.1:0").await.unwrap();
+    let listener = ordercloud_cdp_forwarder::listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let connects = (0..400).map(|_| {
         tokio::spawn(async move {
@@ -524,5 +524,5 @@ async fn a_burst_of_connections_is_queued_for_the_accept_loop_without_a_retransm
         }
     }
     assert_eq!(waited, 0, "{waited} of 400 connections waited for a retransmission");
-    drop(listener);
+    drop((streams, listener));
 }
