@@ -1,7 +1,8 @@
 //! The dispatcher: claims the head of each shopper's queue and runs each claimed intent, up to
-//! `delivery.concurrency` shoppers at once, until stopped; then waits for deliveries in flight
-//! (they release their claims at the next event boundary). A delivery that panics is settled like
-//! any failure: it counts as an attempt and ages out.
+//! `delivery.concurrency` shoppers at once (claiming again once a quarter of them are free, not per
+//! slot), until stopped; then waits for deliveries in flight (they release their claims at the next
+//! event boundary). A delivery that panics is settled like any failure: it counts as an attempt and
+//! ages out.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use super::{deliver, idle, send, Deps};
 pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
     let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency));
+    let claim_batch = claim_batch(deps.settings.delivery.concurrency);
     let mut tasks = JoinSet::new();
     loop {
         while tasks.try_join_next().is_some() {}
@@ -47,6 +49,28 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
+        // While most slots are busy, a few more deliveries are let end before claiming: a claim is a
+        // store round trip whose cost is mostly its own (on PostgreSQL, its walk of the queue), so
+        // claiming for each slot as it frees would pay it per event. Bounded by the poll interval,
+        // should the deliveries in flight be slow ones.
+        if free < claim_batch && !tasks.is_empty() && !deps.pause.is_paused() {
+            let deadline = tokio::time::Instant::now() + poll;
+            while slots.available_permits() < claim_batch && !tasks.is_empty() {
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+        let free = if deps.pause.is_paused() {
+            1
+        } else {
+            slots.available_permits()
+        };
         let Some(claiming) = Claiming::start(&*deps.store, send::MIN_WINDOW) else {
             // The replica's heartbeats do not reach the database: anything it claimed could be taken
             // over at once. Claim again once they do.
@@ -103,6 +127,11 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// The free slots worth a claim while deliveries are in flight: a quarter of them.
+fn claim_batch(concurrency: usize) -> usize {
+    (concurrency / 4).max(1)
 }
 
 /// Ends a pause's probe when its task ends, however it ends.

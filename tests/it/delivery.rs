@@ -655,3 +655,43 @@ async fn a_known_shoppers_line_changes_skip_the_enrichment_round() {
         .collect();
     assert_eq!(clears, ["buyer1-known"], "{clears:?}");
 }
+
+/// A backlog (a queue built up behind an outage, or faster intake than delivery) is claimed in
+/// batches: while most delivery slots are busy, the dispatcher lets a quarter of them free before
+/// claiming again, instead of one claim — a store round trip, on PostgreSQL its walk of the queue —
+/// per slot as it frees. Every claim asks for at least a quarter of `delivery.concurrency`, and
+/// every event is still delivered once.
+#[tokio::test]
+async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
+    const SHOPPERS: usize = 96;
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.concurrency = 16;
+        // The wait for more free slots ends at the poll interval: far beyond a delivery here.
+        s.delivery.poll_interval_ms = 1_000;
+    })
+    .await;
+    store.hold_claims(true);
+    let mut shoppers: Vec<_> = (0..SHOPPERS)
+        .map(|n| world.anonymous(&format!("O-BATCH-{n}"), WEB_CLIENT))
+        .collect();
+    for shopper in &mut shoppers {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    eventually("the backlog queued", Duration::from_secs(20), || async {
+        (world.app.store.pending(SHOPPERS + 1).await.unwrap().len() == SHOPPERS).then_some(())
+    })
+    .await;
+    store.hold_claims(false);
+    world.drained().await;
+
+    let calls = store.claim_calls();
+    let small: Vec<_> = calls.iter().filter(|(limit, _)| *limit < 4).collect();
+    assert!(
+        small.is_empty(),
+        "claims asked for fewer than 4 intents: {small:?} of {calls:?}"
+    );
+    let claimed: usize = calls.iter().map(|(_, got)| got).sum();
+    assert_eq!(claimed, SHOPPERS, "each intent claimed once: {calls:?}");
+    let adds = world.cdp.sent("ADD");
+    assert_eq!(adds, SHOPPERS, "one ADD per shopper");
+}

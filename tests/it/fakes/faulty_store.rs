@@ -67,6 +67,10 @@ pub struct FaultyStore {
     settled_writes: Mutex<Vec<Vec<Write>>>,
     /// Claims (delivery's and enrichment's) still to panic (a bug in the loop that claims).
     claims_to_panic: std::sync::atomic::AtomicUsize,
+    /// While set, delivery's claims find nothing (a queue building up, as behind an outage).
+    claims_held: std::sync::atomic::AtomicBool,
+    /// Every delivery claim made while not held: (the most intents it asked for, how many it got).
+    claim_calls: Mutex<Vec<(usize, usize)>>,
 }
 
 impl FaultyStore {
@@ -84,6 +88,8 @@ impl FaultyStore {
             ack_faults: Default::default(),
             settled_writes: Mutex::default(),
             claims_to_panic: Default::default(),
+            claims_held: Default::default(),
+            claim_calls: Mutex::default(),
         })
     }
 
@@ -98,6 +104,17 @@ impl FaultyStore {
             .claims_to_panic
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         assert!(left.is_err(), "a claim panicked (FaultyStore)");
+    }
+
+    /// While `held`, delivery's claims find nothing: intents queue up as behind an outage.
+    pub fn hold_claims(&self, held: bool) {
+        self.claims_held.store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every delivery claim made while claims were not held, in order: (the most intents it asked
+    /// for, how many it got).
+    pub fn claim_calls(&self) -> Vec<(usize, usize)> {
+        self.claim_calls.lock().unwrap().clone()
     }
 
     pub fn set(&self, shopper: &str, faults: Faults) {
@@ -198,7 +215,11 @@ impl Intake for FaultyStore {
 impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         self.maybe_panic_in_claim();
+        if self.claims_held.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
         let mut claimed = self.inner.claim(limit, lease).await?;
+        self.claim_calls.lock().unwrap().push((limit, claimed.len()));
         let now = Instant::now();
         for c in &mut claimed {
             let faults = self
