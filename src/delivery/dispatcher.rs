@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::lease::Claiming;
 use super::settle::{settle, Attempt, Failure};
-use super::{deliver, idle, send, Deps};
+use super::{claim_batch, deliver, idle, send, Deps};
 
 pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
@@ -127,11 +127,6 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         }
     }
     while tasks.join_next().await.is_some() {}
-}
-
-/// The free slots worth a claim while deliveries are in flight: a quarter of them.
-fn claim_batch(concurrency: usize) -> usize {
-    (concurrency / 4).max(1)
 }
 
 /// Ends a pause's probe when its task ends, however it ends.

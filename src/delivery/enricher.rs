@@ -15,16 +15,18 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::enrich::{enrich, EnrichError};
-use super::{backoff, idle, Deps};
+use super::{backoff, claim_batch, idle, Deps};
 use crate::domain::now_ms;
 use crate::store::{EnrichmentJob, StoreError};
 
 /// Runs enrichment jobs until stopped: up to `delivery.concurrency` (4 to 64) at once, claiming
-/// more as soon as some are done — a slow shopper's reads hold only their own slots, not every
-/// other shopper's enrichment.
+/// more once a quarter of them are done — a slow shopper's reads hold only their own slots, not
+/// every other shopper's enrichment.
 pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
-    let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency.clamp(4, 64)));
+    let concurrency = deps.settings.delivery.concurrency.clamp(4, 64);
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let claim_batch = claim_batch(concurrency);
     let queues: Arc<Queues> = Arc::default();
     // Told each time a job ends and frees its slot (a shopper's task may run on with more jobs).
     let freed = Arc::new(Notify::new());
@@ -46,6 +48,22 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
+        // While most slots are busy, a few more jobs are let end before claiming (at most the poll
+        // interval, should the jobs in flight be slow ones), as delivery does.
+        if free < claim_batch {
+            let deadline = tokio::time::Instant::now() + poll;
+            while slots.available_permits() < claim_batch {
+                tokio::select! {
+                    _ = freed.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            if *stop.borrow() {
+                break;
+            }
+        }
+        let free = slots.available_permits();
         // Before the claim: the lease it takes starts no later than this.
         let claimed_at = Instant::now();
         let jobs = match deps.store.claim_enrichment(free, deps.settings.delivery.lease()).await {

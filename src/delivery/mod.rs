@@ -87,6 +87,13 @@ impl Deps {
     }
 }
 
+/// The free slots worth a claim while jobs are in flight (delivery's and enrichment's): a quarter
+/// of them. A claim is a store round trip whose cost is mostly its own, so claiming for each slot as
+/// it frees would pay it per intent.
+fn claim_batch(slots: usize) -> usize {
+    (slots / 4).max(1)
+}
+
 /// Waits for a wake-up, `wait`, or stop. Returns false on stop.
 async fn idle(deps: &Deps, stop: &mut watch::Receiver<bool>, wait: Duration) -> bool {
     tokio::select! {

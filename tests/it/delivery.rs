@@ -695,3 +695,41 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     let adds = world.cdp.sent("ADD");
     assert_eq!(adds, SHOPPERS, "one ADD per shopper");
 }
+
+/// Enrichment claims in batches too: a backlog of registered shoppers' first webhooks (each needs
+/// its identity from OrderCloud) is claimed a quarter of the enricher's slots at a time or more,
+/// each intent enriched once and every event delivered.
+#[tokio::test]
+async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
+    const SHOPPERS: usize = 96;
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        s.delivery.concurrency = 16;
+        s.delivery.poll_interval_ms = 1_000;
+    })
+    .await;
+    store.hold_enrichment_claims(true);
+    let mut shoppers: Vec<_> = (0..SHOPPERS)
+        .map(|n| world.registered("buyer1", &format!("batch-{n}"), WEB_CLIENT))
+        .collect();
+    for (n, shopper) in shoppers.iter_mut().enumerate() {
+        shopper.open_cart(&format!("O-EBATCH-{n}"));
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    eventually("the backlog queued", Duration::from_secs(20), || async {
+        (world.app.store.pending(SHOPPERS + 1).await.unwrap().len() == SHOPPERS).then_some(())
+    })
+    .await;
+    store.hold_enrichment_claims(false);
+    world.drained().await;
+
+    let calls = store.enrichment_claim_calls();
+    let small: Vec<_> = calls.iter().filter(|(limit, _)| *limit < 4).collect();
+    assert!(
+        small.is_empty(),
+        "enrichment claims asked for fewer than 4 intents: {small:?} of {calls:?}"
+    );
+    let claimed: usize = calls.iter().map(|(_, got)| got).sum();
+    assert_eq!(claimed, SHOPPERS, "each intent claimed for enrichment once: {calls:?}");
+    assert_eq!(store.enrichments_saved(), SHOPPERS, "each intent enriched once");
+    assert_eq!(world.cdp.sent("ADD"), SHOPPERS, "one ADD per shopper");
+}

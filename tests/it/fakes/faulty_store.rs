@@ -71,6 +71,10 @@ pub struct FaultyStore {
     claims_held: std::sync::atomic::AtomicBool,
     /// Every delivery claim made while not held: (the most intents it asked for, how many it got).
     claim_calls: Mutex<Vec<(usize, usize)>>,
+    /// As `claims_held`, for enrichment's claims.
+    enrichment_claims_held: std::sync::atomic::AtomicBool,
+    /// As `claim_calls`, for enrichment's claims.
+    enrichment_claim_calls: Mutex<Vec<(usize, usize)>>,
 }
 
 impl FaultyStore {
@@ -90,6 +94,8 @@ impl FaultyStore {
             claims_to_panic: Default::default(),
             claims_held: Default::default(),
             claim_calls: Mutex::default(),
+            enrichment_claims_held: Default::default(),
+            enrichment_claim_calls: Mutex::default(),
         })
     }
 
@@ -115,6 +121,17 @@ impl FaultyStore {
     /// for, how many it got).
     pub fn claim_calls(&self) -> Vec<(usize, usize)> {
         self.claim_calls.lock().unwrap().clone()
+    }
+
+    /// While `held`, enrichment's claims find nothing: intents wait for their OrderCloud reads.
+    pub fn hold_enrichment_claims(&self, held: bool) {
+        self.enrichment_claims_held
+            .store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// As [`FaultyStore::claim_calls`], for enrichment's claims.
+    pub fn enrichment_claim_calls(&self) -> Vec<(usize, usize)> {
+        self.enrichment_claim_calls.lock().unwrap().clone()
     }
 
     pub fn set(&self, shopper: &str, faults: Faults) {
@@ -297,7 +314,12 @@ impl Outbox for FaultyStore {
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         self.maybe_panic_in_claim();
-        self.inner.claim_enrichment(limit, lease).await
+        if self.enrichment_claims_held.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        let jobs = self.inner.claim_enrichment(limit, lease).await?;
+        self.enrichment_claim_calls.lock().unwrap().push((limit, jobs.len()));
+        Ok(jobs)
     }
 
     async fn save_enrichment(
