@@ -22,6 +22,8 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(deps.settings.delivery.concurrency));
     let claim_batch = claim_batch(deps.settings.delivery.concurrency);
     let mut tasks = JoinSet::new();
+    // The last turn waited for slots to free: this one claims whatever is free.
+    let mut waited = false;
     loop {
         while tasks.try_join_next().is_some() {}
         if *stop.borrow() {
@@ -37,11 +39,8 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         // While paused, one intent at a time probes CDP.
-        let free = if deps.pause.is_paused() {
-            1
-        } else {
-            slots.available_permits()
-        };
+        let paused = deps.pause.is_paused();
+        let free = if paused { 1 } else { slots.available_permits() };
         if free == 0 || slots.available_permits() == 0 {
             tokio::select! {
                 _ = tasks.join_next() => {}
@@ -52,8 +51,9 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         // While most slots are busy, a few more deliveries are let end before claiming: a claim is a
         // store round trip whose cost is mostly its own (on PostgreSQL, its walk of the queue), so
         // claiming for each slot as it frees would pay it per event. Bounded by the poll interval,
-        // should the deliveries in flight be slow ones.
-        if free < claim_batch && !tasks.is_empty() && !deps.pause.is_paused() {
+        // should the deliveries in flight be slow ones. Then back to the top, once: a pause that
+        // began meanwhile sends its probe at its time, not at once.
+        if !waited && !paused && free < claim_batch && !tasks.is_empty() {
             let deadline = tokio::time::Instant::now() + poll;
             while slots.available_permits() < claim_batch && !tasks.is_empty() {
                 tokio::select! {
@@ -62,15 +62,10 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
-            if *stop.borrow() {
-                break;
-            }
+            waited = true;
+            continue;
         }
-        let free = if deps.pause.is_paused() {
-            1
-        } else {
-            slots.available_permits()
-        };
+        waited = false;
         let Some(claiming) = Claiming::start(&*deps.store, send::MIN_WINDOW) else {
             // The replica's heartbeats do not reach the database: anything it claimed could be taken
             // over at once. Claim again once they do.
@@ -101,7 +96,7 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         // While paused, the intent claimed is the probe: no other goes until it is answered.
-        let probe = deps.pause.is_paused();
+        let probe = paused;
         if probe {
             deps.pause.probing();
         }

@@ -135,16 +135,18 @@ struct Queued {
 async fn run_shopper(deps: &Deps, queues: &Queues, freed: &Notify, key: &str) {
     let lease = deps.settings.delivery.lease();
     // Should the task panic (a bug outside a job's reads, which are caught), the shopper's queue
-    // goes with it: its jobs' slots are freed and the jobs claimed again after their lease.
-    struct Leave<'a>(&'a Queues, &'a str);
+    // goes with it: its jobs' slots are freed and the jobs claimed again after their lease. The loop
+    // that claims is told: it may be waiting for those very slots.
+    struct Leave<'a>(&'a Queues, &'a str, &'a Notify);
     impl Drop for Leave<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
                 self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(self.1);
+                self.2.notify_one();
             }
         }
     }
-    let _leave = Leave(queues, key);
+    let _leave = Leave(queues, key, freed);
     loop {
         let next = {
             let mut queues = queues.lock().expect("enrichment queues");

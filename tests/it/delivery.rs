@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::fakes::cdp::Answer;
+use crate::fakes::faulty_store::Faults;
 use crate::helpers::*;
 use crate::world::*;
 
@@ -360,6 +361,62 @@ async fn a_refused_key_is_probed_by_one_intent_at_a_time() {
     }
 }
 
+/// A refusal that comes while the dispatcher waits for slots to free (most of them busy, an intent
+/// queued) starts a pause like any other: the queued intent probes at the pause's end, not as soon
+/// as the refused deliveries free their slots.
+#[tokio::test]
+async fn a_pause_that_begins_while_slots_are_awaited_probes_at_its_end() {
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        // A claim waits for two free slots of eight, for up to three seconds.
+        s.delivery.concurrency = 8;
+        s.delivery.poll_interval_ms = 3_000;
+        s.delivery.auth_pause_secs = 2;
+    })
+    .await;
+    let mut shoppers: Vec<_> = (0..8)
+        .map(|i| world.anonymous(&format!("WAIT-PROBE-{i}"), WEB_CLIENT))
+        .collect();
+    // Their browsers minted first (a browser/create CDP accepts would end the pause).
+    for shopper in &mut shoppers {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    world.drained().await;
+    let before = world.cdp.requests().len();
+    // Seven deliveries in flight (one slot free, fewer than a claim waits for), refused together.
+    world.cdp.script_all(
+        (0..7)
+            .map(|_| Answer::status(401).after(Duration::from_millis(700)))
+            .collect(),
+    );
+    for shopper in &mut shoppers[..7] {
+        shopper.add("L2", "SKU2", 1, 10.0).await;
+    }
+    eventually("seven requests in flight", Duration::from_secs(10), || async {
+        (world.cdp.held() == 7).then_some(())
+    })
+    .await;
+    // Queued while the dispatcher waits for a second slot.
+    shoppers[7].add("L2", "SKU2", 1, 10.0).await;
+    world.drained().await;
+    let requests = world.cdp.requests().split_off(before);
+    let refused: Vec<_> = requests.iter().filter(|r| r.answered == 401).collect();
+    assert_eq!(refused.len(), 7, "{requests:?}");
+    // The first request after the refusals is the probe, at the pause's end: two seconds after the
+    // first refusal (a request's time is its answer's).
+    let first_refused = refused.iter().map(|r| r.at).min().unwrap();
+    let probe = requests
+        .iter()
+        .filter(|r| r.answered != 401)
+        .map(|r| r.at)
+        .min()
+        .expect("delivered after the pause");
+    assert!(
+        probe >= first_refused + Duration::from_millis(1_800),
+        "the probe went {:?} after the first refusal: {requests:?}",
+        probe - first_refused
+    );
+}
+
 /// One shopper's OrderCloud reads are slow (1.5 s each): the shoppers whose webhooks come after are
 /// enriched and delivered meanwhile, not held until the slow reads end.
 #[tokio::test]
@@ -667,7 +724,7 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
         s.delivery.concurrency = 16;
         // The wait for more free slots ends at the poll interval: far beyond a delivery here.
-        s.delivery.poll_interval_ms = 1_000;
+        s.delivery.poll_interval_ms = 5_000;
     })
     .await;
     store.hold_claims(true);
@@ -677,8 +734,9 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     for shopper in &mut shoppers {
         shopper.add("L1", "SKU", 1, 10.0).await;
     }
-    eventually("the backlog queued", Duration::from_secs(20), || async {
-        (world.app.store.pending(SHOPPERS + 1).await.unwrap().len() == SHOPPERS).then_some(())
+    eventually("the backlog queued and enriched", Duration::from_secs(20), || async {
+        let pending = world.app.store.pending(SHOPPERS + 1).await.unwrap();
+        (pending.len() == SHOPPERS && pending.iter().all(|i| i.enriched)).then_some(())
     })
     .await;
     store.hold_claims(false);
@@ -704,7 +762,8 @@ async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     const SHOPPERS: usize = 96;
     let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
         s.delivery.concurrency = 16;
-        s.delivery.poll_interval_ms = 1_000;
+        // The wait for more free slots ends at the poll interval: far beyond an enrichment here.
+        s.delivery.poll_interval_ms = 3_000;
     })
     .await;
     store.hold_enrichment_claims(true);
@@ -732,4 +791,40 @@ async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     assert_eq!(claimed, SHOPPERS, "each intent claimed for enrichment once: {calls:?}");
     assert_eq!(store.enrichments_saved(), SHOPPERS, "each intent enriched once");
     assert_eq!(world.cdp.sent("ADD"), SHOPPERS, "one ADD per shopper");
+}
+
+/// A bug that panics a shopper's enrichment task outside a job's reads (here, saving the result)
+/// frees the slots of every job that task held. With all of the enricher's slots in that task, the
+/// enricher must still notice them free: its jobs are claimed again after their lease and enriched,
+/// and the shopper's events delivered — not a silent stall.
+#[tokio::test]
+async fn an_enrichment_task_that_panics_holding_every_slot_does_not_stall_enrichment() {
+    let (world, store) = World::start_faulty(Duration::from_secs(1200), |s| {
+        // Four enrichment slots (the fewest), all for one shopper's four jobs.
+        s.delivery.concurrency = 4;
+        s.delivery.lease_secs = 3;
+        s.delivery.request_timeout_ms = 1_000;
+        s.delivery.poll_interval_ms = 50;
+    })
+    .await;
+    store.hold_enrichment_claims(true);
+    let mut shopper = world.registered("buyer1", "panics-saving", WEB_CLIENT);
+    shopper.open_cart("O-SAVE-PANIC");
+    for line in ["L1", "L2", "L3", "L4"] {
+        shopper.add(line, "SKU", 1, 10.0).await;
+    }
+    eventually("four jobs queued", Duration::from_secs(20), || async {
+        let pending = world.app.store.pending(10).await.unwrap();
+        (pending.iter().filter(|i| !i.enriched).count() == 4).then_some(())
+    })
+    .await;
+    store.set_everyone(Faults {
+        save_panics_once: true,
+        ..Faults::default()
+    });
+    store.hold_enrichment_claims(false);
+    world.drained().await;
+    assert_eq!(world.cdp.sent("ADD"), 4, "each line added once");
+    let calls = store.enrichment_claim_calls();
+    assert_eq!(calls.first(), Some(&(4, 4)), "one claim took the four jobs: {calls:?}");
 }

@@ -113,6 +113,12 @@ impl Answer {
         }
     }
 
+    /// The same answer, given after `delay`.
+    pub fn after(mut self, delay: Duration) -> Answer {
+        self.hold = Hold::For(delay);
+        self
+    }
+
     /// Replaces the default body.
     pub fn with_body(mut self, body: Value) -> Answer {
         self.body = Some(body);

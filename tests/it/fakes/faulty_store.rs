@@ -42,6 +42,8 @@ pub struct Faults {
     /// A claimed intent's stored bodies hold JSON text no tree can (a number beyond any float's
     /// range), as a row another writer stored could: the claim reads them as text.
     pub bodies_unreadable: bool,
+    /// Saving an enrichment panics once (a bug in the enricher's task, outside a job's reads).
+    pub save_panics_once: bool,
 }
 
 pub struct FaultyStore {
@@ -67,12 +69,12 @@ pub struct FaultyStore {
     settled_writes: Mutex<Vec<Vec<Write>>>,
     /// Claims (delivery's and enrichment's) still to panic (a bug in the loop that claims).
     claims_to_panic: std::sync::atomic::AtomicUsize,
-    /// While set, delivery's claims find nothing (a queue building up, as behind an outage).
-    claims_held: std::sync::atomic::AtomicBool,
-    /// Every delivery claim made while not held: (the most intents it asked for, how many it got).
+    /// While set, delivery's claims wait (a queue building up, as behind an outage).
+    claims_held: tokio::sync::watch::Sender<bool>,
+    /// Every delivery claim, once let go: (the most intents it asked for, how many it got).
     claim_calls: Mutex<Vec<(usize, usize)>>,
     /// As `claims_held`, for enrichment's claims.
-    enrichment_claims_held: std::sync::atomic::AtomicBool,
+    enrichment_claims_held: tokio::sync::watch::Sender<bool>,
     /// As `claim_calls`, for enrichment's claims.
     enrichment_claim_calls: Mutex<Vec<(usize, usize)>>,
 }
@@ -92,9 +94,9 @@ impl FaultyStore {
             ack_faults: Default::default(),
             settled_writes: Mutex::default(),
             claims_to_panic: Default::default(),
-            claims_held: Default::default(),
+            claims_held: tokio::sync::watch::Sender::new(false),
             claim_calls: Mutex::default(),
-            enrichment_claims_held: Default::default(),
+            enrichment_claims_held: tokio::sync::watch::Sender::new(false),
             enrichment_claim_calls: Mutex::default(),
         })
     }
@@ -112,21 +114,22 @@ impl FaultyStore {
         assert!(left.is_err(), "a claim panicked (FaultyStore)");
     }
 
-    /// While `held`, delivery's claims find nothing: intents queue up as behind an outage.
+    /// While `held`, delivery's claims wait: intents queue up as behind an outage, and the claim
+    /// waiting goes on as soon as they are let go (no poll interval in between).
     pub fn hold_claims(&self, held: bool) {
-        self.claims_held.store(held, std::sync::atomic::Ordering::SeqCst);
+        self.claims_held.send_replace(held);
     }
 
-    /// Every delivery claim made while claims were not held, in order: (the most intents it asked
-    /// for, how many it got).
+    /// Every delivery claim, in order, once let go: (the most intents it asked for, how many it
+    /// got).
     pub fn claim_calls(&self) -> Vec<(usize, usize)> {
         self.claim_calls.lock().unwrap().clone()
     }
 
-    /// While `held`, enrichment's claims find nothing: intents wait for their OrderCloud reads.
+    /// As [`FaultyStore::hold_claims`], for enrichment's claims: intents wait for their OrderCloud
+    /// reads.
     pub fn hold_enrichment_claims(&self, held: bool) {
-        self.enrichment_claims_held
-            .store(held, std::sync::atomic::Ordering::SeqCst);
+        self.enrichment_claims_held.send_replace(held);
     }
 
     /// As [`FaultyStore::claim_calls`], for enrichment's claims.
@@ -232,9 +235,7 @@ impl Intake for FaultyStore {
 impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         self.maybe_panic_in_claim();
-        if self.claims_held.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
+        let _ = self.claims_held.subscribe().wait_for(|held| !held).await;
         let mut claimed = self.inner.claim(limit, lease).await?;
         self.claim_calls.lock().unwrap().push((limit, claimed.len()));
         let now = Instant::now();
@@ -314,9 +315,7 @@ impl Outbox for FaultyStore {
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         self.maybe_panic_in_claim();
-        if self.enrichment_claims_held.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
+        let _ = self.enrichment_claims_held.subscribe().wait_for(|held| !held).await;
         let jobs = self.inner.claim_enrichment(limit, lease).await?;
         self.enrichment_claim_calls.lock().unwrap().push((limit, jobs.len()));
         Ok(jobs)
@@ -328,6 +327,10 @@ impl Outbox for FaultyStore {
         enrichment: &Value,
         identities: &[(String, String)],
     ) -> Result<(), StoreError> {
+        if self.faults_of(claim.intent_id).save_panics_once {
+            self.clear_fault(claim.intent_id, |f| f.save_panics_once = false);
+            panic!("injected: saving the enrichment panicked (FaultyStore)");
+        }
         let saved = self.inner.save_enrichment(claim, enrichment, identities).await;
         if saved.is_ok() {
             self.enrichments_saved.lock().unwrap().push(enrichment.clone());
