@@ -417,6 +417,52 @@ async fn a_pause_that_begins_while_slots_are_awaited_probes_at_its_end() {
     );
 }
 
+/// Deliveries in flight that are slow hold up no other shopper for longer than the poll interval:
+/// with seven of eight slots held by slow CDP answers, a claim waits for a second free slot only
+/// that long, and the shopper queued meanwhile is delivered before the slow answers come.
+#[tokio::test]
+async fn slow_deliveries_in_flight_hold_a_queued_shopper_no_longer_than_the_poll_interval() {
+    let world = World::start_with(Duration::from_secs(1200), |s| {
+        // A claim waits for two free slots of eight, for up to 100 ms.
+        s.delivery.concurrency = 8;
+        s.delivery.poll_interval_ms = 100;
+    })
+    .await;
+    let mut shoppers: Vec<_> = (0..8)
+        .map(|i| world.anonymous(&format!("SLOW-HOLD-{i}"), WEB_CLIENT))
+        .collect();
+    for shopper in &mut shoppers {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    world.drained().await;
+    let before = world.cdp.requests().len();
+    world
+        .cdp
+        .script_all((0..7).map(|_| Answer::delayed(Duration::from_millis(1_500))).collect());
+    for shopper in &mut shoppers[..7] {
+        shopper.add("L2", "SKU2", 1, 10.0).await;
+    }
+    eventually("seven requests in flight", Duration::from_secs(10), || async {
+        (world.cdp.held() == 7).then_some(())
+    })
+    .await;
+    shoppers[7].add("L2", "SKU2", 1, 10.0).await;
+    world.drained().await;
+    // Requests are recorded when answered: the queued shopper's comes before the slow ones'.
+    let shoppers_in_order: Vec<_> = world
+        .cdp
+        .requests()
+        .split_off(before)
+        .into_iter()
+        .map(|r| r.shopper.unwrap_or_default())
+        .collect();
+    assert_eq!(shoppers_in_order.len(), 8, "{shoppers_in_order:?}");
+    assert_eq!(
+        shoppers_in_order[0], "anon-SLOW-HOLD-7",
+        "the queued shopper waited for the slow ones: {shoppers_in_order:?}"
+    );
+}
+
 /// One shopper's OrderCloud reads are slow (1.5 s each): the shoppers whose webhooks come after are
 /// enriched and delivered meanwhile, not held until the slow reads end.
 #[tokio::test]
