@@ -48,11 +48,12 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        // While most slots are busy, a few more deliveries are let end before claiming: a claim is a
-        // store round trip whose cost is mostly its own (on PostgreSQL, its walk of the queue), so
-        // claiming for each slot as it frees would pay it per event. Bounded by the poll interval,
-        // should the deliveries in flight be slow ones. Then back to the top, once: a pause that
-        // began meanwhile sends its probe at its time, not at once.
+        // While fewer than a quarter of the slots are free, more deliveries are let end before
+        // claiming (below 8 slots a quarter is one: no wait). A claim is a store round trip whose
+        // cost is mostly its own (on PostgreSQL, its walk of the queue), so claiming for each slot as
+        // it frees would pay it per event. Bounded by the poll interval, should the deliveries in
+        // flight be slow ones. Then back to the top, once: a pause that began meanwhile sends its
+        // probe at its time, not at once.
         if !waited && !paused && free < claim_batch && !tasks.is_empty() {
             let deadline = tokio::time::Instant::now() + poll;
             while slots.available_permits() < claim_batch && !tasks.is_empty() {

@@ -48,8 +48,8 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        // While most slots are busy, a few more jobs are let end before claiming (at most the poll
-        // interval, should the jobs in flight be slow ones), as delivery does.
+        // While fewer than a quarter of the slots are free, more jobs are let end before claiming
+        // (at most the poll interval, should the jobs in flight be slow ones), as delivery does.
         if free < claim_batch {
             let deadline = tokio::time::Instant::now() + poll;
             while slots.available_permits() < claim_batch {
