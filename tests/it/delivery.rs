@@ -373,31 +373,10 @@ async fn a_pause_that_begins_while_slots_are_awaited_probes_at_its_end() {
         s.delivery.auth_pause_secs = 2;
     })
     .await;
-    let mut shoppers: Vec<_> = (0..8)
-        .map(|i| world.anonymous(&format!("WAIT-PROBE-{i}"), WEB_CLIENT))
-        .collect();
-    // Their browsers minted first (a browser/create CDP accepts would end the pause).
-    for shopper in &mut shoppers {
-        shopper.add("L1", "SKU", 1, 10.0).await;
-    }
-    world.drained().await;
-    let before = world.cdp.requests().len();
-    // Seven deliveries in flight (one slot free, fewer than a claim waits for), refused together.
-    world.cdp.script_all(
-        (0..7)
-            .map(|_| Answer::status(401).after(Duration::from_millis(700)))
-            .collect(),
-    );
-    for shopper in &mut shoppers[..7] {
-        shopper.add("L2", "SKU2", 1, 10.0).await;
-    }
-    eventually("seven requests in flight", Duration::from_secs(10), || async {
-        (world.cdp.held() == 7).then_some(())
-    })
-    .await;
-    // Queued while the dispatcher waits for a second slot.
-    shoppers[7].add("L2", "SKU2", 1, 10.0).await;
-    world.drained().await;
+    // Seven deliveries in flight (one slot free, fewer than a claim waits for), refused together,
+    // and an intent queued while the dispatcher waits for a second slot.
+    let refusal = Answer::status(401).after(Duration::from_millis(700));
+    let before = seven_in_flight_then_one_queued(&world, "WAIT-PROBE", refusal).await;
     let requests = world.cdp.requests().split_off(before);
     let refused: Vec<_> = requests.iter().filter(|r| r.answered == 401).collect();
     assert_eq!(refused.len(), 7, "{requests:?}");
@@ -428,26 +407,8 @@ async fn slow_deliveries_in_flight_hold_a_queued_shopper_no_longer_than_the_poll
         s.delivery.poll_interval_ms = 100;
     })
     .await;
-    let mut shoppers: Vec<_> = (0..8)
-        .map(|i| world.anonymous(&format!("SLOW-HOLD-{i}"), WEB_CLIENT))
-        .collect();
-    for shopper in &mut shoppers {
-        shopper.add("L1", "SKU", 1, 10.0).await;
-    }
-    world.drained().await;
-    let before = world.cdp.requests().len();
-    world
-        .cdp
-        .script_all((0..7).map(|_| Answer::delayed(Duration::from_millis(1_500))).collect());
-    for shopper in &mut shoppers[..7] {
-        shopper.add("L2", "SKU2", 1, 10.0).await;
-    }
-    eventually("seven requests in flight", Duration::from_secs(10), || async {
-        (world.cdp.held() == 7).then_some(())
-    })
-    .await;
-    shoppers[7].add("L2", "SKU2", 1, 10.0).await;
-    world.drained().await;
+    let slow = Answer::delayed(Duration::from_millis(1_500));
+    let before = seven_in_flight_then_one_queued(&world, "SLOW-HOLD", slow).await;
     // Requests are recorded when answered: the queued shopper's comes before the slow ones'.
     let shoppers_in_order: Vec<_> = world
         .cdp
@@ -461,6 +422,32 @@ async fn slow_deliveries_in_flight_hold_a_queued_shopper_no_longer_than_the_poll
         shoppers_in_order[0], "anon-SLOW-HOLD-7",
         "the queued shopper waited for the slow ones: {shoppers_in_order:?}"
     );
+}
+
+/// Eight anonymous shoppers, their browsers minted first (a browser/create CDP accepts would end a
+/// pause); then seven send a line each, whose requests CDP holds and gives `answer` (seven of eight
+/// slots busy), and the eighth sends one while those are in flight. Returns how many requests CDP
+/// had seen before the seven.
+async fn seven_in_flight_then_one_queued(world: &World, prefix: &str, answer: Answer) -> usize {
+    let mut shoppers: Vec<_> = (0..8)
+        .map(|i| world.anonymous(&format!("{prefix}-{i}"), WEB_CLIENT))
+        .collect();
+    for shopper in &mut shoppers {
+        shopper.add("L1", "SKU", 1, 10.0).await;
+    }
+    world.drained().await;
+    let before = world.cdp.requests().len();
+    world.cdp.script_all(vec![answer; 7]);
+    for shopper in &mut shoppers[..7] {
+        shopper.add("L2", "SKU2", 1, 10.0).await;
+    }
+    eventually("seven requests in flight", Duration::from_secs(10), || async {
+        (world.cdp.held() == 7).then_some(())
+    })
+    .await;
+    shoppers[7].add("L2", "SKU2", 1, 10.0).await;
+    world.drained().await;
+    before
 }
 
 /// One shopper's OrderCloud reads are slow (1.5 s each): the shoppers whose webhooks come after are
@@ -788,16 +775,21 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     store.hold_claims(false);
     world.drained().await;
 
-    let calls = store.claim_calls();
+    claimed_in_batches_of_4_or_more(&store.claim_calls(), SHOPPERS, "delivery");
+    let adds = world.cdp.sent("ADD");
+    assert_eq!(adds, SHOPPERS, "one ADD per shopper");
+}
+
+/// Every claim (the most intents it asked for, how many it got) asked for 4 or more (a quarter of
+/// 16 slots), and together they took each of `intents` once.
+fn claimed_in_batches_of_4_or_more(calls: &[(usize, usize)], intents: usize, loop_name: &str) {
     let small: Vec<_> = calls.iter().filter(|(limit, _)| *limit < 4).collect();
     assert!(
         small.is_empty(),
-        "claims asked for fewer than 4 intents: {small:?} of {calls:?}"
+        "{loop_name} claims asked for fewer than 4 intents: {small:?} of {calls:?}"
     );
     let claimed: usize = calls.iter().map(|(_, got)| got).sum();
-    assert_eq!(claimed, SHOPPERS, "each intent claimed once: {calls:?}");
-    let adds = world.cdp.sent("ADD");
-    assert_eq!(adds, SHOPPERS, "one ADD per shopper");
+    assert_eq!(claimed, intents, "{loop_name}: each intent claimed once: {calls:?}");
 }
 
 /// Enrichment claims in batches too: a backlog of registered shoppers' first webhooks (each needs
@@ -827,14 +819,7 @@ async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
     store.hold_enrichment_claims(false);
     world.drained().await;
 
-    let calls = store.enrichment_claim_calls();
-    let small: Vec<_> = calls.iter().filter(|(limit, _)| *limit < 4).collect();
-    assert!(
-        small.is_empty(),
-        "enrichment claims asked for fewer than 4 intents: {small:?} of {calls:?}"
-    );
-    let claimed: usize = calls.iter().map(|(_, got)| got).sum();
-    assert_eq!(claimed, SHOPPERS, "each intent claimed for enrichment once: {calls:?}");
+    claimed_in_batches_of_4_or_more(&store.enrichment_claim_calls(), SHOPPERS, "enrichment");
     assert_eq!(store.enrichments_saved(), SHOPPERS, "each intent enriched once");
     assert_eq!(world.cdp.sent("ADD"), SHOPPERS, "one ADD per shopper");
 }
