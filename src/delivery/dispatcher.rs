@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::lease::Claiming;
 use super::settle::{settle, Attempt, Failure};
-use super::{claim_batch, deliver, idle, send, Deps};
+use super::{claim_batch, deliver, idle, send, until_free, Deps};
 
 pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
     let poll = deps.settings.delivery.poll_interval();
@@ -54,15 +54,8 @@ pub async fn run_dispatcher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         // it frees would pay it per event. Bounded by the poll interval, should the deliveries in
         // flight be slow ones. Then back to the top, once: a pause that began meanwhile sends its
         // probe at its time, not at once.
-        if !waited && !paused && free < claim_batch && !tasks.is_empty() {
-            let deadline = tokio::time::Instant::now() + poll;
-            while slots.available_permits() < claim_batch && !tasks.is_empty() {
-                tokio::select! {
-                    _ = tasks.join_next() => {}
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            }
+        if !waited && !paused && free < claim_batch {
+            until_free(&slots, claim_batch, poll, &mut stop).await;
             waited = true;
             continue;
         }

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::enrich::{enrich, EnrichError};
-use super::{backoff, claim_batch, idle, Deps};
+use super::{backoff, claim_batch, idle, until_free, Deps};
 use crate::domain::now_ms;
 use crate::store::{EnrichmentJob, StoreError};
 
@@ -51,14 +51,7 @@ pub async fn run_enricher(deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
         // While fewer than a quarter of the slots are free, more jobs are let end before claiming
         // (at most the poll interval, should the jobs in flight be slow ones), as delivery does.
         if free < claim_batch {
-            let deadline = tokio::time::Instant::now() + poll;
-            while slots.available_permits() < claim_batch {
-                tokio::select! {
-                    _ = freed.notified() => {}
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            }
+            until_free(&slots, claim_batch, poll, &mut stop).await;
             if *stop.borrow() {
                 break;
             }

@@ -28,7 +28,7 @@ mod settle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::cdp::CdpClient;
 use crate::config::Settings;
@@ -92,6 +92,17 @@ impl Deps {
 /// it frees would pay it per intent.
 fn claim_batch(slots: usize) -> usize {
     (slots / 4).max(1)
+}
+
+/// Waits until `batch` of `slots` are free (jobs in flight ending free theirs), at most `poll` —
+/// should the jobs in flight be slow ones — or until stopped. Only the loop that waits takes slots,
+/// so they are still free when it claims.
+async fn until_free(slots: &Semaphore, batch: usize, poll: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        // The slots are given back at once: the wait is for them to be free, not to hold them.
+        _ = tokio::time::timeout(poll, slots.acquire_many(batch as u32)) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
 }
 
 /// Waits for a wake-up, `wait`, or stop. Returns false on stop.

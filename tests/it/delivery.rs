@@ -747,8 +747,8 @@ async fn a_known_shoppers_line_changes_skip_the_enrichment_round() {
 }
 
 /// A backlog (a queue built up behind an outage, or faster intake than delivery) is claimed in
-/// batches: while most delivery slots are busy, the dispatcher lets a quarter of them free before
-/// claiming again, instead of one claim — a store round trip, on PostgreSQL its walk of the queue —
+/// batches: while fewer than a quarter of the delivery slots are free, the dispatcher waits until a
+/// quarter are before claiming again, instead of one claim — a store round trip, on PostgreSQL its walk of the queue —
 /// per slot as it frees. Every claim asks for at least a quarter of `delivery.concurrency`, and
 /// every event is still delivered once.
 #[tokio::test]
@@ -760,7 +760,7 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
         s.delivery.poll_interval_ms = 5_000;
     })
     .await;
-    store.hold_claims(true);
+    store.delivery_claims.hold(true);
     let mut shoppers: Vec<_> = (0..SHOPPERS)
         .map(|n| world.anonymous(&format!("O-BATCH-{n}"), WEB_CLIENT))
         .collect();
@@ -772,10 +772,10 @@ async fn a_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
         (pending.len() == SHOPPERS && pending.iter().all(|i| i.enriched)).then_some(())
     })
     .await;
-    store.hold_claims(false);
+    store.delivery_claims.hold(false);
     world.drained().await;
 
-    claimed_in_batches_of_4_or_more(&store.claim_calls(), SHOPPERS, "delivery");
+    claimed_in_batches_of_4_or_more(&store.delivery_claims.calls(), SHOPPERS, "delivery");
     let adds = world.cdp.sent("ADD");
     assert_eq!(adds, SHOPPERS, "one ADD per shopper");
 }
@@ -804,7 +804,7 @@ async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
         s.delivery.poll_interval_ms = 3_000;
     })
     .await;
-    store.hold_enrichment_claims(true);
+    store.enrichment_claims.hold(true);
     let mut shoppers: Vec<_> = (0..SHOPPERS)
         .map(|n| world.registered("buyer1", &format!("batch-{n}"), WEB_CLIENT))
         .collect();
@@ -816,10 +816,10 @@ async fn an_enrichment_backlog_is_claimed_in_batches_not_one_slot_at_a_time() {
         (world.app.store.pending(SHOPPERS + 1).await.unwrap().len() == SHOPPERS).then_some(())
     })
     .await;
-    store.hold_enrichment_claims(false);
+    store.enrichment_claims.hold(false);
     world.drained().await;
 
-    claimed_in_batches_of_4_or_more(&store.enrichment_claim_calls(), SHOPPERS, "enrichment");
+    claimed_in_batches_of_4_or_more(&store.enrichment_claims.calls(), SHOPPERS, "enrichment");
     assert_eq!(store.enrichments_saved(), SHOPPERS, "each intent enriched once");
     assert_eq!(world.cdp.sent("ADD"), SHOPPERS, "one ADD per shopper");
 }
@@ -838,7 +838,7 @@ async fn an_enrichment_task_that_panics_holding_every_slot_does_not_stall_enrich
         s.delivery.poll_interval_ms = 50;
     })
     .await;
-    store.hold_enrichment_claims(true);
+    store.enrichment_claims.hold(true);
     let mut shopper = world.registered("buyer1", "panics-saving", WEB_CLIENT);
     shopper.open_cart("O-SAVE-PANIC");
     for line in ["L1", "L2", "L3", "L4"] {
@@ -853,9 +853,9 @@ async fn an_enrichment_task_that_panics_holding_every_slot_does_not_stall_enrich
         save_panics_once: true,
         ..Faults::default()
     });
-    store.hold_enrichment_claims(false);
+    store.enrichment_claims.hold(false);
     world.drained().await;
     assert_eq!(world.cdp.sent("ADD"), 4, "each line added once");
-    let calls = store.enrichment_claim_calls();
+    let calls = store.enrichment_claims.calls();
     assert_eq!(calls.first(), Some(&(4, 4)), "one claim took the four jobs: {calls:?}");
 }

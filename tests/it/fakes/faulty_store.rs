@@ -46,6 +46,36 @@ pub struct Faults {
     pub save_panics_once: bool,
 }
 
+/// One kind of claim (delivery's or enrichment's) as a test steers and counts it.
+#[derive(Default)]
+pub struct ClaimGate {
+    /// While set, claims wait (a queue building up, as behind an outage).
+    held: tokio::sync::watch::Sender<bool>,
+    /// Every claim once let through: (the most intents it asked for, how many it got).
+    calls: Mutex<Vec<(usize, usize)>>,
+}
+
+impl ClaimGate {
+    /// While `held`, claims wait; let go, the claim waiting goes on at once (no poll interval in
+    /// between).
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    /// Every claim, in order, once let through: (the most intents it asked for, how many it got).
+    pub fn calls(&self) -> Vec<(usize, usize)> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    async fn pass(&self) {
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
+    }
+
+    fn record(&self, limit: usize, got: usize) {
+        self.calls.lock().unwrap().push((limit, got));
+    }
+}
+
 pub struct FaultyStore {
     inner: DynStore,
     faults: Mutex<HashMap<String, Faults>>,
@@ -69,14 +99,10 @@ pub struct FaultyStore {
     settled_writes: Mutex<Vec<Vec<Write>>>,
     /// Claims (delivery's and enrichment's) still to panic (a bug in the loop that claims).
     claims_to_panic: std::sync::atomic::AtomicUsize,
-    /// While set, delivery's claims wait (a queue building up, as behind an outage).
-    claims_held: tokio::sync::watch::Sender<bool>,
-    /// Every delivery claim, once let go: (the most intents it asked for, how many it got).
-    claim_calls: Mutex<Vec<(usize, usize)>>,
-    /// As `claims_held`, for enrichment's claims.
-    enrichment_claims_held: tokio::sync::watch::Sender<bool>,
-    /// As `claim_calls`, for enrichment's claims.
-    enrichment_claim_calls: Mutex<Vec<(usize, usize)>>,
+    /// Delivery's claims, held back and counted.
+    pub delivery_claims: ClaimGate,
+    /// Enrichment's claims, held back and counted.
+    pub enrichment_claims: ClaimGate,
 }
 
 impl FaultyStore {
@@ -94,10 +120,8 @@ impl FaultyStore {
             ack_faults: Default::default(),
             settled_writes: Mutex::default(),
             claims_to_panic: Default::default(),
-            claims_held: tokio::sync::watch::Sender::new(false),
-            claim_calls: Mutex::default(),
-            enrichment_claims_held: tokio::sync::watch::Sender::new(false),
-            enrichment_claim_calls: Mutex::default(),
+            delivery_claims: ClaimGate::default(),
+            enrichment_claims: ClaimGate::default(),
         })
     }
 
@@ -112,29 +136,6 @@ impl FaultyStore {
             .claims_to_panic
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         assert!(left.is_err(), "a claim panicked (FaultyStore)");
-    }
-
-    /// While `held`, delivery's claims wait: intents queue up as behind an outage, and the claim
-    /// waiting goes on as soon as they are let go (no poll interval in between).
-    pub fn hold_claims(&self, held: bool) {
-        self.claims_held.send_replace(held);
-    }
-
-    /// Every delivery claim, in order, once let go: (the most intents it asked for, how many it
-    /// got).
-    pub fn claim_calls(&self) -> Vec<(usize, usize)> {
-        self.claim_calls.lock().unwrap().clone()
-    }
-
-    /// As [`FaultyStore::hold_claims`], for enrichment's claims: intents wait for their OrderCloud
-    /// reads.
-    pub fn hold_enrichment_claims(&self, held: bool) {
-        self.enrichment_claims_held.send_replace(held);
-    }
-
-    /// As [`FaultyStore::claim_calls`], for enrichment's claims.
-    pub fn enrichment_claim_calls(&self) -> Vec<(usize, usize)> {
-        self.enrichment_claim_calls.lock().unwrap().clone()
     }
 
     pub fn set(&self, shopper: &str, faults: Faults) {
@@ -235,9 +236,9 @@ impl Intake for FaultyStore {
 impl Outbox for FaultyStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
         self.maybe_panic_in_claim();
-        let _ = self.claims_held.subscribe().wait_for(|held| !held).await;
+        self.delivery_claims.pass().await;
         let mut claimed = self.inner.claim(limit, lease).await?;
-        self.claim_calls.lock().unwrap().push((limit, claimed.len()));
+        self.delivery_claims.record(limit, claimed.len());
         let now = Instant::now();
         for c in &mut claimed {
             let faults = self
@@ -315,9 +316,9 @@ impl Outbox for FaultyStore {
 
     async fn claim_enrichment(&self, limit: usize, lease: Duration) -> Result<Vec<EnrichmentJob>, StoreError> {
         self.maybe_panic_in_claim();
-        let _ = self.enrichment_claims_held.subscribe().wait_for(|held| !held).await;
+        self.enrichment_claims.pass().await;
         let jobs = self.inner.claim_enrichment(limit, lease).await?;
-        self.enrichment_claim_calls.lock().unwrap().push((limit, jobs.len()));
+        self.enrichment_claims.record(limit, jobs.len());
         Ok(jobs)
     }
 
