@@ -15,7 +15,7 @@ use crate::config::StoreSettings;
 use crate::domain::intent::{IntentSecrets, RawIntent};
 use crate::domain::{now_ms, CartLine, SessionFacts, ShopperState};
 
-pub mod group_commit;
+pub mod batched;
 pub mod postgres;
 mod roles;
 pub(crate) mod shared;

@@ -20,13 +20,17 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, Row};
 
-use super::group_commit::{first_occurrences, GroupCommit};
+use super::batched::Batched;
 use super::shared::{self, *};
 use super::*;
 
 pub struct PostgresStore {
     pool: PgPool,
-    writer: GroupCommit,
+    /// Intake's group commit: the webhooks that arrive while a batch commits go in the next.
+    writer: Batched<NewIntent, EnqueueOutcome>,
+    /// Delivery's first reads, asked while a batch of them runs, go together in the next: one
+    /// call for the intents in flight together (`None`: read them apart).
+    reads: Batched<ReadsAsk, Option<Result<DeliveryReads, StoreError>>>,
     /// The service's registration (`None` for operators' commands, which take no claims).
     heartbeat: Option<Heartbeat>,
     /// A replica silent this long loses its claims.
@@ -223,16 +227,73 @@ impl PostgresStore {
         };
         let writer_pool = pool.clone();
         let tries = settings.max_connections + 1;
-        let writer = GroupCommit::start(move |items| {
+        let writer = Batched::start(MAX_INTAKE_BATCH, move |items| {
             let pool = writer_pool.clone();
             async move { enqueue_batch(&pool, &items, tries).await }
+        });
+        let reads_pool = pool.clone();
+        let reads = Batched::start(MAX_READS_BATCH, move |asks| {
+            let pool = reads_pool.clone();
+            async move { delivery_reads_batch(&pool, &asks).await }
         });
         Ok(PostgresStore {
             pool,
             writer,
+            reads,
             heartbeat,
             takeover,
         })
+    }
+}
+
+/// Most webhooks committed in one transaction.
+const MAX_INTAKE_BATCH: usize = 512;
+/// Most intents whose first reads are one call.
+const MAX_READS_BATCH: usize = 64;
+
+/// What delivery reads first for one intent ([`Shoppers::delivery_reads`]' arguments).
+#[derive(Clone)]
+struct ReadsAsk {
+    shopper_key: String,
+    order_id: String,
+    channel: String,
+    open_since: Option<i64>,
+}
+
+/// Delivery's first reads of several intents in one call (`forwarder_delivery_reads_batch`,
+/// migration 0011), an answer per ask in order. Should the server fail to read a browser from a
+/// shopper's record (not JSON: a record damaged outside the service), every ask of the batch is
+/// answered `None`: read apart, each fails or not as its own reads would.
+async fn delivery_reads_batch(
+    pool: &PgPool,
+    asks: &[ReadsAsk],
+) -> Result<Vec<Option<Result<DeliveryReads, StoreError>>>, StoreError> {
+    let column = |get: fn(&ReadsAsk) -> &str| asks.iter().map(get).collect::<Vec<&str>>();
+    let rows: Result<Vec<shared::DeliveryReadsRow>, sqlx::Error> = sqlx::query_as(
+        // Its plan kept: lookups by key.
+        "SELECT * FROM forwarder_delivery_reads_batch($1, $2, $3, $4) ORDER BY n",
+    )
+    .bind(column(|a| &a.shopper_key))
+    .bind(column(|a| &a.order_id))
+    .bind(column(|a| &a.channel))
+    .bind(asks.iter().map(|a| a.open_since).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) if rows.len() == asks.len() => Ok(rows
+            .into_iter()
+            .zip(asks)
+            .map(|(row, ask)| Some(row.decode(&ask.order_id)))
+            .collect()),
+        Ok(rows) => Err(StoreError::Corrupt(format!(
+            "{} answers to {} asks of delivery's first reads",
+            rows.len(),
+            asks.len()
+        ))),
+        Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
+            Ok(asks.iter().map(|_| None).collect())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -315,10 +376,16 @@ async fn insert_batch(pool: &PgPool, items: &[NewIntent]) -> Result<Vec<EnqueueO
         .collect())
 }
 
+/// Splits a batch into first occurrences of each dedupe key and the rest (duplicates within the batch).
+fn first_occurrences(items: &[NewIntent]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    items.iter().map(|i| seen.insert(i.dedupe_key.as_str())).collect()
+}
+
 #[async_trait]
 impl Intake for PostgresStore {
     async fn enqueue(&self, item: NewIntent) -> Result<EnqueueOutcome, StoreError> {
-        self.writer.enqueue(item).await
+        self.writer.submit(item).await
     }
 
     async fn known_dedupe_keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
@@ -548,9 +615,10 @@ impl Outbox for PostgresStore {
 }
 
 shared::shopper_reads!(PostgresStore, {
-    /// One round trip instead of three or four (each intent's first reads). Should the server fail to read
-    /// the browser from a shopper's record (not JSON: a record damaged outside the service), the
-    /// three reads are made apart, and fail or not as they would.
+    /// One round trip for the intents in flight together instead of three or four each: asked
+    /// while a batch of them runs, these reads go together in the next call. Should the server fail
+    /// to read the browser from a shopper's record (not JSON: a record damaged outside the
+    /// service), the reads are made apart, and fail or not as they would.
     async fn delivery_reads(
         &self,
         shopper_key: &str,
@@ -558,22 +626,15 @@ shared::shopper_reads!(PostgresStore, {
         channel: &str,
         open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
-        let row: Result<shared::DeliveryReadsRow, sqlx::Error> = sqlx::query_as(
-            // Its plan kept (migration 0010): lookups by key.
-            "SELECT * FROM forwarder_delivery_reads($1, $2, $3, $4)",
-        )
-        .bind(shopper_key)
-        .bind(order_id)
-        .bind(channel)
-        .bind(open_since)
-        .fetch_one(&self.pool)
-        .await;
-        match row {
-            Ok(row) => row.decode(order_id),
-            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
-                DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await
-            }
-            Err(e) => Err(e.into()),
+        let ask = ReadsAsk {
+            shopper_key: shopper_key.to_string(),
+            order_id: order_id.to_string(),
+            channel: channel.to_string(),
+            open_since,
+        };
+        match self.reads.submit(ask).await? {
+            Some(read) => read,
+            None => DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await,
         }
     }
 });
@@ -651,6 +712,7 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
 
     async fn close(&self) {
         self.writer.close().await;
+        self.reads.close().await;
         // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
         // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
         // once (a graceful shutdown gives back everything else itself).

@@ -483,6 +483,7 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
             "forwarder_apply_durable",
             "forwarder_claim",
             "forwarder_delivery_reads",
+            "forwarder_delivery_reads_batch",
             "forwarder_enqueue",
             "forwarder_save_enrichment"
         ],
@@ -552,7 +553,12 @@ async fn plans_made_on_an_empty_queue_hold_on_a_deep_one(url: &str, analyzed: An
     let save = |id: i64| format!("SELECT forwarder_save_enrichment({id}, 'e{id}', '{{}}', 0, '{{z{id}}}', '{{i}}')");
     // Delivery's first reads of shopper, order and browser `n`, and their tables' rows for `n` in
     // `first..first + count`.
-    let reads = |n: i64| format!("SELECT state FROM forwarder_delivery_reads('s{n}', 'o{n}', 'web', 0)");
+    let reads = |n: i64| {
+        format!(
+            "SELECT state FROM forwarder_delivery_reads_batch(ARRAY['s{n}'], ARRAY['o{n}'], ARRAY['web'], \
+             ARRAY[0::BIGINT])"
+        )
+    };
     let shoppers_sessions_carts = |first: i64, count: i64| {
         let last = first + count - 1;
         format!(
@@ -674,6 +680,105 @@ async fn plans_made_on_an_empty_queue_hold_on_a_deep_one(url: &str, analyzed: An
             "delivery's reads read {read} pages of {table} (20,000 rows; statistics: {analyzed:?})"
         );
     }
+}
+
+/// PostgreSQL: delivery's first reads asked while a call of them runs go together in the next
+/// call — one round trip for the intents in flight together, not one each — and each caller gets
+/// its own shopper's answer. The first call waits behind a lock the test holds; 31 reads are asked
+/// meanwhile. The calls are counted by wrappers of the two functions that record each call's asks.
+#[tokio::test]
+async fn delivery_reads_asked_while_one_runs_are_one_call() {
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("delivery_reads_asked_while_one_runs") else {
+        return;
+    };
+    let columns = "n BIGINT, state TEXT, identity TEXT, facts TEXT, line_ids TEXT[], line_shoppers TEXT[], \
+                   lines TEXT[], line_times BIGINT[], open_sessions TEXT[]";
+    let single_columns = columns.trim_start_matches("n BIGINT, ");
+    let (schema, mut conn) = migrated_connection(
+        &url,
+        &format!(
+            "CREATE TABLE read_calls (id SERIAL PRIMARY KEY, asks INT); \
+             ALTER FUNCTION forwarder_delivery_reads_batch(TEXT[], TEXT[], TEXT[], BIGINT[]) RENAME TO real_batch; \
+             CREATE FUNCTION forwarder_delivery_reads_batch(p_s TEXT[], p_o TEXT[], p_c TEXT[], p_since BIGINT[]) \
+               RETURNS TABLE ({columns}) LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO read_calls (asks) VALUES (cardinality(p_s)); \
+               RETURN QUERY SELECT * FROM real_batch(p_s, p_o, p_c, p_since); END $$; \
+             ALTER FUNCTION forwarder_delivery_reads(TEXT, TEXT, TEXT, BIGINT) RENAME TO real_single; \
+             CREATE FUNCTION forwarder_delivery_reads(p_s TEXT, p_o TEXT, p_c TEXT, p_since BIGINT) \
+               RETURNS TABLE ({single_columns}) LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO read_calls (asks) VALUES (1); \
+               RETURN QUERY SELECT * FROM real_single(p_s, p_o, p_c, p_since); END $$; \
+             INSERT INTO shoppers (shopper_key, state, identity, updated_at) \
+               SELECT 's' || g, '{{}}', 'id-' || g, 0 FROM generate_series(0, 31) g"
+        ),
+    )
+    .await;
+    let settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: url.clone(),
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    let store = ordercloud_cdp_forwarder::store::open(
+        &settings,
+        ordercloud_cdp_forwarder::store::Role::Service {
+            takeover: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap();
+    let identity = |read: ordercloud_cdp_forwarder::store::DeliveryReads| read.shopper.and_then(|s| s.identity);
+    let mut lock = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE shoppers IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.delivery_reads("s0", "o0", "WEB", None).await }
+    });
+    // The first call waits for the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = 'shoppers'::regclass")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first read never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut others = Box::pin(futures_util::future::join_all((1..32).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .delivery_reads(&format!("s{i}"), &format!("o{i}"), "WEB", Some(0))
+                .await
+        }
+    })));
+    // One poll asks them all.
+    assert!(tokio::time::timeout(Duration::ZERO, &mut others).await.is_err());
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    assert_eq!(identity(first.await.unwrap().unwrap()), Some("id-0".to_string()));
+    let identities: Vec<Option<String>> = others.await.into_iter().map(|r| identity(r.unwrap())).collect();
+    let expected: Vec<Option<String>> = (1..32).map(|i| Some(format!("id-{i}"))).collect();
+    assert_eq!(identities, expected, "each caller its own shopper's answer");
+    let calls: Vec<i32> = sqlx::query_scalar("SELECT asks FROM read_calls ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(calls, [1, 31], "the asks of each call");
+    store.close().await;
+    lock.close().await.unwrap();
+    conn.close().await.unwrap();
 }
 
 /// Pages of `table` and its indexes read so far in `schema`, from the cache or the disk (this
