@@ -3,7 +3,8 @@
 -- per intent (10,000 calls of about 200 µs per 10,000 webhooks, BENCHMARKS.md session 23). Each ask
 -- is answered as `forwarder_delivery_reads` (migration 0010) answers it, with its place `n` (from 1).
 -- That function stays: replicas of the previous version call it during a rolling upgrade, and
--- this version when a batch's shopper record cannot be read.
+-- this version reads each ask of a batch alone with it when a shopper record of the batch cannot be
+-- read (its caller alone then fails).
 -- Its plan is kept, as the single call's is, and must find each ask's rows by key whatever the
 -- statistics said when it was made: with the tables analyzed empty the planner otherwise joins the
 -- asks to a scan of every shopper (4,039 pages of 20,000 shoppers a call, the test of kept plans).

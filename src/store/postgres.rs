@@ -234,7 +234,7 @@ impl PostgresStore {
         let reads_pool = pool.clone();
         let reads = Batched::start(MAX_READS_BATCH, move |asks| {
             let pool = reads_pool.clone();
-            async move { delivery_reads_batch(&pool, &asks).await }
+            async move { delivery_reads_batch(&pool, &asks, tries).await }
         });
         Ok(PostgresStore {
             pool,
@@ -261,24 +261,26 @@ struct ReadsAsk {
 }
 
 /// Delivery's first reads of several intents in one call (`forwarder_delivery_reads_batch`,
-/// migration 0011), an answer per ask in order. Should the server fail to read a browser from a
-/// shopper's record (not JSON: a record damaged outside the service), every ask of the batch is
-/// answered `None`: read apart, each fails or not as its own reads would.
+/// migration 0011), an answer per ask in order; tried again on another connection while the one it
+/// was given turns out broken, as intake's batch is (a read is safe to repeat; failed, it would fail
+/// the delivery attempt of every intent in the batch). Should the server fail to read a browser from
+/// a shopper's record (not JSON: a record damaged outside the service), every ask of the batch is
+/// answered `None`: each caller then reads its own alone, and fails or not as its own reads would.
 async fn delivery_reads_batch(
     pool: &PgPool,
     asks: &[ReadsAsk],
+    tries: u32,
 ) -> Result<Vec<Option<Result<DeliveryReads, StoreError>>>, StoreError> {
-    let column = |get: fn(&ReadsAsk) -> &str| asks.iter().map(get).collect::<Vec<&str>>();
-    let rows: Result<Vec<shared::DeliveryReadsRow>, sqlx::Error> = sqlx::query_as(
-        // Its plan kept: lookups by key.
-        "SELECT * FROM forwarder_delivery_reads_batch($1, $2, $3, $4) ORDER BY n",
-    )
-    .bind(column(|a| &a.shopper_key))
-    .bind(column(|a| &a.order_id))
-    .bind(column(|a| &a.channel))
-    .bind(asks.iter().map(|a| a.open_since).collect::<Vec<_>>())
-    .fetch_all(pool)
-    .await;
+    let mut tries = tries.max(1);
+    let rows = loop {
+        tries -= 1;
+        match read_batch(pool, asks).await {
+            Err(e) if tries > 0 && e.lost_connection() => {
+                tracing::info!(error = %e, "a pooled PostgreSQL connection was broken: delivery's reads tried again");
+            }
+            done => break done,
+        }
+    };
     match rows {
         Ok(rows) if rows.len() == asks.len() => Ok(rows
             .into_iter()
@@ -290,11 +292,29 @@ async fn delivery_reads_batch(
             rows.len(),
             asks.len()
         ))),
-        Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
+        Err(StoreError::Database(e))
+            if e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c.starts_with("22")) =>
+        {
             Ok(asks.iter().map(|_| None).collect())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
+}
+
+async fn read_batch(pool: &PgPool, asks: &[ReadsAsk]) -> Result<Vec<shared::DeliveryReadsRow>, StoreError> {
+    let column = |get: fn(&ReadsAsk) -> &str| asks.iter().map(get).collect::<Vec<&str>>();
+    Ok(sqlx::query_as(
+        // Its plan kept: lookups by key.
+        "SELECT * FROM forwarder_delivery_reads_batch($1, $2, $3, $4) ORDER BY n",
+    )
+    .bind(column(|a| &a.shopper_key))
+    .bind(column(|a| &a.order_id))
+    .bind(column(|a| &a.channel))
+    .bind(asks.iter().map(|a| a.open_since).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Intake's batch, tried again on another connection while the one it was given turns out broken
@@ -634,10 +654,41 @@ shared::shopper_reads!(PostgresStore, {
         };
         match self.reads.submit(ask).await? {
             Some(read) => read,
-            None => DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await,
+            None => {
+                self.delivery_reads_alone(shopper_key, order_id, channel, open_since)
+                    .await
+            }
         }
     }
 });
+
+impl PostgresStore {
+    /// One intent's first reads in one call (`forwarder_delivery_reads`, migration 0010), made apart
+    /// when the server fails to read the browser from the shopper's record.
+    async fn delivery_reads_alone(
+        &self,
+        shopper_key: &str,
+        order_id: &str,
+        channel: &str,
+        open_since: Option<i64>,
+    ) -> Result<DeliveryReads, StoreError> {
+        let row: Result<shared::DeliveryReadsRow, sqlx::Error> =
+            sqlx::query_as("SELECT * FROM forwarder_delivery_reads($1, $2, $3, $4)")
+                .bind(shopper_key)
+                .bind(order_id)
+                .bind(channel)
+                .bind(open_since)
+                .fetch_one(&self.pool)
+                .await;
+        match row {
+            Ok(row) => row.decode(order_id),
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
+                DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
 
 shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     async fn replay_dead_letters(&self, ids: Option<&[i64]>, since_ms: Option<i64>) -> Result<u64, StoreError> {
@@ -711,8 +762,7 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     }
 
     async fn close(&self) {
-        self.writer.close().await;
-        self.reads.close().await;
+        tokio::join!(self.writer.close(), self.reads.close());
         // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
         // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
         // once (a graceful shutdown gives back everything else itself).

@@ -90,7 +90,8 @@ pub trait Shoppers: Send + Sync + 'static {
     /// What delivery reads first for each intent: the shopper's record, the record of the cart
     /// `order_id`, the facts of the session of the shopper's stored browser on `channel`, and with
     /// `open_since` the shopper's sessions since then (a submit's). As the reads above would answer;
-    /// a backend whose reads are round trips makes it one.
+    /// a backend whose reads are round trips makes it one, shared by the intents asking together
+    /// (PostgreSQL).
     async fn delivery_reads(
         &self,
         shopper_key: &str,

@@ -124,8 +124,8 @@ impl CartLineRow {
     }
 }
 
-/// The row of PostgreSQL's `forwarder_delivery_reads` (migration 0010): [`super::Shoppers::delivery_reads`]
-/// in one call, the browser read from the shopper's record on the server; the cart's lines as arrays in
+/// A row of PostgreSQL's `forwarder_delivery_reads` (migration 0010) and `forwarder_delivery_reads_batch`
+/// (0011, a row per ask): [`super::Shoppers::delivery_reads`] in one call, the browser read from the shopper's record on the server; the cart's lines as arrays in
 /// [`CART_LINES`]' order, the open sessions in [`SESSIONS_OF`]'.
 #[derive(sqlx::FromRow)]
 pub(crate) struct DeliveryReadsRow {

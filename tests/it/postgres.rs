@@ -684,10 +684,14 @@ async fn plans_made_on_an_empty_queue_hold_on_a_deep_one(url: &str, analyzed: An
 
 /// PostgreSQL: delivery's first reads asked while a call of them runs go together in the next
 /// call — one round trip for the intents in flight together, not one each — and each caller gets
-/// its own shopper's answer. The first call waits behind a lock the test holds; 31 reads are asked
-/// meanwhile. The calls are counted by wrappers of the two functions that record each call's asks.
+/// its own answer, the one its reads apart give (shopper, cart lines in order, the browser's session,
+/// a submit's open sessions; an unknown shopper, an ask made twice). A shopper's record damaged
+/// outside the service fails that caller alone: the others of its batch read theirs alone. The first
+/// call waits behind a lock the test holds; 31 reads are asked meanwhile. The calls are counted by
+/// wrappers of the two functions that record each call's asks.
 #[tokio::test]
 async fn delivery_reads_asked_while_one_runs_are_one_call() {
+    use ordercloud_cdp_forwarder::store::{DeliveryReads, DynStore, StoreError};
     use sqlx::Connection as _;
     let Some(url) = postgres_url("delivery_reads_asked_while_one_runs") else {
         return;
@@ -695,6 +699,14 @@ async fn delivery_reads_asked_while_one_runs_are_one_call() {
     let columns = "n BIGINT, state TEXT, identity TEXT, facts TEXT, line_ids TEXT[], line_shoppers TEXT[], \
                    lines TEXT[], line_times BIGINT[], open_sessions TEXT[]";
     let single_columns = columns.trim_start_matches("n BIGINT, ");
+    let facts = |channel: &str, browser: &str, at: &str| {
+        format!(
+            "'{{\"channel\": \"{channel}\", \"browser_id\": \"' || {browser} || '\", \"shopper_key\": \"s' || g || \
+             '\", \"last_event_at_ms\": ' || {at} || ', \"identified_as\": null}}'"
+        )
+    };
+    // Shopper `s<g>`: browser `b<g>` on WEB (its session's last event at `g`) and an APP session at
+    // 0; cart `o<g>`: lines L1 (at 7) and L2 (at 5).
     let (schema, mut conn) = migrated_connection(
         &url,
         &format!(
@@ -710,7 +722,17 @@ async fn delivery_reads_asked_while_one_runs_are_one_call() {
                INSERT INTO read_calls (asks) VALUES (1); \
                RETURN QUERY SELECT * FROM real_single(p_s, p_o, p_c, p_since); END $$; \
              INSERT INTO shoppers (shopper_key, state, identity, updated_at) \
-               SELECT 's' || g, '{{}}', 'id-' || g, 0 FROM generate_series(0, 31) g"
+               SELECT 's' || g, '{{\"browsers\": {{\"WEB\": \"b' || g || '\"}}}}', 'id-' || g, 0 \
+               FROM generate_series(0, 31) g; \
+             INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
+               SELECT 'WEB', 'b' || g, 's' || g, g, {} FROM generate_series(0, 31) g; \
+             INSERT INTO cdp_sessions (channel, browser_id, shopper_key, last_event_at, facts) \
+               SELECT 'APP', 'a' || g, 's' || g, 0, {} FROM generate_series(0, 31) g; \
+             INSERT INTO cart_lines (order_id, line_id, shopper_key, line, updated_at) \
+               SELECT 'o' || g, l, 's' || g, '{{\"ID\": \"' || l || '\"}}', t \
+               FROM generate_series(0, 31) g, (VALUES ('L1', 7), ('L2', 5)) AS x (l, t)",
+            facts("WEB", "'b' || g", "g"),
+            facts("APP", "'a' || g", "0"),
         ),
     )
     .await;
@@ -727,57 +749,117 @@ async fn delivery_reads_asked_while_one_runs_are_one_call() {
     )
     .await
     .unwrap();
-    let identity = |read: ordercloud_cdp_forwarder::store::DeliveryReads| read.shopper.and_then(|s| s.identity);
-    let mut lock = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE shoppers IN ACCESS EXCLUSIVE MODE"
-    ))
-    .execute(&mut lock)
-    .await
-    .unwrap();
-    let first = tokio::spawn({
-        let store = store.clone();
-        async move { store.delivery_reads("s0", "o0", "WEB", None).await }
-    });
-    // The first call waits for the lock.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = 'shoppers'::regclass")
-                .fetch_one(&mut conn)
-                .await
-                .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first read never waited for the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // Ask i: shopper s<i> (ask 7 an unknown shopper, ask 8 the same as ask 5), a submit's open
+    // sessions on the odd ones.
+    type Ask = (String, String, Option<i64>);
+    let ask = |i: usize| -> Ask {
+        let n = match i {
+            7 => "nobody".to_string(),
+            8 => "5".to_string(),
+            i => i.to_string(),
+        };
+        let since = if i % 2 == 1 || i == 8 { Some(0) } else { None };
+        (format!("s{n}"), format!("o{n}"), since)
+    };
+    let asks: Vec<Ask> = (0..32).map(ask).collect();
+    async fn read(store: &DynStore, (shopper, order, since): &Ask) -> Result<DeliveryReads, StoreError> {
+        store.delivery_reads(shopper, order, "WEB", *since).await
     }
-    let mut others = Box::pin(futures_util::future::join_all((1..32).map(|i| {
-        let store = store.clone();
-        async move {
-            store
-                .delivery_reads(&format!("s{i}"), &format!("o{i}"), "WEB", Some(0))
-                .await
-        }
-    })));
-    // One poll asks them all.
-    assert!(tokio::time::timeout(Duration::ZERO, &mut others).await.is_err());
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
-    assert_eq!(identity(first.await.unwrap().unwrap()), Some("id-0".to_string()));
-    let identities: Vec<Option<String>> = others.await.into_iter().map(|r| identity(r.unwrap())).collect();
-    let expected: Vec<Option<String>> = (1..32).map(|i| Some(format!("id-{i}"))).collect();
-    assert_eq!(identities, expected, "each caller its own shopper's answer");
-    let calls: Vec<i32> = sqlx::query_scalar("SELECT asks FROM read_calls ORDER BY id")
-        .fetch_all(&mut conn)
+    // The first ask waits behind the lock; the others are asked meanwhile. Returns every answer.
+    async fn behind_lock(
+        store: &DynStore,
+        url: &str,
+        schema: &str,
+        conn: &mut sqlx::PgConnection,
+        asks: &[Ask],
+    ) -> Vec<Result<DeliveryReads, StoreError>> {
+        let mut lock = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE shoppers IN ACCESS EXCLUSIVE MODE"
+        ))
+        .execute(&mut lock)
         .await
         .unwrap();
-    assert_eq!(calls, [1, 31], "the asks of each call");
+        let first = tokio::spawn({
+            let (store, ask) = (store.clone(), asks[0].clone());
+            async move { read(&store, &ask).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = 'shoppers'::regclass",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first read never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut others = Box::pin(futures_util::future::join_all(asks[1..].iter().map(|a| read(store, a))));
+        // One poll asks them all.
+        assert!(tokio::time::timeout(Duration::ZERO, &mut others).await.is_err());
+        sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+        lock.close().await.unwrap();
+        let mut answers = vec![first.await.unwrap()];
+        answers.extend(others.await);
+        answers
+    }
+    async fn calls(conn: &mut sqlx::PgConnection) -> Vec<i32> {
+        let calls = sqlx::query_scalar("SELECT asks FROM read_calls ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql("DELETE FROM read_calls")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        calls
+    }
+
+    let answers = behind_lock(&store, &url, &schema, &mut conn, &asks).await;
+    assert_eq!(calls(&mut conn).await, [1, 31], "the asks of each call");
+    for (a, answer) in asks.iter().zip(answers) {
+        let apart = DeliveryReads::read_apart(&*store, &a.0, &a.1, "WEB", a.2)
+            .await
+            .unwrap();
+        assert_eq!(answer.unwrap(), apart, "{a:?}");
+    }
+    // What the reads apart answer, for one: each caller got its own.
+    let one = read(&store, &asks[9]).await.unwrap();
+    assert_eq!(one.shopper.and_then(|s| s.identity), Some("id-9".to_string()));
+    let lines: Vec<&str> = one.cart.iter().map(|l| l.line_id.as_str()).collect();
+    assert_eq!(lines, ["L2", "L1"]);
+    assert_eq!(one.session.map(|s| s.last_event_at_ms), Some(9));
+    let open: Vec<&str> = one.open_sessions.iter().map(|s| s.channel.as_str()).collect();
+    assert_eq!(open, ["APP", "WEB"]);
+    calls(&mut conn).await;
+
+    // s3's record damaged behind the store's back: its caller fails as its reads apart do; the
+    // others of its batch read theirs alone and get their answers.
+    sqlx::raw_sql("UPDATE shoppers SET state = 'not json' WHERE shopper_key = 's3'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let answers = behind_lock(&store, &url, &schema, &mut conn, &asks).await;
+    let calls = calls(&mut conn).await;
+    // The first ask's call, then the batch's asks each alone; the calls that failed (the batch's,
+    // and s3's alone) took their records with them.
+    assert_eq!(calls, [1; 31], "{calls:?}");
+    for (a, answer) in asks.iter().zip(answers) {
+        let apart = DeliveryReads::read_apart(&*store, &a.0, &a.1, "WEB", a.2).await;
+        if a.0 == "s3" {
+            assert!(answer.is_err() && apart.is_err(), "{answer:?}");
+        } else {
+            assert_eq!(answer.unwrap(), apart.unwrap(), "{a:?}");
+        }
+    }
     store.close().await;
-    lock.close().await.unwrap();
     conn.close().await.unwrap();
 }
 
