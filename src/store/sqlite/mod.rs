@@ -341,6 +341,18 @@ impl Intake for SqliteStore {
     }
 }
 
+/// The claim's walk of the queue: the intents it may claim (pending, enriched, due), oldest first,
+/// each the head of its shopper's queue. `?1` now, `?2` the most rows. It reads an index of the
+/// pending intents that holds every column it needs (`intents_pending_walk`, migration 0011), never
+/// their rows: a row's `queue_id` and
+/// `next_attempt_at` sit behind its webhook and enrichment, so that reading them walked the row's
+/// overflow pages, one `pread` each, for every intent passed (BENCHMARKS.md, session 24).
+const CLAIM_WALK: &str = "SELECT i.id, i.queue_id, i.attempts FROM intents i INDEXED BY intents_pending_walk \
+     WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?1 \
+       AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
+                       AND o.state = 'pending' AND o.id < i.id) \
+     ORDER BY i.id LIMIT ?2";
+
 #[async_trait]
 impl Outbox for SqliteStore {
     async fn claim(&self, limit: usize, lease: Duration) -> Result<Vec<ClaimedIntent>, StoreError> {
@@ -356,13 +368,7 @@ impl Outbox for SqliteStore {
                 // running), so a shopper's intents go one at a time. The walk in id order reads past
                 // at most one head per held queue: it stops after `limit` taken.
                 let mut taking = claims.taking(now);
-                let mut walk = c.prepare_cached(
-                    "SELECT i.id, i.queue_id, i.attempts FROM intents i \
-                     WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?1 \
-                       AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
-                                       AND o.state = 'pending' AND o.id < i.id) \
-                     ORDER BY i.id LIMIT ?2",
-                )?;
+                let mut walk = c.prepare_cached(CLAIM_WALK)?;
                 let mut candidates = walk.query(params![now, (limit + taking.busy_queues()) as i64])?;
                 let mut read = c.prepare_cached(
                     "SELECT shopper_key, intent, enrichment, progress, sent, created_at FROM intents WHERE id = ?1",
@@ -1016,7 +1022,7 @@ mod tests {
     use rusqlite::Connection;
 
     /// The SQLite migrations, in order.
-    const MIGRATIONS: [&str; 10] = [
+    const MIGRATIONS: [&str; 11] = [
         include_str!("../../../migrations/sqlite/0001_initial.sql"),
         include_str!("../../../migrations/sqlite/0002_pending_by_id.sql"),
         include_str!("../../../migrations/sqlite/0003_unenriched_by_id.sql"),
@@ -1027,6 +1033,7 @@ mod tests {
         include_str!("../../../migrations/sqlite/0008_progress_per_event.sql"),
         include_str!("../../../migrations/sqlite/0009_reconciler.sql"),
         include_str!("../../../migrations/sqlite/0010_claims_in_memory.sql"),
+        include_str!("../../../migrations/sqlite/0011_claim_walk_covered.sql"),
     ];
 
     /// An in-memory database with the first `migrations` of the store's schema applied.
@@ -1058,6 +1065,40 @@ mod tests {
             !super::page_caches_shared(),
             "SQLite was built with SQLITE_ENABLE_MEMORY_MANAGEMENT: is .cargo/config.toml used?"
         );
+    }
+
+    /// The claim's walk of the queue reads an index that holds every column it needs, never the
+    /// intents' rows (whose webhooks and enrichments span overflow pages it would read for each
+    /// intent passed), and in id order with no sort, however the statistics stand.
+    #[test]
+    fn the_claims_walk_reads_an_index_of_what_it_needs_not_the_rows() {
+        let conn = database(MIGRATIONS.len());
+        for analyzed in [false, true] {
+            if analyzed {
+                conn.execute_batch("ANALYZE").unwrap();
+            }
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {}", super::CLAIM_WALK))
+                .unwrap()
+                .query_map([0, 10], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                plan[0], "SCAN i USING COVERING INDEX intents_pending_walk",
+                "analyzed: {analyzed}: {plan:?}"
+            );
+            assert!(plan.iter().all(|step| !step.contains("TEMP B-TREE")), "{plan:?}");
+            // The operators' list of the queue still reads indexes, not the whole table.
+            let pending: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::store::shared::PENDING))
+                .unwrap()
+                .query_map([10], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(pending.iter().all(|step| step != "SCAN intents"), "{pending:?}");
+        }
     }
 
     /// Migration 0010 voids the delivery claims earlier versions wrote into the intents' rows.

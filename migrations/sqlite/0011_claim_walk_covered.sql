@@ -1,0 +1,10 @@
+-- The claim's walk of the queue (src/store/sqlite/mod.rs, CLAIM_WALK) reads this index alone: every
+-- column the walk needs is in it. Through `intents_pending_id` (id alone) it read each passed
+-- intent's row for `enriched`, `next_attempt_at`, `attempts` and `queue_id`, which sit behind the
+-- row's webhook and enrichment: the row's overflow pages, one read each, for every intent the walk
+-- passed. It replaces `intents_pending_id` (the same entries, in the same order), so that intake
+-- and acks keep one index of pending intents to write, not two; the operators' list of the queue and
+-- its counts read it as they read the one it replaces.
+DROP INDEX intents_pending_id;
+CREATE INDEX intents_pending_walk ON intents (id, queue_id, next_attempt_at, attempts, enriched, state)
+    WHERE state = 'pending';
