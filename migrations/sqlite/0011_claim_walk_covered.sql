@@ -3,8 +3,9 @@
 -- intent's row for `enriched`, `next_attempt_at`, `attempts` and `queue_id`, which sit behind the
 -- row's webhook and enrichment: the row's overflow pages, one read each, for every intent the walk
 -- passed. It replaces `intents_pending_id` (the same entries, in the same order), so that intake
--- and acks keep one index of pending intents to write, not two; the operators' list of the queue and
--- its counts read it as they read the one it replaces.
+-- and acks keep one index of pending intents to write, not two (an enrichment's save, a retry and a
+-- replay now rewrite its entry too); the operators' list of the queue reads it as it read the one it
+-- replaces.
 DROP INDEX intents_pending_id;
 CREATE INDEX intents_pending_walk ON intents (id, queue_id, next_attempt_at, attempts, enriched, state)
     WHERE state = 'pending';
