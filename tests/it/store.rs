@@ -1872,3 +1872,17 @@ async fn the_queue_lists_its_oldest_pending_intents_in_order_enriched_or_not(bac
     );
     store.close().await;
 }
+
+/// SQLite: a file without the index the claim's walk reads (dropped or damaged by hand) stops the
+/// start with the index named, instead of failing every claim once the service runs.
+#[tokio::test]
+async fn a_sqlite_file_without_the_claims_index_does_not_start() {
+    let place = Backend::Sqlite.place("claims_index").unwrap();
+    place.service().await.close().await;
+    place.execute("DROP INDEX intents_pending_walk").await;
+    let error = match store::open(&place.settings, Role::Service { takeover: TAKEOVER }).await {
+        Ok(_) => panic!("the store opened without the claim's index"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("intents_pending_walk"), "{error}");
+}

@@ -198,6 +198,12 @@ impl SqliteStore {
             })
             .await
             .context("cannot load the LogIDs seen and the shoppers' queues")?;
+        // Prepared now, on the writer's connection that claims: a file without the index the walk
+        // names (dropped or damaged by hand) stops the start, instead of failing every claim.
+        writer
+            .write(|c| Ok(drop(c.prepare_cached(CLAIM_WALK)?)))
+            .await
+            .context("cannot prepare the claim's walk of the queue")?;
         Ok(SqliteStore {
             pool,
             readers: readers::Readers::new(&path, busy_timeout),
