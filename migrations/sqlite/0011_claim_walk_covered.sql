@@ -7,5 +7,7 @@
 -- replay now rewrite its entry too); the operators' list of the queue reads it as it read the one it
 -- replaces.
 DROP INDEX intents_pending_id;
-CREATE INDEX intents_pending_walk ON intents (id, queue_id, next_attempt_at, attempts, enriched, state)
+-- It holds `created_at` too: the queue's gauges (every 5 s, src/telemetry.rs) read the oldest pending
+-- intent's age from it, which through the rows read every pending intent's overflow pages.
+CREATE INDEX intents_pending_walk ON intents (id, queue_id, next_attempt_at, attempts, enriched, state, created_at)
     WHERE state = 'pending';
