@@ -635,10 +635,11 @@ impl Outbox for PostgresStore {
 }
 
 shared::shopper_reads!(PostgresStore, {
-    /// One round trip for the intents in flight together instead of three or four each: asked
-    /// while a batch of them runs, these reads go together in the next call. Should the server fail
-    /// to read the browser from a shopper's record (not JSON: a record damaged outside the
-    /// service), the reads are made apart, and fail or not as they would.
+    /// One round trip for the intents in flight together instead of one each: asked while a batch
+    /// of them runs, these reads go together in the next call. Should the server fail to read the
+    /// browser from a shopper's record of the batch (not JSON: a record damaged outside the service),
+    /// each of its intents reads alone (`delivery_reads_alone`), and only the
+    /// damaged record's fails.
     async fn delivery_reads(
         &self,
         shopper_key: &str,
