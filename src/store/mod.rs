@@ -98,6 +98,16 @@ impl StoreError {
         }
     }
 
+    /// The database could not read a value it holds or was given (a data exception, SQLSTATE class
+    /// 22: on reads, a record damaged outside the service, such as a shopper's record that is not
+    /// JSON where the server reads into it).
+    pub fn data_exception(&self) -> bool {
+        matches!(self, StoreError::Database(e) if e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code.starts_with("22")))
+    }
+
     /// The connection broke, not the statement (the server closed it: a restart, an operator, an
     /// idle timeout; SQLSTATE class 08 or 57P): on another connection the same statement may pass.
     pub fn lost_connection(&self) -> bool {

@@ -29,7 +29,7 @@ pub struct PostgresStore {
     /// Intake's group commit: the webhooks that arrive while a batch commits go in the next.
     writer: Batched<NewIntent, EnqueueOutcome>,
     /// Delivery's first reads, asked while a batch of them runs, go together in the next: one
-    /// call for the intents in flight together (`None`: read them apart).
+    /// call for the intents in flight together (`None`: read this intent's alone).
     reads: Batched<ReadsAsk, Option<Result<DeliveryReads, StoreError>>>,
     /// The service's registration (`None` for operators' commands, which take no claims).
     heartbeat: Option<Heartbeat>,
@@ -271,16 +271,7 @@ async fn delivery_reads_batch(
     asks: &[ReadsAsk],
     tries: u32,
 ) -> Result<Vec<Option<Result<DeliveryReads, StoreError>>>, StoreError> {
-    let mut tries = tries.max(1);
-    let rows = loop {
-        tries -= 1;
-        match read_batch(pool, asks).await {
-            Err(e) if tries > 0 && e.lost_connection() => {
-                tracing::info!(error = %e, "a pooled PostgreSQL connection was broken: delivery's reads tried again");
-            }
-            done => break done,
-        }
-    };
+    let rows = on_a_live_connection("delivery's reads", tries, || read_batch(pool, asks)).await;
     match rows {
         Ok(rows) if rows.len() == asks.len() => Ok(rows
             .into_iter()
@@ -292,13 +283,7 @@ async fn delivery_reads_batch(
             rows.len(),
             asks.len()
         ))),
-        Err(StoreError::Database(e))
-            if e.as_database_error()
-                .and_then(|d| d.code())
-                .is_some_and(|c| c.starts_with("22")) =>
-        {
-            Ok(asks.iter().map(|_| None).collect())
-        }
+        Err(e) if e.data_exception() => Ok(asks.iter().map(|_| None).collect()),
         Err(e) => Err(e),
     }
 }
@@ -318,17 +303,26 @@ async fn read_batch(pool: &PgPool, asks: &[ReadsAsk]) -> Result<Vec<shared::Deli
 }
 
 /// Intake's batch, tried again on another connection while the one it was given turns out broken
-/// (the server closed it: a restart, an operator, an idle timeout): OrderCloud does not send a
-/// refused webhook again. `tries` exceeds the pool's size, so that every connection the pool held
-/// can be found broken (each is dropped from the pool) before a new one is opened. Safe to repeat:
-/// a batch committed before its answer was lost comes back as duplicates, which intake answers 200.
+/// ([`on_a_live_connection`]): OrderCloud does not send a refused webhook again. Safe to repeat: a
+/// batch committed before its answer was lost comes back as duplicates, which intake answers 200.
 async fn enqueue_batch(pool: &PgPool, items: &[NewIntent], tries: u32) -> Result<Vec<EnqueueOutcome>, StoreError> {
+    on_a_live_connection("intake's batch", tries, || insert_batch(pool, items)).await
+}
+
+/// Runs `batch` (one that is safe to repeat) again on another connection while the one it was given
+/// turns out broken (the server closed it: a restart, an operator, an idle timeout), at most `tries`
+/// times. `tries` exceeds the pool's size, so that every connection the pool held can be found
+/// broken (each is dropped from the pool) before a new one is opened.
+async fn on_a_live_connection<T, Fut>(what: &str, tries: u32, batch: impl Fn() -> Fut) -> Result<T, StoreError>
+where
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let mut tries = tries.max(1);
     loop {
         tries -= 1;
-        match insert_batch(pool, items).await {
+        match batch().await {
             Err(e) if tries > 0 && e.lost_connection() => {
-                tracing::info!(error = %e, "a pooled PostgreSQL connection was broken: intake's batch tried again");
+                tracing::info!(error = %e, "a pooled PostgreSQL connection was broken: {what} tried again");
             }
             done => return done,
         }
@@ -673,20 +667,21 @@ impl PostgresStore {
         channel: &str,
         open_since: Option<i64>,
     ) -> Result<DeliveryReads, StoreError> {
-        let row: Result<shared::DeliveryReadsRow, sqlx::Error> =
+        let row: Result<shared::DeliveryReadsRow, StoreError> =
             sqlx::query_as("SELECT * FROM forwarder_delivery_reads($1, $2, $3, $4)")
                 .bind(shopper_key)
                 .bind(order_id)
                 .bind(channel)
                 .bind(open_since)
                 .fetch_one(&self.pool)
-                .await;
+                .await
+                .map_err(StoreError::from);
         match row {
             Ok(row) => row.decode(order_id),
-            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
+            Err(e) if e.data_exception() => {
                 DeliveryReads::read_apart(self, shopper_key, order_id, channel, open_since).await
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 }

@@ -124,9 +124,10 @@ impl CartLineRow {
     }
 }
 
-/// A row of PostgreSQL's `forwarder_delivery_reads` (migration 0010) and `forwarder_delivery_reads_batch`
-/// (0011, a row per ask): [`super::Shoppers::delivery_reads`] in one call, the browser read from the shopper's record on the server; the cart's lines as arrays in
-/// [`CART_LINES`]' order, the open sessions in [`SESSIONS_OF`]'.
+/// A row of PostgreSQL's `forwarder_delivery_reads` (migration 0010) and of
+/// `forwarder_delivery_reads_batch` (0011, a row per ask; its place `n` is not decoded):
+/// [`super::Shoppers::delivery_reads`] in one call, the browser read from the shopper's record on the
+/// server; the cart's lines as arrays in [`CART_LINES`]' order, the open sessions in [`SESSIONS_OF`]'.
 #[derive(sqlx::FromRow)]
 pub(crate) struct DeliveryReadsRow {
     state: Option<String>,

@@ -193,20 +193,14 @@ impl SqliteStore {
         let (loading_seen, loading_queues) = (seen.clone(), queues.clone());
         writer
             .write(move |c| {
+                // Prepared now, on the writer's connection that claims: a file without the index the
+                // walk names (dropped or damaged by hand) stops the start, not every claim.
+                c.prepare_cached(CLAIM_WALK)?;
                 loading_seen.load(c)?;
                 loading_queues.load(c)
             })
             .await
-            .context("cannot load the LogIDs seen and the shoppers' queues")?;
-        // Prepared now, on the writer's connection that claims: a file without the index the walk
-        // names (dropped or damaged by hand) stops the start, instead of failing every claim.
-        writer
-            .write(|c| {
-                c.prepare_cached(CLAIM_WALK)?;
-                Ok(())
-            })
-            .await
-            .context("cannot prepare the claim's walk of the queue")?;
+            .context("cannot prepare the claim's walk, or load the LogIDs seen and the shoppers' queues")?;
         Ok(SqliteStore {
             pool,
             readers: readers::Readers::new(&path, busy_timeout),
@@ -353,9 +347,9 @@ impl Intake for SqliteStore {
 /// The claim's walk of the queue: the intents it may claim (pending, enriched, due), oldest first,
 /// each the head of its shopper's queue. `?1` now, `?2` the most rows. It reads an index of the
 /// pending intents that holds every column it needs (`intents_pending_walk`, migration 0011), never
-/// their rows: a row's `queue_id` and
-/// `next_attempt_at` sit behind its webhook and enrichment, so that reading them walked the row's
-/// overflow pages, one `pread` each, for every intent passed (BENCHMARKS.md, session 24).
+/// their rows: a row's `queue_id` and `next_attempt_at` sit behind its webhook and enrichment, so
+/// that reading them walked the row's overflow pages, one `pread` each, for every intent passed
+/// (BENCHMARKS.md, session 24).
 const CLAIM_WALK: &str = "SELECT i.id, i.queue_id, i.attempts FROM intents i INDEXED BY intents_pending_walk \
      WHERE i.state = 'pending' AND i.enriched = 1 AND i.next_attempt_at <= ?1 \
        AND NOT EXISTS (SELECT 1 FROM intents o WHERE o.queue_id = i.queue_id \
