@@ -485,6 +485,8 @@ async fn plans_are_kept_where_they_find_rows_by_key_and_intents_are_compressed_w
             "forwarder_delivery_reads",
             "forwarder_delivery_reads_batch",
             "forwarder_enqueue",
+            "forwarder_mark_new_head",
+            "forwarder_mark_next_head",
             "forwarder_save_enrichment"
         ],
         "{settings:?}"
@@ -674,6 +676,33 @@ async fn plans_made_on_an_empty_queue_hold_on_a_deep_one(url: &str, analyzed: An
     assert!(
         read < 100,
         "a claim, an ack and a save read {read} pages of a 60,000-intent table (statistics: {analyzed:?})"
+    );
+    // Intake's marks of a new intent as its shopper's head (migration 0012's trigger): one of a
+    // shopper with intents pending (not the head), one of a new shopper (the head).
+    // (The test's rows took their ids from no sequence.)
+    sqlx::raw_sql("SELECT setval(pg_get_serial_sequence('intents', 'id'), 100000)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let before = pages_read(&mut conn, &schema, "intents").await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT o_id FROM forwarder_enqueue(0, ARRAY['s30000', 'new'], ARRAY['n1', 'n2'], ARRAY['s30000', 'new'], \
+         ARRAY['x', 'x'], ARRAY['{}', '{}'], ARRAY[NULL, NULL], ARRAY[true, true], ARRAY['pending', 'pending'], \
+         ARRAY[NULL, NULL], ARRAY[NULL, NULL])",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let read = pages_read(&mut conn, &schema, "intents").await - before;
+    let heads: Vec<bool> = sqlx::query_scalar("SELECT head FROM intents WHERE id = ANY($1) ORDER BY id")
+        .bind(&ids)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(heads, [false, true]);
+    assert!(
+        read < 60,
+        "intake of two intents read {read} pages of a 60,000-intent table (statistics: {analyzed:?})"
     );
     for table in ["shoppers", "cdp_sessions", "cart_lines"] {
         let before = pages_read(&mut conn, &schema, table).await;
@@ -1019,4 +1048,167 @@ async fn a_replica_starts_on_a_database_a_later_release_migrated() {
     .expect("an older release starts on a later release's database");
     store.ping().await.unwrap();
     store.close().await;
+}
+
+/// PostgreSQL: a claim reads the heads of the shoppers' queues, not the intents queued behind the
+/// shoppers in flight. Sixteen shoppers with a hundred intents each fill the front of the queue, and
+/// their heads are claimed; the next claim takes the shoppers behind them while reading fewer than
+/// a hundred pages. The walk of every pending intent passed the 1,584 queued intents first, one
+/// probe of their shopper's queue each (about 5,000 pages; 2.3 ms a claim on a quick backlog,
+/// BENCHMARKS.md session 25).
+#[tokio::test]
+async fn a_claim_reads_the_heads_of_the_queues_not_the_intents_behind_them() {
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("a_claim_reads_the_heads_of_the_queues") else {
+        return;
+    };
+    let (schema, mut conn) = migrated_connection(&url, "SET plan_cache_mode = force_custom_plan").await;
+    sqlx::raw_sql(
+        "ALTER TABLE intents SET (autovacuum_enabled = off); \
+         INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+           created_at, updated_at) SELECT g, 'k' || g, 'front' || (g % 16), 'x', '{}', true, 'pending', 0, g, g \
+           FROM generate_series(1, 1600) g; \
+         INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+           created_at, updated_at) SELECT g, 'k' || g, 'behind' || g, 'x', '{}', true, 'pending', 0, g, g \
+           FROM generate_series(1601, 2600) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let claim = |claim: &str, limit: i32| {
+        format!(
+            "SELECT id FROM forwarder_claim('{claim}', NULL, 600000, forwarder_now_ms(), {limit}, 10000) ORDER BY id"
+        )
+    };
+    let in_flight: Vec<i64> = sqlx::query_scalar(&claim("c1", 16)).fetch_all(&mut conn).await.unwrap();
+    assert_eq!(in_flight, (1..=16).collect::<Vec<i64>>());
+    let before = pages_read(&mut conn, &schema, "intents").await;
+    let next: Vec<i64> = sqlx::query_scalar(&claim("c2", 4)).fetch_all(&mut conn).await.unwrap();
+    let read = pages_read(&mut conn, &schema, "intents").await - before;
+    assert_eq!(next, vec![1601, 1602, 1603, 1604]);
+    assert!(
+        read < 100,
+        "a claim of 4 read {read} pages of intents, behind 16 shoppers in flight"
+    );
+    conn.close().await.unwrap();
+}
+
+/// PostgreSQL: an intent stored while its shopper's head is being acknowledged becomes the head,
+/// whichever of the two commits first, and is claimed next. The intake holds the shopper's lock
+/// (migration 0007) and marks its intent only if no older one is pending; the trigger that moves
+/// the mark after an ack takes the same lock first (migration 0012). Without that lock, the intake
+/// that saw the old head still pending and the ack that could not see the new intent would leave it
+/// unmarked: never claimed, its shopper stalled.
+#[tokio::test]
+async fn an_intent_stored_while_its_shoppers_head_is_acknowledged_is_claimed_next() {
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("an_intent_stored_while_its_shoppers_head_is_acknowledged") else {
+        return;
+    };
+    for intake_first in [true, false] {
+        let (schema, mut intake) = migrated_connection(&url, "").await;
+        let mut ack = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(&format!("SET search_path TO \"{schema}\""))
+            .execute(&mut ack)
+            .await
+            .unwrap();
+        let enqueue = |key: &str| {
+            format!(
+                "SELECT o_id FROM forwarder_enqueue(0, ARRAY['s'], ARRAY['{key}'], ARRAY['s'], ARRAY['x'], \
+                 ARRAY['{{}}'], ARRAY[NULL], ARRAY[true], ARRAY['pending'], ARRAY[NULL], ARRAY[NULL])"
+            )
+        };
+        let claim = |claim: &str| {
+            format!("SELECT id FROM forwarder_claim('{claim}', NULL, 600000, forwarder_now_ms(), 4, 10000)")
+        };
+        let acknowledge = |id: i64, claim: &str| {
+            format!(
+                "SELECT forwarder_apply({id}, '{claim}', 0, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                 NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'ack', NULL, NULL)"
+            )
+        };
+        let head: i64 = sqlx::query_scalar(&enqueue("k1")).fetch_one(&mut intake).await.unwrap();
+        let claimed: Vec<i64> = sqlx::query_scalar(&claim("c1")).fetch_all(&mut intake).await.unwrap();
+        assert_eq!(claimed, [head]);
+        // The first transaction stays open until the second waits for the shopper's lock.
+        {
+            let (first, second) = if intake_first {
+                (&mut intake, &mut ack)
+            } else {
+                (&mut ack, &mut intake)
+            };
+            sqlx::raw_sql("BEGIN").execute(&mut *first).await.unwrap();
+            let first_call = if intake_first {
+                enqueue("k2")
+            } else {
+                acknowledge(head, "c1")
+            };
+            sqlx::raw_sql(&first_call).execute(&mut *first).await.unwrap();
+            let first_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *first)
+                .await
+                .unwrap();
+            let second_call = if intake_first {
+                acknowledge(head, "c1")
+            } else {
+                enqueue("k2")
+            };
+            let mut waiting = tokio::spawn({
+                let url = url.clone();
+                async move {
+                    let mut watch = sqlx::PgConnection::connect(&url).await.unwrap();
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let blocked: bool = sqlx::query_scalar(
+                            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))",
+                        )
+                        .bind(first_pid)
+                        .fetch_one(&mut watch)
+                        .await
+                        .unwrap();
+                        if blocked {
+                            return;
+                        }
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the second call never waited for the first"
+                        );
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            });
+            let second_done = sqlx::raw_sql(&second_call).execute(&mut *second);
+            tokio::pin!(second_done);
+            let waited = tokio::select! {
+                // Not waiting is no fault in itself: the outcome below is the test.
+                done = &mut second_done => {
+                    done.unwrap();
+                    false
+                }
+                waited = &mut waiting => {
+                    waited.unwrap();
+                    true
+                }
+            };
+            waiting.abort();
+            sqlx::raw_sql("COMMIT").execute(&mut *first).await.unwrap();
+            if waited {
+                (&mut second_done).await.unwrap();
+            }
+        }
+        let pending: Vec<(i64, bool)> =
+            sqlx::query_as("SELECT id, head FROM intents WHERE state = 'pending' ORDER BY id")
+                .fetch_all(&mut intake)
+                .await
+                .unwrap();
+        assert_eq!(pending.len(), 1, "intake first: {intake_first}");
+        assert!(
+            pending[0].1,
+            "the new intent is not its shopper's head (intake first: {intake_first})"
+        );
+        let claimed: Vec<i64> = sqlx::query_scalar(&claim("c2")).fetch_all(&mut intake).await.unwrap();
+        assert_eq!(claimed, [pending[0].0], "intake first: {intake_first}");
+        intake.close().await.unwrap();
+        ack.close().await.unwrap();
+    }
 }
