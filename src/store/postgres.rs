@@ -31,6 +31,9 @@ pub struct PostgresStore {
     /// Delivery's first reads, asked while a batch of them runs, go together in the next: one
     /// call for the intents in flight together (`None`: read this intent's alone).
     reads: Batched<ReadsAsk, Option<Result<DeliveryReads, StoreError>>>,
+    /// Delivery's writes whose commit need not wait for the disk, asked while a call of them runs,
+    /// go together in the next (each answered whether its claim held).
+    applies: Batched<Arc<ApplyCall>, bool>,
     /// The service's registration (`None` for operators' commands, which take no claims).
     heartbeat: Option<Heartbeat>,
     /// A replica silent this long loses its claims.
@@ -236,10 +239,16 @@ impl PostgresStore {
             let pool = reads_pool.clone();
             async move { delivery_reads_batch(&pool, &asks, tries).await }
         });
+        let applies_pool = pool.clone();
+        let applies = Batched::start(MAX_APPLY_BATCH, move |calls| {
+            let pool = applies_pool.clone();
+            async move { apply_batch(&pool, &calls).await }
+        });
         Ok(PostgresStore {
             pool,
             writer,
             reads,
+            applies,
             heartbeat,
             takeover,
         })
@@ -250,6 +259,83 @@ impl PostgresStore {
 const MAX_INTAKE_BATCH: usize = 512;
 /// Most intents whose first reads are one call.
 const MAX_READS_BATCH: usize = 64;
+/// Most intents whose writes are one call.
+const MAX_APPLY_BATCH: usize = 64;
+
+/// One intent's writes, as `forwarder_apply` takes them, for a call of several
+/// (`forwarder_apply_batch`).
+struct ApplyCall {
+    intent_id: i64,
+    claim_id: String,
+    args: ApplyArgs,
+    settle: Option<&'static str>,
+    settle_at: Option<i64>,
+    settle_text: Option<String>,
+}
+
+/// Delivery's writes of several intents in one call (`forwarder_apply_batch`, migration 0012), each
+/// intent's as `forwarder_apply` makes them alone: whether each one's claim held, in order. Not tried
+/// again on another connection, as a single write was not: a call whose answer was lost may have
+/// committed. (A batch the server refuses for one intent's value is sent again intent by intent, by
+/// [`Batched`].)
+async fn apply_batch(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<bool>, StoreError> {
+    // Every intent's lists one after the other, with their counts.
+    fn counts(calls: &[Arc<ApplyCall>], count: impl Fn(&ApplyArgs) -> usize) -> Vec<i32> {
+        calls.iter().map(|c| count(&c.args) as i32).collect()
+    }
+    fn texts<'a>(calls: &'a [Arc<ApplyCall>], get: impl Fn(&'a ApplyArgs) -> &'a [String]) -> Vec<&'a str> {
+        calls.iter().flat_map(|c| get(&c.args)).map(String::as_str).collect()
+    }
+    fn options<'a>(
+        calls: &'a [Arc<ApplyCall>],
+        get: impl Fn(&'a ApplyArgs) -> &'a [Option<String>],
+    ) -> Vec<Option<&'a str>> {
+        calls.iter().flat_map(|c| get(&c.args)).map(Option::as_deref).collect()
+    }
+    fn values<'a, T: Copy + 'a>(calls: &'a [Arc<ApplyCall>], get: impl Fn(&'a ApplyArgs) -> &'a [T]) -> Vec<T> {
+        calls.iter().flat_map(|c| get(&c.args)).copied().collect()
+    }
+    let held: Vec<bool> = sqlx::query_scalar(
+        "SELECT forwarder_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+         $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
+    )
+    .bind(calls.iter().map(|c| c.intent_id).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.claim_id.as_str()).collect::<Vec<_>>())
+    .bind(now_ms())
+    .bind(calls.iter().map(|c| c.args.set_plan).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.args.plan.as_deref()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.args.sent).collect::<Vec<_>>())
+    .bind(counts(calls, |a| a.cart_ops.len()))
+    .bind(values(calls, |a| &a.cart_ops))
+    .bind(texts(calls, |a| &a.cart_orders))
+    .bind(options(calls, |a| &a.cart_lines))
+    .bind(options(calls, |a| &a.cart_shoppers))
+    .bind(options(calls, |a| &a.cart_json))
+    .bind(values(calls, |a| &a.cart_at))
+    .bind(counts(calls, |a| a.shopper_keys.len()))
+    .bind(texts(calls, |a| &a.shopper_keys))
+    .bind(texts(calls, |a| &a.shopper_states))
+    .bind(options(calls, |a| &a.shopper_identities))
+    .bind(counts(calls, |a| a.session_channels.len()))
+    .bind(texts(calls, |a| &a.session_channels))
+    .bind(texts(calls, |a| &a.session_browsers))
+    .bind(texts(calls, |a| &a.session_shoppers))
+    .bind(values(calls, |a| &a.session_at))
+    .bind(texts(calls, |a| &a.session_facts))
+    .bind(calls.iter().map(|c| c.settle).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.settle_at).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.settle_text.as_deref()).collect::<Vec<_>>())
+    .fetch_one(pool)
+    .await?;
+    if held.len() != calls.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{} answers to {} intents' writes",
+            held.len(),
+            calls.len()
+        )));
+    }
+    Ok(held)
+}
 
 /// What delivery reads first for one intent ([`Shoppers::delivery_reads`]' arguments).
 #[derive(Clone)]
@@ -478,6 +564,21 @@ impl Outbox for PostgresStore {
         // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in one call
         // too (migration 0009): the commit then waits for the WAL's flush.
         let durable = args.waits_for_disk();
+        if !durable {
+            // With the writes of the other intents in flight, in one call.
+            let call = ApplyCall {
+                intent_id: claim.intent_id,
+                claim_id: claim.claim_id.clone(),
+                args,
+                settle,
+                settle_at,
+                settle_text,
+            };
+            return match self.applies.submit(Arc::new(call)).await? {
+                true => Ok(()),
+                false => Err(StoreError::StaleClaim(claim.intent_id)),
+            };
+        }
         let checks = std::mem::take(&mut args.checks);
         let call = sqlx::query_scalar(if durable {
             "SELECT forwarder_apply_durable($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
@@ -758,7 +859,7 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     }
 
     async fn close(&self) {
-        tokio::join!(self.writer.close(), self.reads.close());
+        tokio::join!(self.writer.close(), self.reads.close(), self.applies.close());
         // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
         // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
         // once (a graceful shutdown gives back everything else itself).

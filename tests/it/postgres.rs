@@ -1020,3 +1020,208 @@ async fn a_replica_starts_on_a_database_a_later_release_migrated() {
     store.ping().await.unwrap();
     store.close().await;
 }
+
+/// PostgreSQL: delivery's writes asked while a call of them runs go together in the next call —
+/// one round trip for the intents in flight together, not one per acknowledged CDP event — and
+/// each caller gets its own outcome: its progress, session and settle written, or its stale claim
+/// refused (the others of its call still written). A write the server refuses for a value (a
+/// shopper key too long for its index) fails its caller alone: the others of its call are written
+/// one by one. The first call waits behind a lock the test holds; 31 writes are asked meanwhile.
+/// The calls are counted by a wrapper of the batch function.
+#[tokio::test]
+async fn delivery_writes_asked_while_one_runs_are_one_call() {
+    use ordercloud_cdp_forwarder::domain::{SessionFacts, ShopperState};
+    use ordercloud_cdp_forwarder::store::{Claim, DynStore, Settle, StoreError, Write};
+    use sqlx::Connection as _;
+    let Some(url) = postgres_url("delivery_writes_asked_while_one_runs") else {
+        return;
+    };
+    let args = "p_ids BIGINT[], p_claims TEXT[], p_now BIGINT, p_set_plans BOOLEAN[], p_plans TEXT[], \
+        p_sents BIGINT[], p_cart_counts INT[], p_cart_ops TEXT[], p_cart_orders TEXT[], p_cart_lines TEXT[], \
+        p_cart_shoppers TEXT[], p_cart_json TEXT[], p_cart_at BIGINT[], p_shopper_counts INT[], \
+        p_shopper_keys TEXT[], p_shopper_states TEXT[], p_shopper_identities TEXT[], p_session_counts INT[], \
+        p_session_channels TEXT[], p_session_browsers TEXT[], p_session_shoppers TEXT[], p_session_at BIGINT[], \
+        p_session_facts TEXT[], p_settles TEXT[], p_settle_ats BIGINT[], p_settle_texts TEXT[]";
+    let names: Vec<&str> = args.split(", ").map(|a| a.split(' ').next().unwrap()).collect();
+    let types: Vec<&str> = args.split(", ").map(|a| a.split(' ').nth(1).unwrap()).collect();
+    // 64 intents of shoppers s0..s63, claimed as `c`.
+    let (schema, mut conn) = migrated_connection(
+        &url,
+        &format!(
+            "CREATE TABLE apply_calls (id SERIAL PRIMARY KEY, intents INT); \
+             ALTER FUNCTION forwarder_apply_batch({types}) RENAME TO real_apply_batch; \
+             CREATE FUNCTION forwarder_apply_batch({args}) RETURNS BOOLEAN[] LANGUAGE plpgsql AS $$ BEGIN \
+               INSERT INTO apply_calls (intents) VALUES (cardinality(p_ids)); \
+               RETURN real_apply_batch({names}); END $$; \
+             INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
+               created_at, updated_at, claim_id, lease_until) \
+               SELECT g, 'k' || g, 's' || g, 'x', '{{}}', true, 'pending', 0, g, g, 'c', forwarder_now_ms() + 600000 \
+               FROM generate_series(0, 63) g",
+            types = types.join(", "),
+            names = names.join(", "),
+        ),
+    )
+    .await;
+    let settings = ordercloud_cdp_forwarder::config::StoreSettings {
+        url: url.clone(),
+        schema: Some(schema.clone()),
+        ..Default::default()
+    };
+    let store = ordercloud_cdp_forwarder::store::open(
+        &settings,
+        ordercloud_cdp_forwarder::store::Role::Service {
+            takeover: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap();
+    // Intent i's writes: its second event's progress and its session; intent 7's claim is another
+    // worker's; intent 9 is acknowledged; intent `long` writes a shopper whose key no index takes.
+    async fn write(store: &DynStore, i: i64, long: i64) -> Result<(), StoreError> {
+        let claim = Claim {
+            intent_id: i,
+            claim_id: if i % 32 == 7 { "stale".into() } else { "c".into() },
+        };
+        let facts = SessionFacts {
+            channel: "WEB".into(),
+            browser_id: format!("b{i}"),
+            shopper_key: format!("s{i}"),
+            last_event_at_ms: i,
+            ..SessionFacts::default()
+        };
+        let mut writes = vec![Write::Sent(2), Write::Session(facts)];
+        if i == long {
+            // Letters no compression shortens: past the 2,704 bytes a b-tree entry may hold.
+            let mut x: u64 = 1;
+            let key: String = (0..10_000)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    char::from(b'a' + (x >> 59) as u8 % 26)
+                })
+                .collect();
+            writes.push(Write::Shopper {
+                key,
+                state: ShopperState::default(),
+            });
+        }
+        let settle = (i % 32 == 9).then_some(Settle::Ack);
+        store.apply(&claim, writes, settle).await
+    }
+    // The first write (intent `first`) waits behind the lock; the next 31 are asked meanwhile.
+    async fn behind_lock(
+        store: &DynStore,
+        url: &str,
+        schema: &str,
+        conn: &mut sqlx::PgConnection,
+        first: i64,
+        long: i64,
+    ) -> Vec<Result<(), StoreError>> {
+        let mut lock = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE intent_progress IN ACCESS EXCLUSIVE MODE"
+        ))
+        .execute(&mut lock)
+        .await
+        .unwrap();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { write(&store, first, long).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_locks WHERE NOT granted AND relation = 'intent_progress'::regclass",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first write never waited for the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut others = Box::pin(futures_util::future::join_all(
+            (first + 1..first + 32).map(|i| write(store, i, long)),
+        ));
+        // One poll asks them all.
+        assert!(tokio::time::timeout(Duration::ZERO, &mut others).await.is_err());
+        sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+        lock.close().await.unwrap();
+        let mut outcomes = vec![waiting.await.unwrap()];
+        outcomes.extend(others.await);
+        outcomes
+    }
+    async fn calls(conn: &mut sqlx::PgConnection) -> Vec<i32> {
+        let calls = sqlx::query_scalar("SELECT intents FROM apply_calls ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::raw_sql("DELETE FROM apply_calls")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        calls
+    }
+    // What intent i's writes left: (its progress, its session's last event, whether it is queued).
+    async fn written(conn: &mut sqlx::PgConnection, i: i64) -> (Option<i64>, Option<i64>, bool) {
+        sqlx::query_as(
+            "SELECT (SELECT sent FROM intent_progress WHERE intent_id = $1), \
+                    (SELECT last_event_at FROM cdp_sessions WHERE browser_id = 'b' || $1), \
+                    EXISTS (SELECT 1 FROM intents WHERE id = $1)",
+        )
+        .bind(i)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+
+    let outcomes = behind_lock(&store, &url, &schema, &mut conn, 0, -1).await;
+    assert_eq!(calls(&mut conn).await, [1, 31], "the intents of each call");
+    for (i, outcome) in (0..32).zip(outcomes) {
+        match i {
+            7 => {
+                assert!(matches!(outcome, Err(StoreError::StaleClaim(7))), "{outcome:?}");
+                assert_eq!(written(&mut conn, i).await, (None, None, true));
+            }
+            // Acknowledged: its progress goes with it.
+            9 => {
+                outcome.unwrap();
+                assert_eq!(written(&mut conn, i).await, (None, Some(9), false));
+            }
+            _ => {
+                outcome.unwrap();
+                assert_eq!(written(&mut conn, i).await, (Some(2), Some(i), true), "intent {i}");
+            }
+        }
+    }
+
+    // Intent 40's shopper key refused by the server: it fails alone; the others of its call (41 to
+    // 63) are written one by one.
+    let outcomes = behind_lock(&store, &url, &schema, &mut conn, 32, 40).await;
+    // The first intent's call, then the others' each alone; the calls that failed (the batch's,
+    // and intent 40's alone) took their records with them.
+    assert_eq!(calls(&mut conn).await, [1; 31]);
+    for (i, outcome) in (32..64).zip(outcomes) {
+        match i {
+            39 => assert!(matches!(outcome, Err(StoreError::StaleClaim(39))), "{outcome:?}"),
+            40 => {
+                assert!(matches!(outcome, Err(StoreError::Database(_))), "{outcome:?}");
+                assert_eq!(written(&mut conn, i).await, (None, None, true));
+            }
+            41 => {
+                outcome.unwrap();
+                assert_eq!(written(&mut conn, i).await, (None, Some(41), false));
+            }
+            _ => {
+                outcome.unwrap();
+                assert_eq!(written(&mut conn, i).await, (Some(2), Some(i), true), "intent {i}");
+            }
+        }
+    }
+    store.close().await;
+    conn.close().await.unwrap();
+}
