@@ -11,9 +11,10 @@
 -- since its commit waits for the disk; this call's commit does not (`forwarder_apply` turns
 -- `synchronous_commit` off for the transaction).
 --
--- One intent's failure (a value the server refuses) fails the call: the store then sends each
--- intent's writes alone, so that only its caller fails. `forwarder_apply` stays, for that and for
--- replicas of the release before during a rolling upgrade.
+-- An error fails the whole call and commits nothing (a value one intent holds, a deadlock with
+-- another replica's writes, a statement timeout): the store then calls this function again for each
+-- intent alone, so that only the intent at fault fails. Replicas of the release before keep calling
+-- `forwarder_apply` during a rolling upgrade.
 CREATE FUNCTION forwarder_apply_batch(
     p_ids BIGINT[], p_claims TEXT[], p_now BIGINT,
     p_set_plans BOOLEAN[], p_plans TEXT[], p_sents BIGINT[],
@@ -36,6 +37,15 @@ DECLARE
     s_to INT;
     f_to INT;
 BEGIN
+    -- The counts must cover the lists exactly: else an intent would get another's writes.
+    IF (SELECT COALESCE(sum(n), 0) FROM unnest(p_cart_counts) n) <> COALESCE(array_length(p_cart_ops, 1), 0)
+       OR (SELECT COALESCE(sum(n), 0) FROM unnest(p_shopper_counts) n) <> COALESCE(array_length(p_shopper_keys, 1), 0)
+       OR (SELECT COALESCE(sum(n), 0) FROM unnest(p_session_counts) n)
+          <> COALESCE(array_length(p_session_channels, 1), 0)
+       OR array_position(p_cart_counts, NULL) IS NOT NULL OR array_position(p_shopper_counts, NULL) IS NOT NULL
+       OR array_position(p_session_counts, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'forwarder_apply_batch: the counts do not cover the lists' USING ERRCODE = 'internal_error';
+    END IF;
     FOR i IN 1 .. COALESCE(array_length(p_ids, 1), 0) LOOP
         c_to := c + p_cart_counts[i] - 1;
         s_to := s + p_shopper_counts[i] - 1;

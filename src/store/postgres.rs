@@ -33,7 +33,7 @@ pub struct PostgresStore {
     reads: Batched<ReadsAsk, Option<Result<DeliveryReads, StoreError>>>,
     /// Delivery's writes whose commit need not wait for the disk, asked while a call of them runs,
     /// go together in the next (each answered whether its claim held).
-    applies: Batched<Arc<ApplyCall>, bool>,
+    applies: Batched<Arc<ApplyCall>, Result<bool, StoreError>>,
     /// The service's registration (`None` for operators' commands, which take no claims).
     heartbeat: Option<Heartbeat>,
     /// A replica silent this long loses its claims.
@@ -274,11 +274,31 @@ struct ApplyCall {
 }
 
 /// Delivery's writes of several intents in one call (`forwarder_apply_batch`, migration 0012), each
-/// intent's as `forwarder_apply` makes them alone: whether each one's claim held, in order. Not tried
-/// again on another connection, as a single write was not: a call whose answer was lost may have
-/// committed. (A batch the server refuses for one intent's value is sent again intent by intent, by
-/// [`Batched`].)
-async fn apply_batch(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<bool>, StoreError> {
+/// intent's as `forwarder_apply` makes them alone: per intent, whether its claim held. A call the
+/// server answered with an error committed nothing (a value one intent holds, a deadlock with another
+/// replica's writes, a lock that outlasted `store.statement_timeout_ms`): each intent's writes are then
+/// sent alone, so that only the intent at fault fails. A call whose connection broke may have
+/// committed before its answer was lost: it is not sent again, and each of its intents fails, as a
+/// single write did then (its delivery retries, after recording its progress with the retry).
+async fn apply_batch(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+    match apply_together(pool, calls).await {
+        Ok(held) => Ok(held.into_iter().map(Ok).collect()),
+        Err(e) if calls.len() > 1 && e.answered_by_server() => {
+            let mut alone = Vec::with_capacity(calls.len());
+            for call in calls {
+                alone.push(
+                    apply_together(pool, std::slice::from_ref(call))
+                        .await
+                        .map(|held| held[0]),
+                );
+            }
+            Ok(alone)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn apply_together(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<bool>, StoreError> {
     // Every intent's lists one after the other, with their counts.
     fn counts(calls: &[Arc<ApplyCall>], count: impl Fn(&ApplyArgs) -> usize) -> Vec<i32> {
         calls.iter().map(|c| count(&c.args) as i32).collect()
@@ -328,7 +348,8 @@ async fn apply_batch(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<bool
     .fetch_one(pool)
     .await?;
     if held.len() != calls.len() {
-        return Err(StoreError::Corrupt(format!(
+        // Committed: not a refusal to try again intent by intent.
+        return Err(StoreError::Unavailable(format!(
             "{} answers to {} intents' writes",
             held.len(),
             calls.len()
@@ -549,8 +570,8 @@ impl Outbox for PostgresStore {
     }
 
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
-        // One call, one round trip, whatever the writes: `forwarder_apply` (migration 0004) checks the
-        // claim and locks its row first, then writes in order and settles.
+        // One call whatever the writes: `forwarder_apply` (migration 0008) checks the claim and locks
+        // its row first, then writes in order and settles.
         let mut args = ApplyArgs::default();
         for write in writes.into_iter().filter(|w| w.outlives(settle.as_ref())) {
             args.push(write)?;
@@ -561,11 +582,10 @@ impl Outbox for PostgresStore {
             Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(storable_text(error))),
             Some(Settle::Dead { reason }) => (Some("dead"), None, Some(storable_text(reason))),
         };
-        // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in one call
-        // too (migration 0009): the commit then waits for the WAL's flush.
-        let durable = args.waits_for_disk();
-        if !durable {
-            // With the writes of the other intents in flight, in one call.
+        // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in a call of
+        // their own (migration 0009), whose commit waits for the WAL's flush; other writes go with
+        // those of the other intents in flight, in one call whose commit does not wait.
+        if !args.waits_for_disk() {
             let call = ApplyCall {
                 intent_id: claim.intent_id,
                 claim_id: claim.claim_id.clone(),
@@ -574,19 +594,16 @@ impl Outbox for PostgresStore {
                 settle_at,
                 settle_text,
             };
-            return match self.applies.submit(Arc::new(call)).await? {
+            return match self.applies.submit(Arc::new(call)).await?? {
                 true => Ok(()),
                 false => Err(StoreError::StaleClaim(claim.intent_id)),
             };
         }
         let checks = std::mem::take(&mut args.checks);
-        let call = sqlx::query_scalar(if durable {
+        let held: bool = sqlx::query_scalar(
             "SELECT forwarder_apply_durable($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
-        } else {
-            "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23)"
-        })
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
+        )
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
         .bind(now_ms())
@@ -609,22 +626,19 @@ impl Outbox for PostgresStore {
         .bind(args.session_facts)
         .bind(settle)
         .bind(settle_at)
-        .bind(settle_text);
-        let call = if durable {
-            call.bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
-                .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
-                .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
-                .bind(
-                    checks
-                        .iter()
-                        .map(|c| c.enrichment.as_ref().map(Value::to_string))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
-        } else {
-            call
-        };
-        let held: bool = call.fetch_one(&self.pool).await?;
+        .bind(settle_text)
+        .bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
+        .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
+        .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
+        .bind(
+            checks
+                .iter()
+                .map(|c| c.enrichment.as_ref().map(Value::to_string))
+                .collect::<Vec<_>>(),
+        )
+        .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
+        .fetch_one(&self.pool)
+        .await?;
         if !held {
             return Err(StoreError::StaleClaim(claim.intent_id));
         }

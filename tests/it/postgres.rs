@@ -1023,14 +1023,16 @@ async fn a_replica_starts_on_a_database_a_later_release_migrated() {
 
 /// PostgreSQL: delivery's writes asked while a call of them runs go together in the next call —
 /// one round trip for the intents in flight together, not one per acknowledged CDP event — and
-/// each caller gets its own outcome: its progress, session and settle written, or its stale claim
-/// refused (the others of its call still written). A write the server refuses for a value (a
-/// shopper key too long for its index) fails its caller alone: the others of its call are written
-/// one by one. The first call waits behind a lock the test holds; 31 writes are asked meanwhile.
-/// The calls are counted by a wrapper of the batch function.
+/// each caller gets its own outcome: its progress, sessions, cart line, shopper record and settle
+/// written (each intent with its own number of each), or its stale claim refused (the others of its
+/// call still written). A CONFIRM's or CHECKOUT's write, whose commit waits for the disk, goes alone.
+/// A write the server refuses for a value (a shopper key too long for its index) fails its caller
+/// alone: the others of its call are written one by one. The first call waits behind a lock the
+/// test holds; 31 writes are asked meanwhile. The calls are counted by a wrapper of the batch
+/// function.
 #[tokio::test]
 async fn delivery_writes_asked_while_one_runs_are_one_call() {
-    use ordercloud_cdp_forwarder::domain::{SessionFacts, ShopperState};
+    use ordercloud_cdp_forwarder::domain::{CartLine, SessionFacts, ShopperState};
     use ordercloud_cdp_forwarder::store::{Claim, DynStore, Settle, StoreError, Write};
     use sqlx::Connection as _;
     let Some(url) = postgres_url("delivery_writes_asked_while_one_runs") else {
@@ -1044,7 +1046,8 @@ async fn delivery_writes_asked_while_one_runs_are_one_call() {
         p_session_facts TEXT[], p_settles TEXT[], p_settle_ats BIGINT[], p_settle_texts TEXT[]";
     let names: Vec<&str> = args.split(", ").map(|a| a.split(' ').next().unwrap()).collect();
     let types: Vec<&str> = args.split(", ").map(|a| a.split(' ').nth(1).unwrap()).collect();
-    // 64 intents of shoppers s0..s63, claimed as `c`.
+    // 96 intents of shoppers s0..s95, claimed as `c`. A call of several holding intent 70 fails as
+    // a deadlock with another replica's writes would.
     let (schema, mut conn) = migrated_connection(
         &url,
         &format!(
@@ -1052,11 +1055,14 @@ async fn delivery_writes_asked_while_one_runs_are_one_call() {
              ALTER FUNCTION forwarder_apply_batch({types}) RENAME TO real_apply_batch; \
              CREATE FUNCTION forwarder_apply_batch({args}) RETURNS BOOLEAN[] LANGUAGE plpgsql AS $$ BEGIN \
                INSERT INTO apply_calls (intents) VALUES (cardinality(p_ids)); \
+               IF cardinality(p_ids) > 1 AND 70 = ANY(p_ids) THEN \
+                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
+               END IF; \
                RETURN real_apply_batch({names}); END $$; \
              INSERT INTO intents (id, dedupe_key, shopper_key, kind, intent, enriched, state, next_attempt_at, \
                created_at, updated_at, claim_id, lease_until) \
                SELECT g, 'k' || g, 's' || g, 'x', '{{}}', true, 'pending', 0, g, g, 'c', forwarder_now_ms() + 600000 \
-               FROM generate_series(0, 63) g",
+               FROM generate_series(0, 95) g",
             types = types.join(", "),
             names = names.join(", "),
         ),
@@ -1075,21 +1081,46 @@ async fn delivery_writes_asked_while_one_runs_are_one_call() {
     )
     .await
     .unwrap();
-    // Intent i's writes: its second event's progress and its session; intent 7's claim is another
-    // worker's; intent 9 is acknowledged; intent `long` writes a shopper whose key no index takes.
+    // Intent i's writes: its second event's progress, i % 3 sessions, a cart line on even intents,
+    // its shopper's record on every fourth (with an identity on the next ones); intent 7's claim is
+    // another worker's; intent 9 is acknowledged; intent 5's progress waits for the disk; intent
+    // `long` writes a shopper whose key no index takes.
     async fn write(store: &DynStore, i: i64, long: i64) -> Result<(), StoreError> {
         let claim = Claim {
             intent_id: i,
             claim_id: if i % 32 == 7 { "stale".into() } else { "c".into() },
         };
-        let facts = SessionFacts {
-            channel: "WEB".into(),
-            browser_id: format!("b{i}"),
-            shopper_key: format!("s{i}"),
-            last_event_at_ms: i,
-            ..SessionFacts::default()
-        };
-        let mut writes = vec![Write::Sent(2), Write::Session(facts)];
+        let mut writes = vec![Write::Sent(2)];
+        for browser in ["b", "bx"].iter().take((i % 3) as usize) {
+            writes.push(Write::Session(SessionFacts {
+                channel: "WEB".into(),
+                browser_id: format!("{browser}{i}"),
+                shopper_key: format!("s{i}"),
+                last_event_at_ms: i,
+                ..SessionFacts::default()
+            }));
+        }
+        if i % 2 == 0 {
+            writes.push(Write::CartLine(CartLine {
+                order_id: format!("o{i}"),
+                line_id: "L1".into(),
+                shopper_key: format!("s{i}"),
+                line: serde_json::json!({"ID": "L1"}),
+                updated_at_ms: i,
+            }));
+        }
+        if i % 4 <= 1 {
+            writes.push(Write::Shopper {
+                key: format!("s{i}"),
+                state: ShopperState {
+                    identity: (i % 4 == 1).then(|| format!("id-{i}")),
+                    ..ShopperState::default()
+                },
+            });
+        }
+        if i == 5 {
+            writes.push(Write::Durable);
+        }
         if i == long {
             // Letters no compression shortens: past the 2,704 bytes a b-tree entry may hold.
             let mut x: u64 = 1;
@@ -1166,35 +1197,54 @@ async fn delivery_writes_asked_while_one_runs_are_one_call() {
             .unwrap();
         calls
     }
-    // What intent i's writes left: (its progress, its session's last event, whether it is queued).
-    async fn written(conn: &mut sqlx::PgConnection, i: i64) -> (Option<i64>, Option<i64>, bool) {
-        sqlx::query_as(
+    // What intent i's writes left: its progress, its sessions (each one's last event), its cart's
+    // lines, its shopper's record (and identity), whether it is queued.
+    type Written = (Option<i64>, Vec<i64>, i64, Option<Option<String>>, bool);
+    async fn written(conn: &mut sqlx::PgConnection, i: i64) -> Written {
+        let (sent, sessions, lines, record, identity, queued): (_, _, _, bool, Option<String>, bool) = sqlx::query_as(
             "SELECT (SELECT sent FROM intent_progress WHERE intent_id = $1), \
-                    (SELECT last_event_at FROM cdp_sessions WHERE browser_id = 'b' || $1), \
+                    ARRAY(SELECT last_event_at FROM cdp_sessions WHERE shopper_key = 's' || $1 ORDER BY browser_id), \
+                    (SELECT COUNT(*) FROM cart_lines WHERE order_id = 'o' || $1 AND shopper_key = 's' || $1), \
+                    EXISTS (SELECT 1 FROM shoppers WHERE shopper_key = 's' || $1), \
+                    (SELECT identity FROM shoppers WHERE shopper_key = 's' || $1), \
                     EXISTS (SELECT 1 FROM intents WHERE id = $1)",
         )
         .bind(i)
         .fetch_one(&mut *conn)
         .await
-        .unwrap()
+        .unwrap();
+        (sent, sessions, lines, record.then_some(identity), queued)
+    }
+    // What intent i's writes leave when they land (before its settle: `queued` true).
+    fn expected(i: i64) -> Written {
+        (
+            Some(2),
+            vec![i; (i % 3) as usize],
+            (i % 2 == 0) as i64,
+            (i % 4 <= 1).then(|| (i % 4 == 1).then(|| format!("id-{i}"))),
+            true,
+        )
     }
 
+    let nothing = (None, vec![], 0, None, true);
     let outcomes = behind_lock(&store, &url, &schema, &mut conn, 0, -1).await;
-    assert_eq!(calls(&mut conn).await, [1, 31], "the intents of each call");
+    // Intent 5's write went alone, by `forwarder_apply_durable`.
+    assert_eq!(calls(&mut conn).await, [1, 30], "the intents of each call");
     for (i, outcome) in (0..32).zip(outcomes) {
         match i {
             7 => {
                 assert!(matches!(outcome, Err(StoreError::StaleClaim(7))), "{outcome:?}");
-                assert_eq!(written(&mut conn, i).await, (None, None, true));
+                assert_eq!(written(&mut conn, i).await, nothing);
             }
             // Acknowledged: its progress goes with it.
             9 => {
                 outcome.unwrap();
-                assert_eq!(written(&mut conn, i).await, (None, Some(9), false));
+                let (_, sessions, lines, record, _) = expected(9);
+                assert_eq!(written(&mut conn, i).await, (None, sessions, lines, record, false));
             }
             _ => {
                 outcome.unwrap();
-                assert_eq!(written(&mut conn, i).await, (Some(2), Some(i), true), "intent {i}");
+                assert_eq!(written(&mut conn, i).await, expected(i), "intent {i}");
             }
         }
     }
@@ -1210,18 +1260,36 @@ async fn delivery_writes_asked_while_one_runs_are_one_call() {
             39 => assert!(matches!(outcome, Err(StoreError::StaleClaim(39))), "{outcome:?}"),
             40 => {
                 assert!(matches!(outcome, Err(StoreError::Database(_))), "{outcome:?}");
-                assert_eq!(written(&mut conn, i).await, (None, None, true));
+                assert_eq!(written(&mut conn, i).await, nothing);
             }
             41 => {
                 outcome.unwrap();
-                assert_eq!(written(&mut conn, i).await, (None, Some(41), false));
+                let (_, sessions, lines, record, _) = expected(41);
+                assert_eq!(written(&mut conn, i).await, (None, sessions, lines, record, false));
             }
             _ => {
                 outcome.unwrap();
-                assert_eq!(written(&mut conn, i).await, (Some(2), Some(i), true), "intent {i}");
+                assert_eq!(written(&mut conn, i).await, expected(i), "intent {i}");
             }
         }
     }
+    // A call that failed as a deadlock committed nothing: each of its intents' writes is sent alone.
+    let outcomes = behind_lock(&store, &url, &schema, &mut conn, 64, -1).await;
+    assert_eq!(calls(&mut conn).await, [1; 32]);
+    for (i, outcome) in (64..96).zip(outcomes) {
+        match i {
+            71 => assert!(matches!(outcome, Err(StoreError::StaleClaim(71))), "{outcome:?}"),
+            73 => {
+                outcome.unwrap();
+                assert!(!written(&mut conn, i).await.4, "intent 73 acknowledged");
+            }
+            _ => {
+                outcome.unwrap();
+                assert_eq!(written(&mut conn, i).await, expected(i), "intent {i}");
+            }
+        }
+    }
+
     store.close().await;
     conn.close().await.unwrap();
 }
