@@ -37,15 +37,6 @@ DECLARE
     s_to INT;
     f_to INT;
 BEGIN
-    -- The counts must cover the lists exactly: else an intent would get another's writes.
-    IF (SELECT COALESCE(sum(n), 0) FROM unnest(p_cart_counts) n) <> COALESCE(array_length(p_cart_ops, 1), 0)
-       OR (SELECT COALESCE(sum(n), 0) FROM unnest(p_shopper_counts) n) <> COALESCE(array_length(p_shopper_keys, 1), 0)
-       OR (SELECT COALESCE(sum(n), 0) FROM unnest(p_session_counts) n)
-          <> COALESCE(array_length(p_session_channels, 1), 0)
-       OR array_position(p_cart_counts, NULL) IS NOT NULL OR array_position(p_shopper_counts, NULL) IS NOT NULL
-       OR array_position(p_session_counts, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION 'forwarder_apply_batch: the counts do not cover the lists' USING ERRCODE = 'internal_error';
-    END IF;
     FOR i IN 1 .. COALESCE(array_length(p_ids, 1), 0) LOOP
         c_to := c + p_cart_counts[i] - 1;
         s_to := s + p_shopper_counts[i] - 1;
@@ -62,6 +53,13 @@ BEGIN
         s := s_to + 1;
         f := f_to + 1;
     END LOOP;
+    -- The counts must have covered the lists exactly (else an intent got another's writes): if not,
+    -- everything written is rolled back.
+    IF c IS DISTINCT FROM COALESCE(array_length(p_cart_ops, 1), 0) + 1
+       OR s IS DISTINCT FROM COALESCE(array_length(p_shopper_keys, 1), 0) + 1
+       OR f IS DISTINCT FROM COALESCE(array_length(p_session_channels, 1), 0) + 1 THEN
+        RAISE EXCEPTION 'forwarder_apply_batch: the counts do not cover the lists' USING ERRCODE = 'internal_error';
+    END IF;
     RETURN held;
 END
 $$;
