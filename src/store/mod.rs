@@ -122,12 +122,6 @@ impl StoreError {
             _ => false,
         }
     }
-
-    /// The server answered the statement with an error of its own (not one of a broken connection):
-    /// the statement's transaction did not commit, so the same writes may be sent again.
-    pub fn answered_by_server(&self) -> bool {
-        matches!(self, StoreError::Database(e) if matches!(&**e, sqlx::Error::Database(_))) && !self.lost_connection()
-    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -31,9 +31,6 @@ pub struct PostgresStore {
     /// Delivery's first reads, asked while a batch of them runs, go together in the next: one
     /// call for the intents in flight together (`None`: read this intent's alone).
     reads: Batched<ReadsAsk, Option<Result<DeliveryReads, StoreError>>>,
-    /// Delivery's writes whose commit need not wait for the disk, asked while a call of them runs,
-    /// go together in the next (each answered whether its claim held).
-    applies: Batched<Arc<ApplyCall>, Result<bool, StoreError>>,
     /// The service's registration (`None` for operators' commands, which take no claims).
     heartbeat: Option<Heartbeat>,
     /// A replica silent this long loses its claims.
@@ -239,16 +236,10 @@ impl PostgresStore {
             let pool = reads_pool.clone();
             async move { delivery_reads_batch(&pool, &asks, tries).await }
         });
-        let applies_pool = pool.clone();
-        let applies = Batched::start(MAX_APPLY_BATCH, move |calls| {
-            let pool = applies_pool.clone();
-            async move { apply_batch(&pool, &calls).await }
-        });
         Ok(PostgresStore {
             pool,
             writer,
             reads,
-            applies,
             heartbeat,
             takeover,
         })
@@ -259,104 +250,6 @@ impl PostgresStore {
 const MAX_INTAKE_BATCH: usize = 512;
 /// Most intents whose first reads are one call.
 const MAX_READS_BATCH: usize = 64;
-/// Most intents whose writes are one call.
-const MAX_APPLY_BATCH: usize = 64;
-
-/// One intent's writes, as `forwarder_apply` takes them, for a call of several
-/// (`forwarder_apply_batch`).
-struct ApplyCall {
-    intent_id: i64,
-    claim_id: String,
-    args: ApplyArgs,
-    settle: Option<&'static str>,
-    settle_at: Option<i64>,
-    settle_text: Option<String>,
-}
-
-/// Delivery's writes of several intents in one call (`forwarder_apply_batch`, migration 0012), each
-/// intent's as `forwarder_apply` makes them alone: per intent, whether its claim held. A call the
-/// server answered with an error committed nothing (a value one intent holds, a deadlock with another
-/// replica's writes, a lock that outlasted `store.statement_timeout_ms`): each intent's writes are then
-/// sent alone, so that only the intent at fault fails. A call whose connection broke may have
-/// committed before its answer was lost: it is not sent again, and each of its intents fails, as a
-/// single write did then (its delivery retries, after recording its progress with the retry).
-async fn apply_batch(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
-    match apply_together(pool, calls).await {
-        Ok(held) => Ok(held.into_iter().map(Ok).collect()),
-        Err(e) if calls.len() > 1 && e.answered_by_server() => {
-            let mut alone = Vec::with_capacity(calls.len());
-            for call in calls {
-                alone.push(
-                    apply_together(pool, std::slice::from_ref(call))
-                        .await
-                        .map(|held| held[0]),
-                );
-            }
-            Ok(alone)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-async fn apply_together(pool: &PgPool, calls: &[Arc<ApplyCall>]) -> Result<Vec<bool>, StoreError> {
-    // Every intent's lists one after the other, with their counts.
-    fn counts(calls: &[Arc<ApplyCall>], count: impl Fn(&ApplyArgs) -> usize) -> Vec<i32> {
-        calls.iter().map(|c| count(&c.args) as i32).collect()
-    }
-    fn texts<'a>(calls: &'a [Arc<ApplyCall>], get: impl Fn(&'a ApplyArgs) -> &'a [String]) -> Vec<&'a str> {
-        calls.iter().flat_map(|c| get(&c.args)).map(String::as_str).collect()
-    }
-    fn options<'a>(
-        calls: &'a [Arc<ApplyCall>],
-        get: impl Fn(&'a ApplyArgs) -> &'a [Option<String>],
-    ) -> Vec<Option<&'a str>> {
-        calls.iter().flat_map(|c| get(&c.args)).map(Option::as_deref).collect()
-    }
-    fn values<'a, T: Copy + 'a>(calls: &'a [Arc<ApplyCall>], get: impl Fn(&'a ApplyArgs) -> &'a [T]) -> Vec<T> {
-        calls.iter().flat_map(|c| get(&c.args)).copied().collect()
-    }
-    let held: Vec<bool> = sqlx::query_scalar(
-        "SELECT forwarder_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-         $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
-    )
-    .bind(calls.iter().map(|c| c.intent_id).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.claim_id.as_str()).collect::<Vec<_>>())
-    .bind(now_ms())
-    .bind(calls.iter().map(|c| c.args.set_plan).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.args.plan.as_deref()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.args.sent).collect::<Vec<_>>())
-    .bind(counts(calls, |a| a.cart_ops.len()))
-    .bind(values(calls, |a| &a.cart_ops))
-    .bind(texts(calls, |a| &a.cart_orders))
-    .bind(options(calls, |a| &a.cart_lines))
-    .bind(options(calls, |a| &a.cart_shoppers))
-    .bind(options(calls, |a| &a.cart_json))
-    .bind(values(calls, |a| &a.cart_at))
-    .bind(counts(calls, |a| a.shopper_keys.len()))
-    .bind(texts(calls, |a| &a.shopper_keys))
-    .bind(texts(calls, |a| &a.shopper_states))
-    .bind(options(calls, |a| &a.shopper_identities))
-    .bind(counts(calls, |a| a.session_channels.len()))
-    .bind(texts(calls, |a| &a.session_channels))
-    .bind(texts(calls, |a| &a.session_browsers))
-    .bind(texts(calls, |a| &a.session_shoppers))
-    .bind(values(calls, |a| &a.session_at))
-    .bind(texts(calls, |a| &a.session_facts))
-    .bind(calls.iter().map(|c| c.settle).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.settle_at).collect::<Vec<_>>())
-    .bind(calls.iter().map(|c| c.settle_text.as_deref()).collect::<Vec<_>>())
-    .fetch_one(pool)
-    .await?;
-    if held.len() != calls.len() {
-        // Committed: not a refusal to try again intent by intent.
-        return Err(StoreError::Unavailable(format!(
-            "{} answers to {} intents' writes",
-            held.len(),
-            calls.len()
-        )));
-    }
-    Ok(held)
-}
 
 /// What delivery reads first for one intent ([`Shoppers::delivery_reads`]' arguments).
 #[derive(Clone)]
@@ -570,8 +463,8 @@ impl Outbox for PostgresStore {
     }
 
     async fn apply(&self, claim: &Claim, writes: Vec<Write>, settle: Option<Settle>) -> Result<(), StoreError> {
-        // One call whatever the writes: `forwarder_apply` (migration 0008) checks the claim and locks
-        // its row first, then writes in order and settles.
+        // One call, one round trip, whatever the writes: `forwarder_apply` (migration 0004) checks the
+        // claim and locks its row first, then writes in order and settles.
         let mut args = ApplyArgs::default();
         for write in writes.into_iter().filter(|w| w.outlives(settle.as_ref())) {
             args.push(write)?;
@@ -582,28 +475,17 @@ impl Outbox for PostgresStore {
             Some(Settle::Retry { at_ms, error }) => (Some("retry"), Some(at_ms), Some(storable_text(error))),
             Some(Settle::Dead { reason }) => (Some("dead"), None, Some(storable_text(reason))),
         };
-        // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in a call of
-        // their own (migration 0009), whose commit waits for the WAL's flush; other writes go with
-        // those of the other intents in flight, in one call whose commit does not wait.
-        if !args.waits_for_disk() {
-            let call = ApplyCall {
-                intent_id: claim.intent_id,
-                claim_id: claim.claim_id.clone(),
-                args,
-                settle,
-                settle_at,
-                settle_text,
-            };
-            return match self.applies.submit(Arc::new(call)).await?? {
-                true => Ok(()),
-                false => Err(StoreError::StaleClaim(claim.intent_id)),
-            };
-        }
+        // The progress of a CONFIRM or a CHECKOUT, and a landing check (one per submit), in one call
+        // too (migration 0009): the commit then waits for the WAL's flush.
+        let durable = args.waits_for_disk();
         let checks = std::mem::take(&mut args.checks);
-        let held: bool = sqlx::query_scalar(
+        let call = sqlx::query_scalar(if durable {
             "SELECT forwarder_apply_durable($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)",
-        )
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
+        } else {
+            "SELECT forwarder_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             $16, $17, $18, $19, $20, $21, $22, $23)"
+        })
         .bind(claim.intent_id)
         .bind(&claim.claim_id)
         .bind(now_ms())
@@ -626,19 +508,22 @@ impl Outbox for PostgresStore {
         .bind(args.session_facts)
         .bind(settle)
         .bind(settle_at)
-        .bind(settle_text)
-        .bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
-        .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
-        .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
-        .bind(
-            checks
-                .iter()
-                .map(|c| c.enrichment.as_ref().map(Value::to_string))
-                .collect::<Vec<_>>(),
-        )
-        .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
-        .fetch_one(&self.pool)
-        .await?;
+        .bind(settle_text);
+        let call = if durable {
+            call.bind(checks.iter().map(|c| c.order_id.as_str()).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.shopper_key.as_str()).collect::<Vec<_>>())
+                .bind(checks.iter().map(|c| c.intent.to_string()).collect::<Vec<_>>())
+                .bind(
+                    checks
+                        .iter()
+                        .map(|c| c.enrichment.as_ref().map(Value::to_string))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(checks.iter().map(|c| c.due_at_ms).collect::<Vec<_>>())
+        } else {
+            call
+        };
+        let held: bool = call.fetch_one(&self.pool).await?;
         if !held {
             return Err(StoreError::StaleClaim(claim.intent_id));
         }
@@ -873,7 +758,7 @@ shared::operations!(PostgresStore, "convert_to(intent, 'UTF8')", {
     }
 
     async fn close(&self) {
-        tokio::join!(self.writer.close(), self.reads.close(), self.applies.close());
+        tokio::join!(self.writer.close(), self.reads.close());
         // The heartbeats stop; the row stays. A delivery aborted at the shutdown deadline may have had
         // a CDP request in flight: what it held is taken over after `delivery.takeover_secs`, not at
         // once (a graceful shutdown gives back everything else itself).
