@@ -75,16 +75,21 @@ impl std::error::Error for StoreError {
 }
 
 impl StoreError {
+    /// Whether PostgreSQL answered with an SQLSTATE starting with one of `classes`.
+    fn sqlstate_in(&self, classes: &[&str]) -> bool {
+        matches!(self, StoreError::Database(e) if e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| classes.iter().any(|class| code.starts_with(class))))
+    }
+
     /// The database refused a value it was given (a data exception, a constraint or a value too
     /// large: PostgreSQL's SQLSTATE classes 22, 23 and 54, SQLite's constraint, too-big and
     /// type-mismatch errors), or the value cannot be encoded: writing the same again fails again.
     /// Other errors (a connection, a lock, the disk) may pass.
     pub fn refuses_value(&self) -> bool {
         match self {
-            StoreError::Database(e) => e
-                .as_database_error()
-                .and_then(|d| d.code())
-                .is_some_and(|code| ["22", "23", "54"].iter().any(|class| code.starts_with(class))),
+            StoreError::Database(_) => self.sqlstate_in(&["22", "23", "54"]),
             StoreError::Sqlite(e) => matches!(
                 e.sqlite_error_code(),
                 Some(
@@ -102,25 +107,13 @@ impl StoreError {
     /// 22: on reads, a record damaged outside the service, such as a shopper's record that is not
     /// JSON where the server reads into it).
     pub fn data_exception(&self) -> bool {
-        matches!(self, StoreError::Database(e) if e
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|code| code.starts_with("22")))
+        self.sqlstate_in(&["22"])
     }
 
     /// The connection broke, not the statement (the server closed it: a restart, an operator, an
     /// idle timeout; SQLSTATE class 08 or 57P): on another connection the same statement may pass.
     pub fn lost_connection(&self) -> bool {
-        match self {
-            StoreError::Database(e) => match &**e {
-                sqlx::Error::Io(_) => true,
-                sqlx::Error::Database(d) => d
-                    .code()
-                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-                _ => false,
-            },
-            _ => false,
-        }
+        matches!(self, StoreError::Database(e) if matches!(**e, sqlx::Error::Io(_))) || self.sqlstate_in(&["08", "57P"])
     }
 }
 

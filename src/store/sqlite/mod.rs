@@ -1070,6 +1070,16 @@ mod tests {
         );
     }
 
+    /// The steps of `sql`'s plan, as `EXPLAIN QUERY PLAN` details them.
+    fn plan_of(conn: &Connection, sql: &str, params: &[i64]) -> Vec<String> {
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// The claim's walk of the queue reads an index that holds every column it needs, never the
     /// intents' rows (whose webhooks and enrichments span overflow pages it would read for each
     /// intent passed), and in id order with no sort, however the statistics stand.
@@ -1091,13 +1101,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {}", super::CLAIM_WALK))
-                .unwrap()
-                .query_map([0, 10], |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let plan = plan_of(&conn, super::CLAIM_WALK, &[0, 10]);
             assert_eq!(
                 plan,
                 [
@@ -1108,23 +1112,11 @@ mod tests {
                 "analyzed: {analyzed}"
             );
             // The operators' list of the queue still reads indexes, not the whole table.
-            let pending: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::store::shared::PENDING))
-                .unwrap()
-                .query_map([10], |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let pending = plan_of(&conn, crate::store::shared::PENDING, &[10]);
             assert!(pending.iter().all(|step| step != "SCAN intents"), "{pending:?}");
             // Nor do the queue's gauges (every 5 s): the pending intents' count and oldest age come
             // from the index, not from every pending row.
-            let stats: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::store::shared::STATS))
-                .unwrap()
-                .query_map([], |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let stats = plan_of(&conn, crate::store::shared::STATS, &[]);
             // The counts and the oldest age read indexes alone.
             let reads: Vec<&String> = stats.iter().filter(|s| s.contains(" intents ")).collect();
             assert_eq!(reads.len(), 3, "{stats:?}");
